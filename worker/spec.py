@@ -1,0 +1,124 @@
+"""TrainSpec: the one contract between the web app and the worker.
+
+A typed, validated, JSON-serialisable description of one fine-tune. The web form builds one
+(and shows its validation errors on the named field); the worker runs one; every checkpoint
+and artifact carries the resolved copy as ``train_spec.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("sft",)
+METHODS = ("lora", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class SpecError(ValueError):
+    """An impossible setting, named by the field that holds it."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass
+class TrainSpec:
+    base_model: str
+    """Catalog key (see worker.catalog), a local model directory, or a Hugging Face Hub id."""
+    dataset_path: str
+    """Normalised JSONL of the training rows (one object per line, canonical field names)."""
+    output_dir: str
+    """Where checkpoints and the final artifact are written."""
+    task: str = "sft"
+    """Task family; selects the recipe in worker/recipes."""
+    method: str = "lora"
+    """lora: train low-rank adapters on a frozen base; full: train every weight."""
+    lora_r: int = 16
+    """LoRA rank: the inner dimension of the A·B update."""
+    lora_alpha: int = 32
+    """LoRA scale numerator; the update is scaled by alpha / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get adapters; all of them learns far faster than q,v alone."""
+    learning_rate: float = 2e-3
+    """Peak learning rate (linear decay after a short warm-up)."""
+    epochs: float = 1.0
+    """Passes over the training split; ignored when max_steps is set."""
+    max_steps: int | None = 30
+    """Stop after this many optimizer steps; None trains for `epochs`."""
+    batch_size: int = 8
+    """Rows per optimizer step."""
+    max_seq_length: int = 512
+    """Tokens per row after the chat template; longer rows are truncated."""
+    validation_fraction: float = 0.1
+    """Share of rows held out for the validation loss (seeded, stable split)."""
+    eval_every: int = 10
+    """Evaluate the validation loss every this many steps (and at the end)."""
+    seed: int = 42
+    """Seed for the split, the adapter initialisation and data order."""
+    dataset_name: str = ""
+    """The dataset's display name, for the model card."""
+    job_id: int | None = None
+    """The Job this spec belongs to, when run by the web app."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SpecError("task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise SpecError("method", f"unknown method {self.method!r}; choose lora or full")
+        if not self.base_model.strip():
+            raise SpecError("base_model", "choose a base model")
+        _at_least("lora_r", self.lora_r, 1)
+        _at_least("lora_alpha", self.lora_alpha, 1)
+        if not 0 <= self.lora_dropout < 1:
+            raise SpecError("lora_dropout", "must be at least 0 and below 1")
+        if self.method == "lora":
+            unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGETS))
+            if unknown:
+                raise SpecError("lora_target_modules", f"unknown module(s): {', '.join(unknown)}")
+            if not self.lora_target_modules:
+                raise SpecError("lora_target_modules", "choose at least one layer to adapt")
+        if not self.learning_rate > 0:
+            raise SpecError("learning_rate", "must be greater than 0")
+        if self.learning_rate >= 1:
+            raise SpecError("learning_rate", "must be below 1 (typical: 2e-3 for LoRA, 5e-5 for full)")
+        if self.max_steps is None and not self.epochs > 0:
+            raise SpecError("epochs", "must be greater than 0")
+        if self.max_steps is not None:
+            _at_least("max_steps", self.max_steps, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("max_seq_length", self.max_seq_length, 8)
+        if not 0 <= self.validation_fraction < 1:
+            raise SpecError("validation_fraction", "must be at least 0 and below 1")
+        _at_least("eval_every", self.eval_every, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(unknown[0], "not a TrainSpec field")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        return cls.from_dict(json.loads(text))
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(name, "must be a whole number")
+    if value < minimum:
+        raise SpecError(name, f"must be at least {minimum}")
