@@ -6,7 +6,10 @@ worker/models.py.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,35 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
 def catalog_for(kind: str) -> list[CatalogModel]:
     return [m for m in CATALOG.values() if m.kind == kind]
+
+
+def base_model_problem(name: str) -> str | None:
+    """Why `name` cannot be used as a base model on this server, or None if it can.
+
+    Pure filesystem checks, so the web form can refuse a missing model before queueing.
+    """
+    name = name.strip()
+    if not name:
+        return "Choose a base model."
+    if name in CATALOG:
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith("."):
+        if not (path / "config.json").is_file():
+            return f"No model directory at {name} (a config.json was expected there)."
+        if not any(path.glob("*.safetensors")):
+            return f"{name} holds no .safetensors weights; only safetensors are loaded."
+        return None
+    if not _HUB_ID.fullmatch(name):
+        return f"{name!r} is neither a catalog model, a local directory nor a Hub id (org/name)."
+    if os.environ.get("HF_HUB_OFFLINE", "1") != "0" and not _in_hub_cache(name):
+        return f"{name} is not in this server's Hugging Face cache and the server is offline."
+    return None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    return (hub.expanduser() / ("models--" + repo_id.replace("/", "--")) / "snapshots").is_dir()

@@ -33,8 +33,9 @@ def make_event(kind: str, step: int = 0, **data: Any) -> dict[str, Any]:
 class Reporter:
     """Collects events from a recipe and delivers them, in order, to a sink."""
 
-    def __init__(self, sink: Sink | None = None):
+    def __init__(self, sink: Sink | None = None, on_thread_exit: Callable[[], None] | None = None):
         self.sink = sink
+        self.on_thread_exit = on_thread_exit
         self.stop_requested = threading.Event()
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -77,6 +78,13 @@ class Reporter:
             self._thread = None
 
     def _deliver(self) -> None:
+        try:
+            self._deliver_until_closed()
+        finally:
+            if self.on_thread_exit is not None:
+                self.on_thread_exit()
+
+    def _deliver_until_closed(self) -> None:
         # Send whatever is queued as one batch: no waiting to fill a batch (latency), and
         # while a send is in flight new events pile up into the next one (throughput).
         done = False

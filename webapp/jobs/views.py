@@ -1,0 +1,69 @@
+from django.contrib import messages
+from django.db import transaction
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from webapp.celery import app as celery_app
+from webapp.jobs.forms import JobForm
+from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
+from worker.catalog import CATALOG
+
+
+def _jobs_for_user(user):
+    jobs = Job.objects.select_related("dataset", "owner")
+    return jobs if user.is_staff else jobs.filter(owner=user)
+
+
+def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
+    return get_object_or_404(_jobs_for_user(request.user), id=job_id)
+
+
+def enqueue(job: Job) -> None:
+    # By name: the web side never imports the worker's torch code.
+    transaction.on_commit(lambda: celery_app.send_task("worker.tasks.train_job", args=[job.id], queue="train"))
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    jobs = _jobs_for_user(request.user)[:200]
+    return render(request, "jobs/list.html", {"jobs": jobs})
+
+
+def new_job(request: HttpRequest) -> HttpResponse:
+    form = JobForm(request.POST or None, user=request.user, initial={"dataset": request.GET.get("dataset")})
+    if request.method == "POST" and form.is_valid():
+        dataset = form.cleaned_data["dataset"]
+        with transaction.atomic():
+            job = Job.objects.create(
+                owner=request.user, dataset=dataset, spec=form.spec_dict(),
+                name=form.cleaned_data["name"] or f"{dataset.name} · {form.spec.method}",
+            )
+            job.append_events([{"kind": "state", "step": 0, "t": job.created_at.timestamp(), "state": job.state, "message": ""}])
+            enqueue(job)
+        return redirect(job)
+    return render(request, "jobs/new.html", {"form": form, "catalog": CATALOG.values()})
+
+
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = _get_job_for_user(request, job_id)
+    context = {"job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"])}
+    return render(request, "jobs/detail.html", context)
+
+
+@require_POST
+def cancel_job(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = _get_job_for_user(request, job_id)
+    if job.transition(CANCELLED, message="Cancelled by the user."):
+        messages.info(request, "Job cancelled.")
+    else:
+        messages.warning(request, f"The job is already {job.state}.")
+    return redirect(job)
+
+
+def download(request: HttpRequest, job_id: int) -> FileResponse:
+    job = _get_job_for_user(request, job_id)
+    if job.state != SUCCEEDED or job.artifact_zip is None:
+        raise Http404("This job has no artifact to download.")
+    filename = f"specialist-job-{job.id}-{job.spec['method']}.zip"
+    return FileResponse(job.artifact_zip.open("rb"), as_attachment=True, filename=filename)
+

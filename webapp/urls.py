@@ -1,0 +1,7 @@
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("webapp.accounts.urls")),
+    path("", include("webapp.datasets.urls")),
+    path("", include("webapp.jobs.urls")),
+]
