@@ -61,8 +61,8 @@ class Stack:
         return self.processes["worker"]
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "a")
-        return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.logs / f"{name}.log", "a") as log:
+            return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def log_tail(self, name: str, lines: int = 60) -> str:
         return "\n".join((self.logs / f"{name}.log").read_text().splitlines()[-lines:])

@@ -1,8 +1,8 @@
+from django.conf import settings
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
-from django.conf import settings
 from django.views.decorators.http import require_POST
 
 from webapp.datasets.forms import UploadForm
@@ -24,12 +24,13 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 
 def upload(request: HttpRequest) -> HttpResponse:
     form = UploadForm(request.POST or None, request.FILES or None)
-    if getattr(request, "upload_too_large", False):
-        form.add_error("file", f"The file is larger than the limit of {filesizeformat(settings.MAX_UPLOAD_BYTES)}.")
-    elif request.method == "POST" and form.is_valid():
+    if request.method == "POST" and form.is_valid():
         dataset = _store_and_parse(request, form)
         if dataset is not None:
             return redirect("dataset", dataset.id)
+    if getattr(request, "upload_too_large", False):
+        limit = filesizeformat(settings.MAX_UPLOAD_BYTES)
+        form.errors["file"] = form.error_class([f"The file is larger than the limit of {limit}."])
     return render(request, "datasets/upload.html", {"form": form}, status=400 if form.errors else 200)
 
 

@@ -1,0 +1,75 @@
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from webapp.datasets.models import Dataset
+
+pytestmark = pytest.mark.django_db
+
+
+def upload(client, name: str, content: bytes, **extra):
+    return client.post("/datasets/upload/", {"file": SimpleUploadedFile(name, content), "task": "sft", **extra})
+
+
+def test_a_jsonl_upload_shows_its_row_count_and_first_rows(owner_client, media_root):
+    rows = b"".join(b'{"instruction": "say %d", "response": "%d"}\n' % (i, i) for i in range(7))
+    reply = upload(owner_client, "numbers.jsonl", rows)
+    dataset = Dataset.objects.get()
+    assert reply.status_code == 302 and reply.url == f"/datasets/{dataset.id}/"
+    page = owner_client.get(reply.url).content.decode()
+    assert "7 usable" in page and "say 0" in page
+    assert dataset.rows_path.read_text().count("\n") == 7
+
+
+def test_a_csv_upload_is_mapped_to_instruction_and_response(owner_client, media_root):
+    reply = upload(owner_client, "qa.csv", b"question,answer\nwhat?,that\nwho?,them\n")
+    assert reply.status_code == 302
+    assert Dataset.objects.get().mapping == {"instruction": "question", "response": "answer"}
+
+
+def test_files_are_stored_under_generated_names(owner_client, media_root):
+    upload(owner_client, "my secret plans.jsonl", b'{"instruction": "a", "response": "b"}\n')
+    stored = [p.name for p in media_root.rglob("*") if p.is_file()]
+    assert not any("secret" in name for name in stored)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", b"", "empty"),
+        ("bad.jsonl", b'{"instruction": "a", "response": "b"\n', "line 1"),
+        ("missing.csv", b"instruction,text\na,b\n", "response"),
+        ("latin1.csv", "instruction,response\ncafé,ok\n".encode("latin-1"), "UTF-8"),
+        ("notes.txt", b"hello", "not a dataset format"),
+        ("fake.parquet", b"this is not parquet", "Parquet"),
+    ],
+)
+def test_bad_files_are_refused_with_a_message_that_says_where(owner_client, media_root, name, content, message):
+    reply = upload(owner_client, name, content)
+    assert reply.status_code == 400
+    assert message.lower() in reply.content.decode().lower()
+    assert not Dataset.objects.exists()
+
+
+def test_rejected_rows_are_listed_with_their_line_and_the_rest_is_kept(owner_client, media_root):
+    good = b'{"instruction": "a", "response": "b"}\n'
+    reply = upload(owner_client, "mixed.jsonl", good + b'{"instruction": "c"}\n' + good + b'{"instruction": \n')
+    dataset = Dataset.objects.get()
+    assert (dataset.rows_ok, dataset.rows_rejected) == (2, 2)
+    page = owner_client.get(reply.url).content.decode()
+    assert "2 rejected" in page
+    assert [(e["line"], e["column"]) for e in dataset.errors] == [(2, "response"), (4, None)]
+
+
+def test_an_upload_over_the_size_limit_is_refused(owner_client, media_root, settings):
+    settings.MAX_UPLOAD_BYTES = 1000
+    reply = upload(owner_client, "big.jsonl", b'{"instruction": "a", "response": "b"}\n' * 100)
+    assert reply.status_code == 400 and "larger than the limit" in reply.content.decode()
+    assert not Dataset.objects.exists()
+
+
+def test_another_user_cannot_see_the_dataset(owner_client, other_client, media_root):
+    upload(owner_client, "d.jsonl", b'{"instruction": "a", "response": "b"}\n')
+    dataset = Dataset.objects.get()
+    assert other_client.get(f"/datasets/{dataset.id}/").status_code == 404
+    assert other_client.post(f"/datasets/{dataset.id}/delete/").status_code == 404
+    assert "d.jsonl" not in other_client.get("/datasets/").content.decode()
