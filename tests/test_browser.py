@@ -54,7 +54,7 @@ def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir,
         [sft_jsonl.name, sft_jsonl.read_text()],
     )
     assert page.text_content("#dropzone-text") == sft_jsonl.name
-    page.click("button[type=submit]")
+    page.click("#upload-form button[type=submit]")
     page.wait_for_url("**/datasets/*/")
     rows = sum(1 for line in sft_jsonl.read_text().splitlines() if line.strip())
     assert f"{rows} usable" in page.text_content("#row-count")

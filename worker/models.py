@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.artifacts import make_readable
 from worker.catalog import CATALOG
 from worker.errors import UserError
 
@@ -66,7 +67,10 @@ def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenize
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base(spec.base_model)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # e.g. an architecture that needs remote code
+        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
     architectures = config.architectures or []
     if not any(arch.endswith(CAUSAL_LM_ARCHITECTURES) for arch in architectures):
         raise UserError(
@@ -111,9 +115,7 @@ def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UserError(
-            f"LoRA cannot adapt {', '.join(spec.lora_target_modules)} in {spec.base_model}: {exc}"
-        ) from exc
+        raise UserError(f"LoRA cannot adapt {', '.join(spec.lora_target_modules)} in {spec.base_model}: {exc}") from exc
 
 
 # Where the catalog models come from --------------------------------------------------------
@@ -161,21 +163,11 @@ def _convert_atomically(gguf: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert_gguf(gguf, staging)
-        _make_readable(staging)
+        make_readable(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _make_readable(directory: Path) -> None:
-    # mkdtemp and the safetensors writer create owner-only files; other users (the web
-    # container, a second worker) must be able to read the cache.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

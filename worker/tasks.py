@@ -63,13 +63,14 @@ class JobRunner:
 
     def _run_recipe(self) -> dict[str, Any]:
         # Imported here: torch loads in the worker process only when a job runs.
-        from worker.artifacts import zip_dir
-        from worker.recipes import sft
+        from worker.artifacts import artifact_name, zip_dir
+        from worker.run import run_spec
 
         spec = self.job.train_spec()
         self.job.output_dir.mkdir(parents=True, exist_ok=True)
-        result = sft.run(spec, self.reporter)
-        result["artifact_zip"] = str(zip_dir(result["artifact_dir"], self.job.output_dir / "artifact.zip"))
+        result = run_spec(spec, self.reporter)
+        zip_path = self.job.output_dir / f"{artifact_name(spec)}.zip"
+        result["artifact_zip"] = str(zip_dir(result["artifact_dir"], zip_path))
         return result
 
     def _finish(self, state: str, **fields: Any) -> None:

@@ -64,6 +64,5 @@ def download(request: HttpRequest, job_id: int) -> FileResponse:
     job = _get_job_for_user(request, job_id)
     if job.state != SUCCEEDED or job.artifact_zip is None:
         raise Http404("This job has no artifact to download.")
-    filename = f"specialist-job-{job.id}-{job.spec['method']}.zip"
-    return FileResponse(job.artifact_zip.open("rb"), as_attachment=True, filename=filename)
+    return FileResponse(job.artifact_zip.open("rb"), as_attachment=True, filename=job.artifact_zip.name)
 

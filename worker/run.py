@@ -1,0 +1,64 @@
+"""Run one fine-tune from plain Python: ``python -m worker.run spec.json``.
+
+Each event is printed as one JSON line on stdout. Ctrl-C asks the recipe to stop after the
+current step (a second Ctrl-C interrupts at once). Exit status: 0 succeeded, 1 failed with a
+user error (the message says what to fix), 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.errors import Cancelled, UserError
+from worker.events import Reporter
+from worker.spec import TrainSpec
+
+RECIPES = {"sft": "worker.recipes.sft"}
+"""Task family → the module whose run(spec, reporter) trains it."""
+
+
+def run_spec(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
+    """Run the recipe for spec.task and return its result."""
+    recipe = importlib.import_module(RECIPES[spec.task])
+    return recipe.run(spec, reporter)
+
+
+def print_events(batch: list[dict[str, Any]]) -> None:
+    for event in batch:
+        print(json.dumps(event), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m worker.run spec.json", file=sys.stderr)
+        return 2
+    spec = TrainSpec.from_json(Path(argv[0]).read_text())
+    with Reporter(sink=print_events) as reporter:
+        _stop_on_first_interrupt(reporter)
+        try:
+            result = run_spec(spec, reporter)
+        except UserError as exc:
+            reporter.state("failed", message=str(exc))
+            return 1
+        except Cancelled as exc:
+            reporter.state("cancelled", message=str(exc))
+            return 130
+        reporter.state("succeeded", message=json.dumps(result))
+    return 0
+
+
+def _stop_on_first_interrupt(reporter: Reporter) -> None:
+    def handler(signum, frame):
+        reporter.stop_requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
