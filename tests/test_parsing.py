@@ -182,7 +182,7 @@ MAPPING_CASES = {
         "sft",
         {"instruction": "Instruction", "response": "Output", "system": "System", "input": "Input"},
     ),
-    "classification": (["sentence", "category"], "classification", {"text": "sentence", "label": "category"}),
+    "classify": (["sentence", "category"], "classify", {"text": "sentence", "label": "category"}),
     "pair": (
         ["premise", "hypothesis", "label"],
         "pair",
@@ -209,7 +209,7 @@ def test_it_proposes_a_mapping(columns, task, mapping):
 
 
 def test_every_task_has_required_and_optional_fields():
-    assert set(TASK_FIELDS) == {"sft", "classification", "pair", "rerank", "embed", "dpo"}
+    assert set(TASK_FIELDS) == {"sft", "classify", "pair", "rerank", "embed", "dpo"}
     assert all(spec["required"] and "optional" in spec for spec in TASK_FIELDS.values())
 
 

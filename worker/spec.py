@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("sft",)
-METHODS = ("lora", "full")
+TASKS = ("sft", "classify", "pair", "rerank", "embed", "dpo")
+METHODS = ("lora", "full", "head")
+# Which methods make sense for which task: a trained head needs a task head to train.
+TASK_METHODS = {
+    "sft": ("lora", "full"),
+    "dpo": ("lora", "full"),
+    "classify": ("lora", "full", "head"),
+    "pair": ("lora", "full", "head"),
+    "rerank": ("lora", "full", "head"),
+    "embed": ("lora", "full"),
+}
+# The linear layers of llama-style decoders; "all-linear" adapts every linear layer of any model.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 
 
 class SpecError(ValueError):
@@ -37,7 +49,7 @@ class TrainSpec:
     task: str = "sft"
     """Task family; selects the recipe in worker/recipes."""
     method: str = "lora"
-    """lora: train low-rank adapters on a frozen base; full: train every weight."""
+    """lora: low-rank adapters on a frozen base; full: every weight; head: only the task head."""
     lora_r: int = 16
     """LoRA rank: the inner dimension of the A·B update."""
     lora_alpha: int = 32
@@ -45,7 +57,12 @@ class TrainSpec:
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Linear layers that get adapters; all of them learns far faster than q,v alone."""
+    """Linear layers that get adapters (module names, or "all-linear"); all of them learns far
+    faster than q,v alone."""
+    use_dora: bool = False
+    """DoRA: LoRA with a learned magnitude per output (often better at low rank, a bit slower)."""
+    dpo_beta: float = 0.1
+    """DPO only: how far the tuned model may move from the base (higher stays closer)."""
     learning_rate: float = 2e-3
     """Peak learning rate (linear decay after a short warm-up)."""
     epochs: float = 1.0
@@ -71,7 +88,10 @@ class TrainSpec:
         if self.task not in TASKS:
             raise SpecError("task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.method not in METHODS:
-            raise SpecError("method", f"unknown method {self.method!r}; choose lora or full")
+            raise SpecError("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in TASK_METHODS[self.task]:
+            raise SpecError("method", f"{self.method} does not apply to {self.task}; choose one of "
+                            f"{', '.join(TASK_METHODS[self.task])}")
         if not self.base_model.strip():
             raise SpecError("base_model", "choose a base model")
         _at_least("lora_r", self.lora_r, 1)
@@ -79,11 +99,13 @@ class TrainSpec:
         if not 0 <= self.lora_dropout < 1:
             raise SpecError("lora_dropout", "must be at least 0 and below 1")
         if self.method == "lora":
-            unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGETS))
-            if unknown:
-                raise SpecError("lora_target_modules", f"unknown module(s): {', '.join(unknown)}")
             if not self.lora_target_modules:
                 raise SpecError("lora_target_modules", "choose at least one layer to adapt")
+            odd = [name for name in self.lora_target_modules if not _MODULE_NAME.fullmatch(name)]
+            if odd:
+                raise SpecError("lora_target_modules", f"not a module name: {odd[0]!r}")
+        if not self.dpo_beta > 0:
+            raise SpecError("dpo_beta", "must be greater than 0")
         if not self.learning_rate > 0:
             raise SpecError("learning_rate", "must be greater than 0")
         if self.learning_rate >= 1:
@@ -115,6 +137,9 @@ class TrainSpec:
     @classmethod
     def from_json(cls, text: str) -> TrainSpec:
         return cls.from_dict(json.loads(text))
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:

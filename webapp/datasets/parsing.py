@@ -44,7 +44,7 @@ from typing import IO, Any
 
 TASK_FIELDS: dict[str, dict[str, list[str]]] = {
     "sft": {"required": ["instruction", "response"], "optional": ["system", "input"]},
-    "classification": {"required": ["text", "label"], "optional": []},
+    "classify": {"required": ["text", "label"], "optional": []},
     "pair": {"required": ["text_a", "text_b", "label"], "optional": []},
     # "numeric" fields are written as numbers (float); every other field is written as text.
     "rerank": {"required": ["query", "document", "relevance"], "optional": [], "numeric": ["relevance"]},
