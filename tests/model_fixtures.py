@@ -3,6 +3,9 @@
 - tiny_llama_dir: a 2-layer llama-style causal LM (hidden 64, 4 heads, 2 key/value heads,
   intermediate 128, tied embeddings), randomly initialised with a fixed seed, with the
   SmolLM2 tokenizer and its chat template. Safetensors, loads like any Hub model.
+- minilm_dir: the bundled all-MiniLM-L6-v2 (a sentence-transformers folder).
+- tiny_bert_dir: a 2-layer BERT (hidden 32, 4 heads, intermediate 64), randomly initialised
+  with a fixed seed, with the MiniLM tokenizer; a plain transformers folder (BertModel weights).
 - sft_jsonl: 64 rows of a trivially learnable instruction dataset in the canonical JSONL
   format ({"instruction", "response", optional "system"}).
 """
@@ -91,3 +94,35 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
 @pytest.fixture(scope="session")
 def sft_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("sft-data") / "sft.jsonl", sft_rows())
+
+
+TINY_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
+"""The tiny BERT's config, for tests that compute parameter counts by hand."""
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from worker.models import resolve_base
+
+    return Path(resolve_base("all-minilm-l6-v2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT)
+    torch.manual_seed(0)
+    model = BertModel(config)
+    out_dir = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
