@@ -39,6 +39,9 @@
     }
     if (FINAL.includes(ev.state)) {
       document.querySelectorAll(".actions form").forEach((f) => f.remove());
+      const again = document.getElementById("again");
+      again.textContent = ev.state === "succeeded" ? "Clone settings" : "Retry";
+      again.classList.remove("hidden");
       if (state.source) state.source.close();
       document.getElementById("eta").textContent = "";
     }

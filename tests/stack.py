@@ -54,11 +54,11 @@ class Stack:
         assert reply.url.rstrip("/") == self.base_url, f"login failed: {reply.status_code} {reply.url}"
         return http
 
-    def start_worker(self) -> subprocess.Popen:
-        from webapp.jobs.management.commands.serve import worker_command
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        from webapp.jobs.management.commands.serve import train_worker_command
 
-        self.processes["worker"] = self._spawn("worker", worker_command(sys.executable))
-        return self.processes["worker"]
+        self.processes[name] = self._spawn(name, train_worker_command(sys.executable, name))
+        return self.processes[name]
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "a") as log:

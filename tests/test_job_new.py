@@ -1,7 +1,4 @@
-import json
-
 import pytest
-import redis
 
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
@@ -18,15 +15,6 @@ VALID = {
 @pytest.fixture
 def dataset(owner):
     return Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl", rows_total=10, rows_ok=10)
-
-
-@pytest.fixture
-def train_queue(settings):
-    """The real broker's "train" queue (tests use their own Redis database)."""
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.delete("train")
-    yield lambda: [json.loads(m)["headers"] for m in broker.lrange("train", 0, -1)]
-    broker.delete("train")
 
 
 def test_the_form_offers_the_catalog_with_sizes(owner_client, dataset):

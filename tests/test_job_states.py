@@ -1,4 +1,7 @@
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
@@ -28,23 +31,23 @@ def test_final_states_never_change(job):
 
 def test_a_late_success_cannot_overwrite_a_cancel(job):
     job.claim("worker-a")
-    job.transition("training", lease="worker-a")
+    job.transition("training", where={"worker_id": "worker-a"})
     Job.objects.get(id=job.id).transition("cancelled", message="Cancelled by the user.")
-    assert not job.transition("succeeded", lease="worker-a")
+    assert not job.transition("succeeded", where={"worker_id": "worker-a"})
     assert job.state == "cancelled"
 
 
 def test_a_worker_that_lost_its_lease_cannot_move_the_job(job):
     job.claim("worker-a")
-    assert not job.transition("failed", lease="worker-b")
-    assert job.transition("failed", lease="worker-a", message="bad data")
+    assert not job.transition("failed", where={"worker_id": "worker-b"})
+    assert job.transition("failed", where={"worker_id": "worker-a"}, message="bad data")
     assert job.message == "bad data"
 
 
 def test_every_transition_is_an_event_with_gap_free_sequence_numbers(job):
     job.claim("w")
     job.append_events([{"kind": "metric", "step": 1, "t": 0, "loss": 2.5, "total_steps": 10}])
-    job.transition("training", lease="w")
+    job.transition("training", where={"worker_id": "w"})
     history = job.history()
     assert [e["seq"] for e in history] == [1, 2, 3]
     assert [(e["kind"], e.get("state")) for e in history] == [("state", "preparing"), ("metric", None), ("state", "training")]
@@ -57,3 +60,29 @@ def test_the_heartbeat_fails_once_the_job_is_cancelled(job):
     assert job.beat("w")
     job.transition("cancelled")
     assert not job.beat("w")
+
+
+def test_the_reaper_requeues_a_job_whose_worker_went_silent(
+    job, settings, train_queue, django_capture_on_commit_callbacks
+):
+    job.claim("w")
+    Job.objects.filter(id=job.id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert job.reap(timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS))
+    assert job.state == "queued" and job.worker_id == ""
+    assert [m["argsrepr"] for m in train_queue()] == [f"[{job.id}]"]
+    assert "queued again (attempt 2 of 3)" in job.history()[-1]["message"]
+
+
+def test_the_reaper_leaves_a_job_with_a_fresh_heartbeat_alone(job, settings):
+    job.claim("w")
+    assert not job.reap(timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS))
+    assert job.state == "preparing"
+
+
+def test_the_reaper_gives_up_after_the_last_attempt(job, settings):
+    settings.JOB_MAX_ATTEMPTS = 1
+    job.claim("w")
+    Job.objects.filter(id=job.id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    assert job.reap(timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS))
+    assert job.state == "failed" and "stopped responding 1 times" in job.message

@@ -1,6 +1,9 @@
 """Fixtures for view tests: an owner, another user and an anonymous client."""
 
+import json
+
 import pytest
+import redis
 from django.test import Client
 
 PASSWORD = "a-long-test-password-42"
@@ -41,3 +44,12 @@ def media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.JOBS_ROOT = settings.MEDIA_ROOT / "jobs"
     return settings.MEDIA_ROOT
+
+
+@pytest.fixture
+def train_queue(settings):
+    """The real broker's "train" queue (tests use their own Redis database): message headers."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete("train")
+    yield lambda: [json.loads(m)["headers"] for m in broker.lrange("train", 0, -1)]
+    broker.delete("train")

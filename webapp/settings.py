@@ -117,11 +117,19 @@ MAX_UPLOAD_BYTES = envint("SPECIALIST_MAX_UPLOAD_BYTES", 1024**3)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "specialist"}
+}
+# Failed sign-ins allowed per account and address (and per address overall) in the window.
+LOGIN_FAILURES_PER_ACCOUNT = envint("SPECIALIST_LOGIN_FAILURES_PER_ACCOUNT", 5)
+LOGIN_FAILURES_PER_ADDRESS = envint("SPECIALIST_LOGIN_FAILURES_PER_ADDRESS", 30)
+LOGIN_FAILURE_WINDOW_SECONDS = envint("SPECIALIST_LOGIN_FAILURE_WINDOW_SECONDS", 15 * 60)
+
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_TASK_ROUTES = {"worker.tasks.train_job": {"queue": "train"}}
+CELERY_TASK_ROUTES = {"worker.tasks.train_job": {"queue": "train"}, "worker.tasks.*": {"queue": "cpu"}}
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", 3600)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -131,6 +139,17 @@ CELERY_TASK_ALWAYS_EAGER = False
 JOBS_ROOT = MEDIA_ROOT / "jobs"
 # How often a worker renews its lease and notices a cancel.
 JOB_HEARTBEAT_SECONDS = envint("SPECIALIST_HEARTBEAT_SECONDS", 2)
+# A running job whose heartbeat is older than this is requeued by the reaper...
+JOB_LEASE_SECONDS = envint("SPECIALIST_LEASE_SECONDS", 60)
+# ...at most this many attempts in all, then it fails with the reason.
+JOB_MAX_ATTEMPTS = envint("SPECIALIST_MAX_ATTEMPTS", 3)
+CELERY_BEAT_SCHEDULE = {
+    "reap-stale-jobs": {
+        "task": "worker.tasks.reap_stale_jobs",
+        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
+}
 
 SESSION_COOKIE_SECURE = PRODUCTION
 CSRF_COOKIE_SECURE = PRODUCTION

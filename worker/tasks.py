@@ -6,19 +6,22 @@ the database row says what to do and whether it still needs doing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import threading
 import traceback
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
 from django import db
 from django.conf import settings
+from django.utils import timezone
 
-from webapp.jobs.models import CANCELLED, FAILED, SUCCEEDED, Job
+from webapp.jobs.models import CANCELLED, FAILED, RUNNING_STATES, SUCCEEDED, Job
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 
@@ -29,14 +32,27 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 @shared_task(name="worker.tasks.train_job", acks_late=True, ignore_result=True)
 def train_job(job_id: int) -> None:
-    JobRunner(job_id).run()
+    job = Job.objects.filter(id=job_id).first()
+    if job is None:
+        log.info("job %s no longer exists; nothing to do", job_id)
+        return
+    JobRunner(job).run()
+
+
+@shared_task(name="worker.tasks.reap_stale_jobs", ignore_result=True)
+def reap_stale_jobs() -> None:
+    """Requeue (or give up on) running jobs whose worker stopped renewing its lease."""
+    stale_before = timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS)
+    for job in Job.objects.filter(state__in=RUNNING_STATES, heartbeat_at__lt=stale_before):
+        if job.reap(stale_before):
+            log.warning("job %s: worker %s stopped responding; now %s", job.id, job.worker_id or "?", job.state)
 
 
 class JobRunner:
     """Runs one claimed job from start to a final state."""
 
-    def __init__(self, job_id: int):
-        self.job = Job.objects.get(id=job_id)
+    def __init__(self, job: Job):
+        self.job = job
         self.reporter = Reporter(sink=self.deliver, on_thread_exit=db.connection.close)
         self.finished = threading.Event()
 
@@ -75,7 +91,7 @@ class JobRunner:
 
     def _finish(self, state: str, **fields: Any) -> None:
         self.reporter.close()
-        self.job.transition(state, lease=WORKER_ID, **fields)
+        self.job.transition(state, where={"worker_id": WORKER_ID}, **fields)
 
     def _keep_lease(self) -> None:
         try:
@@ -97,13 +113,15 @@ class JobRunner:
             if pending:
                 self.job.append_events(pending)
                 pending = []
-            if event["state"] != self.job.state and not self.job.transition(event["state"], lease=WORKER_ID):
+            if event["state"] != self.job.state and not self.job.transition(event["state"], where={"worker_id": WORKER_ID}):
                 self.reporter.stop_requested.set()
         if pending:
             self.job.append_events(pending)
 
 
 def _internal_error_message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "The disk of the worker is full. Free space (old jobs' checkpoints and artifacts) and retry."
     if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
         return (
             "The worker ran out of memory. Lower the batch size or the max sequence length, "

@@ -5,6 +5,6 @@ from webapp.accounts import views
 
 urlpatterns = [
     path("setup/", views.setup, name="setup"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", views.RateLimitedLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

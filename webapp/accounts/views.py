@@ -1,8 +1,12 @@
+from django.conf import settings
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.views import LoginView
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+
+from webapp.accounts import ratelimit
 
 
 class AdminCreationForm(UserCreationForm):
@@ -24,3 +28,19 @@ def setup(request: HttpRequest) -> HttpResponse:
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("home")
     return render(request, "accounts/setup.html", {"form": form})
+
+
+class RateLimitedLoginView(LoginView):
+    """Sign-in that refuses an address after repeated failures, for a while."""
+
+    def post(self, request, *args, **kwargs):
+        username = request.POST.get("username", "")
+        if ratelimit.is_locked_out(request, username):
+            minutes = settings.LOGIN_FAILURE_WINDOW_SECONDS // 60
+            message = f"Too many failed sign-in attempts. Wait {minutes} minutes, then try again."
+            context = self.get_context_data(form=self.form_class(request), locked_out=message)
+            return self.render_to_response(context, status=429)
+        response = super().post(request, *args, **kwargs)
+        if response.status_code == 200:  # the form came back: wrong username or password
+            ratelimit.record_failure(request, username)
+        return response

@@ -64,6 +64,19 @@ class JobForm(forms.Form):
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data
 
+    @staticmethod
+    def initial_from(job) -> dict:
+        """Form values that reproduce `job`'s settings."""
+        spec = job.spec
+        base = spec["base_model"]
+        initial = {field: spec[field] for field in SPEC_FIELDS if field in spec}
+        initial.update(dataset=job.dataset_id, name=f"{job.name} (again)")
+        if base in CATALOG:
+            initial["base_model"] = base
+        else:
+            initial.update(base_model=CUSTOM, custom_base_model=base)
+        return initial
+
     def spec_dict(self) -> dict:
         spec = self.spec.to_dict()
         for runtime_field in ("dataset_path", "output_dir", "job_id"):

@@ -93,25 +93,25 @@ class Job(models.Model):
         return 100.0 * self.step / self.total_steps if self.total_steps else 0.0
 
     def transition(
-        self, to: str, *, message: str = "", from_states=None, lease: str | None = None, **fields: Any
+        self, to: str, *, message: str = "", from_states=None, where: dict | None = None, **fields: Any
     ) -> bool:
         """Move to state `to` if the current state allows it; True if this call moved it.
 
         The conditional UPDATE makes the check and the change one step: a late success can
-        never overwrite a cancel, and two workers can never both claim a job. A worker passes
-        its id as `lease` so that it can only move a job it still holds.
+        never overwrite a cancel, and two workers can never both claim a job. `where` adds
+        conditions: a worker passes {"worker_id": its id} so it can only move a job it holds.
         """
         allowed_from = [s for s, targets in ALLOWED.items() if to in targets]
         if from_states is not None:
             allowed_from = [s for s in allowed_from if s in from_states]
         rows = Job.objects.filter(id=self.id, state__in=allowed_from)
-        if lease is not None:
-            rows = rows.filter(worker_id=lease)
+        if where:
+            rows = rows.filter(**where)
         now = timezone.now()
         changes: dict[str, Any] = {"state": to, **fields}
-        if message:
-            changes["message"] = message
         if to in FINAL_STATES:
+            # The row keeps why the job ended; other messages live in the event history.
+            changes["message"] = message
             changes["finished_at"] = now
         if to == PREPARING:
             changes["started_at"] = now
@@ -126,6 +126,32 @@ class Job(models.Model):
         return self.transition(
             PREPARING, from_states=[QUEUED], worker_id=worker_id, heartbeat_at=timezone.now(),
             attempts=F("attempts") + 1,
+        )
+
+    def enqueue(self) -> None:
+        """Send the job's id to the train queue once the current transaction commits."""
+        from webapp.celery import app
+
+        # By name: the web side never imports the worker's torch code.
+        transaction.on_commit(lambda: app.send_task("worker.tasks.train_job", args=[self.id], queue="train"))
+
+    def reap(self, stale_before) -> bool:
+        """Requeue a job whose worker stopped renewing its lease, or fail it after too many tries."""
+        where = {"heartbeat_at__lt": stale_before}
+        if self.attempts < settings.JOB_MAX_ATTEMPTS:
+            message = (
+                f"The worker stopped responding; the job was queued again "
+                f"(attempt {self.attempts + 1} of {settings.JOB_MAX_ATTEMPTS})."
+            )
+            with transaction.atomic():
+                moved = self.transition(QUEUED, where=where, message=message, worker_id="")
+                if moved:
+                    self.enqueue()
+            return moved
+        return self.transition(
+            FAILED, where=where,
+            message=f"The worker running this job stopped responding {self.attempts} times; giving up. "
+            "Check the worker machine (memory, disk, GPU) and retry the job.",
         )
 
     def beat(self, worker_id: str) -> bool:

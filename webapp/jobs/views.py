@@ -4,7 +4,6 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from webapp.celery import app as celery_app
 from webapp.jobs.forms import JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
@@ -19,18 +18,17 @@ def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
     return get_object_or_404(_jobs_for_user(request.user), id=job_id)
 
 
-def enqueue(job: Job) -> None:
-    # By name: the web side never imports the worker's torch code.
-    transaction.on_commit(lambda: celery_app.send_task("worker.tasks.train_job", args=[job.id], queue="train"))
-
-
 def home(request: HttpRequest) -> HttpResponse:
     jobs = _jobs_for_user(request.user)[:200]
     return render(request, "jobs/list.html", {"jobs": jobs})
 
 
 def new_job(request: HttpRequest) -> HttpResponse:
-    form = JobForm(request.POST or None, user=request.user, initial={"dataset": request.GET.get("dataset")})
+    initial = {"dataset": request.GET.get("dataset")}
+    if request.GET.get("from"):
+        # Retry / clone: the settings of an earlier job, prefilled.
+        initial = JobForm.initial_from(_get_job_for_user(request, request.GET["from"]))
+    form = JobForm(request.POST or None, user=request.user, initial=initial)
     if request.method == "POST" and form.is_valid():
         dataset = form.cleaned_data["dataset"]
         with transaction.atomic():
@@ -39,7 +37,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
                 name=form.cleaned_data["name"] or f"{dataset.name} · {form.spec.method}",
             )
             job.append_events([{"kind": "state", "step": 0, "t": job.created_at.timestamp(), "state": job.state, "message": ""}])
-            enqueue(job)
+            job.enqueue()
         return redirect(job)
     return render(request, "jobs/new.html", {"form": form, "catalog": CATALOG.values()})
 

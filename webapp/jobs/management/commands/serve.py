@@ -1,7 +1,8 @@
 """`python manage.py serve`: the whole app in one foreground command (what `make run` runs).
 
 Makes sure Redis answers (starting a private redis-server if none listens and the binary
-exists), then runs the ASGI web server, a training worker and the scheduler side by side.
+exists), then runs the ASGI web server, a training worker, and a CPU worker that also runs the
+scheduler (the reaper of jobs whose worker died) side by side.
 Ctrl-C (or SIGTERM) stops all of them; if one of them dies, the others are stopped too.
 """
 
@@ -30,6 +31,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-worker", action="store_true", help="Serve the web app only.")
 
     def handle(self, *args, host, port, no_worker, **options):
+        settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
         children: list[subprocess.Popen] = []
         redis_server = ensure_redis(settings.REDIS_URL, self.stdout)
         if redis_server is not None:
@@ -37,15 +39,23 @@ class Command(BaseCommand):
         python = sys.executable
         children.append(subprocess.Popen([python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]))
         if not no_worker:
-            children.append(subprocess.Popen(worker_command(python)))
+            children.append(subprocess.Popen(train_worker_command(python)))
+            children.append(subprocess.Popen(cpu_worker_command(python)))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
         supervise(children)
 
 
-def worker_command(python: str) -> list[str]:
-    # One job at a time per worker; the solo pool keeps the loaded model warm between jobs.
-    return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "train,cpu", "--pool", "solo",
-            "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+def train_worker_command(python: str, name: str = "train") -> list[str]:
+    """One training job at a time; the solo pool keeps imported libraries warm between jobs."""
+    return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "train", "--pool", "solo", "--concurrency", "1",
+            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+
+
+def cpu_worker_command(python: str) -> list[str]:
+    """Dataset work and the periodic reaper (-B runs the scheduler inside this worker)."""
+    schedule = settings.VAR_DIR / "celerybeat-schedule"
+    return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "cpu", "--pool", "threads", "--concurrency", "2",
+            "-n", "cpu@%h", "-B", "-s", str(schedule), "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 
 def ensure_redis(url: str, out) -> subprocess.Popen | None:
