@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from worker.artifacts import make_readable
 from worker.catalog import CATALOG
 from worker.errors import UserError
+from worker.spec import ALL_LINEAR
 
 # Read by huggingface_hub when it is first imported: nothing below may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+# peft's task type (how it calls, trains and saves the wrapped model) for the task families
+# trained on a sequence classifier; every other family is a causal LM.
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "pair": "SEQ_CLS", "rerank": "SEQ_CLS"}
 
 
 def model_cache_dir() -> Path:
@@ -64,13 +68,10 @@ def prepare_catalog() -> dict[str, str]:
 def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model of `spec` as a causal LM in fp32, and its tokenizer (with a pad token)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_base(spec.base_model)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:  # e.g. an architecture that needs remote code
-        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
+    config = _load_config(spec, path)
     architectures = config.architectures or []
     if not any(arch.endswith(CAUSAL_LM_ARCHITECTURES) for arch in architectures):
         raise UserError(
@@ -89,33 +90,131 @@ def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenize
         )
     except OSError as exc:
         raise UserError(f"Could not load {spec.base_model}: {exc}") from exc
+    return model, _load_tokenizer(spec, path)
+
+
+def load_sequence_classifier(spec: TrainSpec, labels: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model of `spec` with a new, randomly initialised classification head over `labels`
+    (fp32), and its tokenizer (with a pad token).
+
+    Encoders (BERT: the head reads the pooled first token) and decoders (llama: the head reads the
+    last non-padding token) both work. The label names go into the config, so a saved model
+    reports them (e.g. in a transformers pipeline).
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    path = resolve_base(spec.base_model)
+    config = _load_config(spec, path)
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise UserError(
+            f"{spec.base_model} cannot be a classifier: transformers has no classification head for "
+            f"its architecture ({config.model_type}). Choose an encoder such as all-minilm-l6-v2."
+        )
+    tokenizer = _load_tokenizer(spec, path)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
+    config.problem_type = "single_label_classification"
+    if config.pad_token_id is None:
+        # A decoder's head reads the last token that is not padding: it must know the pad id.
+        config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+    except OSError as exc:
+        raise UserError(f"Could not load {spec.base_model}: {exc}") from exc
+    return model, tokenizer
+
+
+def _load_config(spec: TrainSpec, path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # e.g. an architecture that needs remote code
+        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
+
+
+def _load_tokenizer(spec: TrainSpec, path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing an existing token is safe.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise UserError(f"The tokenizer of {spec.base_model} has no end-of-text token to pad with.")
-    return model, tokenizer
+    return tokenizer
 
 
 def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
-    """LoRA: wrap `model` with adapters on spec.lora_target_modules; full: train every weight."""
+    """Make the weights that spec.method trains trainable, and nothing else.
+
+    full: every weight. head: only the task head (see task_head_names); the base stays frozen.
+    lora: adapters (DoRA if spec.use_dora) on spec.lora_target_modules of the frozen base; a
+    sequence classifier's head is new, so it is trained in full and saved with the adapters.
+    """
     if spec.method == "full":
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    if spec.method == "head":
+        heads = task_head_names(model)
+        model.requires_grad_(False)
+        for name in heads:
+            getattr(model, name).requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
 
+    task_type = PEFT_TASK_TYPES.get(spec.task, "CAUSAL_LM")
     config = LoraConfig(
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.lora_target_modules),
-        task_type=TaskType.CAUSAL_LM,
+        target_modules=_lora_targets(model, spec),
+        use_dora=spec.use_dora,
+        task_type=task_type,
+        modules_to_save=task_head_names(model) if task_type == "SEQ_CLS" else None,
     )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"LoRA cannot adapt {', '.join(spec.lora_target_modules)} in {spec.base_model}: {exc}") from exc
+
+
+def task_head_names(model: PreTrainedModel) -> list[str]:
+    """The modules a task model adds on top of its base model (BERT: classifier, llama: score):
+    its direct children, other than the base model, that hold weights."""
+    base = getattr(model, "base_model_prefix", "")
+    heads = [
+        name
+        for name, child in model.named_children()
+        if name != base and next(child.parameters(), None) is not None
+    ]
+    if not base or not hasattr(model, base) or not heads:
+        raise UserError(f"{type(model).__name__} has no separate task head to train on its own.")
+    return heads
+
+
+def _lora_targets(model: PreTrainedModel, spec: TrainSpec) -> str | list[str]:
+    """spec.lora_target_modules as peft takes them; names the model lacks are a UserError that
+    lists the layers it does have."""
+    from torch import nn
+
+    requested = list(spec.lora_target_modules)
+    if ALL_LINEAR in requested:
+        return ALL_LINEAR  # peft leaves out the output layer / classifier head
+    names = [name for name, _ in model.named_modules()]
+    missing = [target for target in requested if not any(n == target or n.endswith(f".{target}") for n in names)]
+    if missing:
+        base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(
+            f"LoRA cannot adapt {', '.join(missing)}: {spec.base_model} has no layers by that name. "
+            f"Its linear layers are {', '.join(linear)}; choose among them, or {ALL_LINEAR}."
+        )
+    return requested
 
 
 # Where the catalog models come from --------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Every URL that takes an id, walked by the owner, another user and an anonymous client."""
+
+import zipfile
+
+import pytest
+from django.urls import URLPattern, get_resolver
+
+from webapp.datasets.models import Dataset
+from webapp.jobs.models import Job
+
+pytestmark = pytest.mark.django_db
+
+POST_ONLY = {"cancel_job", "delete_dataset"}
+
+
+@pytest.fixture
+def objects(owner, media_root):
+    dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl")
+    job = Job.objects.create(owner=owner, dataset=dataset, name="j", spec={"base_model": "x", "method": "lora"})
+    artifact = media_root / "jobs" / str(job.id) / "specialist-job-adapter.zip"
+    artifact.parent.mkdir(parents=True)
+    zipfile.ZipFile(artifact, "w").close()
+    Job.objects.filter(id=job.id).update(state="succeeded", result={"artifact_zip": str(artifact)})
+    return {"dataset_id": dataset.id, "job_id": job.id}
+
+
+def urls_with_ids(objects) -> list[tuple[str, str]]:
+    """(name, path) of every URL pattern that takes an object id; fails on an unknown kind."""
+    found = []
+    for pattern in get_resolver().url_patterns:
+        for inner in getattr(pattern, "url_patterns", [pattern]):
+            if not isinstance(inner, URLPattern) or not inner.pattern.converters:
+                continue
+            kwargs = {name: objects[name] for name in inner.pattern.converters}
+            found.append((inner.name, "/" + str(inner.pattern).replace("<int:job_id>", str(kwargs.get("job_id")))
+                          .replace("<int:dataset_id>", str(kwargs.get("dataset_id")))))
+    return found
+
+
+def request(client, name, path):
+    return client.post(path) if name in POST_ONLY else client.get(path)
+
+
+def test_the_walk_covers_every_object_url(objects):
+    names = {name for name, _ in urls_with_ids(objects)}
+    assert names == {"dataset", "delete_dataset", "job", "job_events", "cancel_job", "download"}
+
+
+def test_anonymous_clients_are_sent_to_sign_in(anon_client, objects):
+    for name, path in urls_with_ids(objects):
+        reply = request(anon_client, name, path)
+        assert reply.status_code == 302 and reply.url.startswith("/login/"), name
+
+
+def test_other_users_get_404_for_everything(other_client, objects):
+    for name, path in urls_with_ids(objects):
+        assert request(other_client, name, path).status_code == 404, name
+    assert other_client.get(f"/jobs/new/?from={objects['job_id']}").status_code == 404
+
+
+def test_the_owner_gets_every_page(owner_client, objects):
+    for name, path in urls_with_ids(objects):
+        assert request(owner_client, name, path).status_code in (200, 302), name
+
+
+def test_staff_see_other_users_jobs(objects, django_user_model, client):
+    staff = django_user_model.objects.create_user("root", password="x", is_staff=True)
+    client.force_login(staff)
+    assert client.get(f"/jobs/{objects['job_id']}/").status_code == 200
+
+
+def test_downloads_are_attachments(owner_client, objects):
+    reply = owner_client.get(f"/jobs/{objects['job_id']}/download/")
+    assert reply.status_code == 200 and reply["Content-Disposition"].startswith("attachment")
