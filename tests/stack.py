@@ -1,16 +1,20 @@
-"""The real stack for end-to-end tests: a fresh database, the ASGI server (uvicorn) and a
-Celery worker process, on real Redis. Session-scoped: started once, shared by the tests
-that ask for `stack`."""
+"""The real stack for end-to-end tests: a fresh database, the ASGI server (uvicorn) and Celery
+worker processes, on real Redis. `stack` is session-scoped and shared; fault-injection tests
+start their own with `running_stack` (their own Redis database, or a private redis-server)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "a-long-test-password-42"
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -27,14 +32,39 @@ class Stack:
     base_url: str
     env: dict[str, str]
     media_root: Path
+    logs: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    logs: Path | None = None
 
+    # Processes ----------------------------------------------------------------------------
     def manage(self, *args: str) -> str:
         return subprocess.run(
             [sys.executable, "manage.py", *args], cwd=REPO, env=self.env, check=True, capture_output=True, text=True
         ).stdout
 
+    def start_worker(self, name: str = "worker", command: list[str] | None = None) -> subprocess.Popen:
+        from webapp.jobs.management.commands.serve import train_worker_command
+
+        self.processes[name] = self._spawn(name, command or train_worker_command(sys.executable, name))
+        return self.processes[name]
+
+    def stop(self, name: str, kill: bool = False) -> None:
+        process = self.processes.pop(name)
+        process.kill() if kill else process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "a") as log:
+            return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+
+    # A user's actions, over HTTP -------------------------------------------------------------
     def create_user(self, username: str, staff: bool = False) -> None:
         code = (
             "from django.contrib.auth import get_user_model; "
@@ -45,82 +75,147 @@ class Stack:
     def session(self, username: str) -> requests.Session:
         """A signed-in HTTP client, going through the real login form and CSRF."""
         http = requests.Session()
-        page = http.get(f"{self.base_url}/login/")
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
         reply = http.post(
-            f"{self.base_url}/login/", data={"username": username, "password": PASSWORD, "csrfmiddlewaretoken": token},
-            headers={"Referer": f"{self.base_url}/login/"},
+            f"{self.base_url}/login/", headers={"Referer": f"{self.base_url}/login/"},
+            data={"username": username, "password": PASSWORD, "csrfmiddlewaretoken": self.csrf(http, "/login/")},
         )
         assert reply.url.rstrip("/") == self.base_url, f"login failed: {reply.status_code} {reply.url}"
         return http
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        from webapp.jobs.management.commands.serve import train_worker_command
+    def csrf(self, http: requests.Session, path: str) -> str:
+        page = http.get(f"{self.base_url}{path}").text
+        return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
 
-        self.processes[name] = self._spawn(name, train_worker_command(sys.executable, name))
-        return self.processes[name]
+    def upload_dataset(self, http: requests.Session, path: Path, task: str = "sft") -> int:
+        url = f"{self.base_url}/datasets/upload/"
+        with path.open("rb") as f:
+            reply = http.post(
+                url, data={"csrfmiddlewaretoken": self.csrf(http, "/datasets/upload/"), "task": task, "name": path.stem},
+                files={"file": (path.name, f)}, headers={"Referer": url},
+            )
+        match = re.search(r"/datasets/(\d+)/$", reply.url)
+        assert match, f"upload was not accepted ({reply.status_code}): {reply.text[:2000]}"
+        return int(match.group(1))
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "a") as log:
-            return subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+    def submit_job(self, http: requests.Session, dataset_id: int, base_dir: Path, **overrides) -> int:
+        """Create an SFT LoRA job through the new-job form; returns its id."""
+        url = f"{self.base_url}/jobs/new/"
+        form = {
+            "csrfmiddlewaretoken": self.csrf(http, "/jobs/new/"), "dataset": dataset_id, "base_model": "custom",
+            "custom_base_model": str(base_dir), "method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+            "lora_target_modules": LLAMA_LINEAR, "learning_rate": 2e-3, "epochs": 1, "max_steps": 12, "batch_size": 4,
+            "max_seq_length": 96, "validation_fraction": 0.2, **overrides,
+        }
+        reply = http.post(url, data=form, headers={"Referer": url})
+        match = re.search(r"/jobs/(\d+)/$", reply.url)
+        assert match, f"job was not created ({reply.status_code}): {reply.text[:3000]}"
+        return int(match.group(1))
 
-    def log_tail(self, name: str, lines: int = 60) -> str:
-        return "\n".join((self.logs / f"{name}.log").read_text().splitlines()[-lines:])
+    def post(self, http: requests.Session, path: str) -> requests.Response:
+        job_page = re.sub(r"[^/]+/$", "", path)
+        token = self.csrf(http, job_page)
+        return http.post(f"{self.base_url}{path}", data={"csrfmiddlewaretoken": token},
+                         headers={"Referer": f"{self.base_url}{job_page}"})
+
+    # Looking inside -----------------------------------------------------------------------
+    def job(self, job_id: int) -> dict:
+        """The job row and its event history, read straight from the stack's database."""
+        row_sql = "SELECT state, message, attempts, worker_id FROM jobs_job WHERE id = {p}"
+        events_sql = "SELECT seq, data FROM jobs_jobevent WHERE job_id = {p} ORDER BY seq"
+        with self._database() as (connection, p):
+            state, message, attempts, worker_id = connection.execute(row_sql.format(p=p), (job_id,)).fetchone()
+            rows = connection.execute(events_sql.format(p=p), (job_id,)).fetchall()
+        events = [{**(json.loads(data) if isinstance(data, str) else data), "seq": seq} for seq, data in rows]
+        return {"state": state, "message": message, "attempts": attempts, "worker_id": worker_id, "events": events}
+
+    @contextlib.contextmanager
+    def _database(self):
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite"):
+            connection = sqlite3.connect(url.removeprefix("sqlite:///"))
+            try:
+                yield connection, "?"
+            finally:
+                connection.close()
+        else:
+            import psycopg
+
+            with psycopg.connect(url) as connection:
+                yield connection, "%s"
+
+    def wait_for(self, job_id: int, condition, timeout: float = 180, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if condition(job):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} never reached {what or condition}: {job['state']}\n{self.all_logs()}")
+
+    def all_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{self.log_tail(p.stem)}" for p in sorted(self.logs.glob("*.log")))
 
 
-def _free_port() -> int:
+def metric_steps(job: dict) -> list[int]:
+    return [e["step"] for e in job["events"] if e["kind"] == "metric"]
+
+
+def states(job: dict) -> list[str]:
+    return [e["state"] for e in job["events"] if e["kind"] == "state"]
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _database_url(tmp: Path) -> tuple[str, callable]:
-    """A fresh database for this run: PostgreSQL when DATABASE_URL names one, else SQLite."""
+@contextlib.contextmanager
+def fresh_database(tmp: Path) -> Iterator[str]:
+    """A database for one stack: PostgreSQL when DATABASE_URL names one, else a SQLite file."""
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith("postgres"):
-        return f"sqlite:///{tmp / 'e2e.sqlite3'}", lambda: None
+        yield f"sqlite:///{tmp / 'e2e.sqlite3'}"
+        return
     import psycopg
 
     name = f"specialist_e2e_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(url, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield re.sub(r"/[^/]*$", f"/{name}", url)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def drop():
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
-    return re.sub(r"/[^/]*$", f"/{name}", url), drop
+@contextlib.contextmanager
+def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker",), **env_overrides) -> Iterator[Stack]:
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    with fresh_database(tmp) as database_url:
+        env = {
+            **os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "SPECIALIST_VAR_DIR": str(tmp),
+            "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1", **env_overrides,
+        }
+        stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, media_root=tmp / "media", logs=tmp)
+        stack.manage("migrate", "--noinput")
+        stack.processes["web"] = stack._spawn(
+            "web", [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)]
+        )
+        for name in workers:
+            stack.start_worker(name)
+        _wait_until_up(stack)
+        try:
+            yield stack
+        finally:
+            for name in list(stack.processes):
+                stack.stop(name)
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stack")
-    database_url, drop_database = _database_url(tmp)
-    redis_url = "redis://127.0.0.1:6379/14"
-    redis.Redis.from_url(redis_url).flushdb()
-    port = _free_port()
-    env = {
-        **os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-        "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1",
-    }
-    stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, media_root=tmp / "media", logs=tmp)
-    stack.manage("migrate", "--noinput")
-    stack.processes["web"] = stack._spawn(
-        "web", [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)]
-    )
-    stack.start_worker()
-    _wait_until_up(stack)
-    try:
+    with running_stack(tmp_path_factory.mktemp("stack"), "redis://127.0.0.1:6379/14") as stack:
         yield stack
-    finally:
-        for process in stack.processes.values():
-            process.terminate()
-        for process in stack.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        drop_database()
 
 
 def _wait_until_up(stack: Stack) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import subprocess
 import sys
 import zipfile
@@ -16,44 +15,13 @@ from tests.sse_client import read_events
 pytestmark = pytest.mark.slow
 
 
-def csrf_token(http, url: str) -> str:
-    return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', http.get(url).text).group(1)
-
-
-def upload_dataset(stack, http, path: Path) -> int:
-    url = f"{stack.base_url}/datasets/upload/"
-    with path.open("rb") as f:
-        reply = http.post(
-            url, data={"csrfmiddlewaretoken": csrf_token(http, url), "task": "sft", "name": "greetings"},
-            files={"file": (path.name, f)}, headers={"Referer": url},
-        )
-    match = re.search(r"/datasets/(\d+)/$", reply.url)
-    assert match, f"upload was not accepted ({reply.status_code}): {reply.text[:2000]}"
-    return int(match.group(1))
-
-
-def submit_job(stack, http, dataset_id: int, base_dir: Path, **overrides) -> int:
-    url = f"{stack.base_url}/jobs/new/"
-    form = {
-        "csrfmiddlewaretoken": csrf_token(http, url), "dataset": dataset_id, "base_model": "custom",
-        "custom_base_model": str(base_dir), "method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "learning_rate": 2e-3, "epochs": 1, "max_steps": 12, "batch_size": 4, "max_seq_length": 96,
-        "validation_fraction": 0.2, **overrides,
-    }
-    reply = http.post(url, data=form, headers={"Referer": url})
-    match = re.search(r"/jobs/(\d+)/$", reply.url)
-    assert match, f"job was not created ({reply.status_code}): {reply.text[:3000]}"
-    return int(match.group(1))
-
-
 def test_a_job_trains_streams_resumes_and_downloads(stack, tiny_llama_dir, sft_jsonl, tmp_path):
     stack.create_user("alice")
     http = stack.session("alice")
-    dataset_id = upload_dataset(stack, http, sft_jsonl)
+    dataset_id = stack.upload_dataset(http, sft_jsonl)
     assert "usable" in http.get(f"{stack.base_url}/datasets/{dataset_id}/").text
 
-    job_id = submit_job(stack, http, dataset_id, tiny_llama_dir)
+    job_id = stack.submit_job(http, dataset_id, tiny_llama_dir)
     events_url = f"{stack.base_url}/jobs/{job_id}/events/"
 
     # Follow the stream, drop the connection after a few loss points, resume by Last-Event-ID.
@@ -103,7 +71,7 @@ def test_another_user_cannot_see_the_job_or_its_stream(stack, tiny_llama_dir, sf
     stack.create_user("carol")
     stack.create_user("dave")
     carol, dave = stack.session("carol"), stack.session("dave")
-    job_id = submit_job(stack, carol, upload_dataset(stack, carol, sft_jsonl), tiny_llama_dir, max_steps=2)
+    job_id = stack.submit_job(carol, stack.upload_dataset(carol, sft_jsonl), tiny_llama_dir, max_steps=2)
     for path in ("", "events/", "download/"):
         assert dave.get(f"{stack.base_url}/jobs/{job_id}/{path}", timeout=10).status_code == 404
     list(read_events(carol, f"{stack.base_url}/jobs/{job_id}/events/"))

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.stack import REPO, _free_port
+from tests.stack import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_the_sqlite_default_migrates_and_serves(tmp_path):
     env["SPECIALIST_VAR_DIR"] = str(tmp_path)
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
     assert (tmp_path / "specialist.sqlite3").is_file()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -2,7 +2,9 @@
 
 For LoRA each adapted weight matrix W (d x k) stays frozen and learns B·A instead, with
 B (d x r) and A (r x k): r·(d + k) numbers in place of d·k. The census lists, per module type
-and shape, how many such matrices there are and what that saves.
+and shape, how many such matrices there are and what that saves. Matrices trained in full (every
+weight of a full fine-tune, the task head of a head-only run, a classifier head trained beside
+LoRA adapters) are listed with lora = None.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def census(model: nn.Module, spec: TrainSpec) -> dict[str, Any]:
         "trainable": trainable,
         "frozen": total - trainable,
         "trainable_pct": round(100 * trainable / total, 4) if total else 0.0,
-        "matrices": _lora_rows(model) if spec.method == "lora" else _full_rows(model),
+        "matrices": (_lora_rows(model) if spec.method == "lora" else []) + _full_rows(model),
     }
 
 
@@ -46,13 +48,18 @@ def _lora_rows(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _full_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """The weight matrices trained in full; LoRA's own A and B matrices are counted as LoRA."""
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in seen:
-            seen.add(id(module.weight))  # a tied output head is the embedding, not a new matrix
-            d, k = module.weight.shape
-            _add(rows, name, d, k, lora=None)
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or not module.weight.requires_grad:
+            continue
+        if any(part.startswith("lora_") for part in name.split(".")) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))  # a tied output head is the embedding, not a new matrix
+        d, k = module.weight.shape
+        # peft trains a copy of a fully trained module as <name>.modules_to_save.<adapter>.
+        _add(rows, name.split(".modules_to_save.")[0], d, k, lora=None)
     return list(rows.values())
 
 

@@ -53,7 +53,7 @@ class JobRunner:
 
     def __init__(self, job: Job):
         self.job = job
-        self.reporter = Reporter(sink=self.deliver, on_thread_exit=db.connection.close)
+        self.reporter = Reporter(sink=self.deliver, on_thread_exit=db.connections.close_all)
         self.finished = threading.Event()
 
     def run(self) -> None:

@@ -2,12 +2,17 @@
 
 setup → train → save, on transformers' Trainer.
 
-- Data: JSONL rows {"instruction", "response", optional "system"}, rendered with the base
-  model's chat template. The loss is on the response only (its tokens and the end-of-turn
-  token): every prompt token is labelled -100.
+- Data: JSONL rows {"instruction", "response", optional "system", optional "input"}, rendered
+  with the base model's chat template ("input", extra context, follows the instruction in the
+  user turn). The loss is on the response only (its tokens and the end-of-turn token): every
+  prompt token is labelled -100.
 - Batches are padded to their longest row, and rows of similar length are batched together.
 - Master weights stay fp32; the forward and backward passes run under bf16 autocast where the
   hardware has bf16 arithmetic (CUDA, or CPUs with AVX512-BF16 / AMX).
+- Held out: eval_loss and perplexity of the untouched model (step 0, the baseline), every
+  eval_every steps, and at the end; plus greedy replies to a few held-out instructions before
+  and after training (result["samples"], and the final eval event), so a person can read what
+  changed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from worker.params import census
 from worker.spec import TrainSpec
 
 IGNORE_INDEX = -100  # label value the loss skips
+SAMPLE_COUNT = 3  # held-out instructions answered before and after training
+SAMPLE_NEW_TOKENS = 48
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
@@ -38,7 +45,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     reporter.state("preparing")
     set_seed(spec.seed)
     model, tokenizer = load_causal_lm(spec)
-    train_rows, eval_rows = prepare_data(spec, tokenizer, reporter)
+    train_rows, eval_rows, held_out = prepare_data(spec, tokenizer, reporter)
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     progress = ReportProgress(reporter)
@@ -52,37 +59,71 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
 
+    # The untouched model on the held-out rows: the baseline later numbers are compared with.
+    sample_prompts = [prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
+    metrics_before = held_out_metrics(trainer) if eval_rows else {}
+    replies_before = generate_replies(model, tokenizer, sample_prompts)
+    if eval_rows:
+        reporter.eval(0, baseline=True, **metrics_before)
+
     # Train, then evaluate once more on the held-out rows.
     _raise_if_stopped(reporter)
     trainer.train()
     _raise_if_stopped(reporter)
-    eval_loss = None
+    step = trainer.state.global_step
+    metrics_after, samples = {}, []
     if eval_rows:
         reporter.state("evaluating")
-        eval_loss = trainer.evaluate()["eval_loss"]
+        metrics_after = held_out_metrics(trainer)
+        replies_after = generate_replies(model, tokenizer, sample_prompts)
+        samples = [
+            {"instruction": row["instruction"], "reference": row["response"], "before": before, "after": after}
+            for row, before, after in zip(held_out, replies_before, replies_after, strict=False)
+        ]
+        reporter.eval(step, final=True, **metrics_after, samples=samples)
 
     # Save.
     reporter.state("exporting")
-    metrics = {"train_loss": progress.last_loss, "eval_loss": eval_loss, "steps": trainer.state.global_step}
-    artifact_dir = export(model, tokenizer, spec, metrics, Path(spec.output_dir) / "final")
+    eval_loss = metrics_after.get("eval_loss")
+    metrics = {"train_loss": progress.last_loss, "eval_loss": eval_loss, "steps": step}
+    summary = {"primary_metric": "eval_loss", "metrics_before": metrics_before, "metrics_after": metrics_after}
+    artifact_dir = export(model, tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
+    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(samples, indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, "samples": samples, "artifact_dir": str(artifact_dir)}
+
+
+def held_out_metrics(trainer: Trainer) -> dict[str, float]:
+    loss = trainer.evaluate()["eval_loss"]
+    return {"eval_loss": loss, "perplexity": math.exp(loss)}
 
 
 class ReportProgress(TrainerCallback):
-    """Trainer events → reporter events; a requested stop ends training after the current step."""
+    """Trainer events → reporter events; a requested stop ends training after the current step.
+
+    Evaluations during training become eval events; the recipe reports the baseline and the final
+    evaluation itself (with baseline=True / final=True).
+    """
+
+    metric_keys = {"learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+    """Trainer log key → metric event key, for the values reported with each step's loss."""
 
     def __init__(self, reporter: Reporter):
         self.reporter = reporter
         self.last_loss: float | None = None
+        self.training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
         self.reporter.state("training")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
-            values = {key: float(logs[key]) for key in ("learning_rate", "grad_norm") if key in logs}
+            values = {name: float(logs[key]) for key, name in self.metric_keys.items() if key in logs}
             self.reporter.metric(
                 state.global_step,
                 loss=self.last_loss,
@@ -92,6 +133,8 @@ class ReportProgress(TrainerCallback):
             )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.training:
+            return
         loss = float(metrics["eval_loss"])
         self.reporter.eval(state.global_step, eval_loss=loss, perplexity=math.exp(loss))
 
@@ -144,8 +187,8 @@ def bf16_supported() -> bool:
 # Data -----------------------------------------------------------------------------------------
 
 
-def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[dict], list[dict]]:
-    """Tokenised training and held-out rows (seeded split of the file's rows)."""
+def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[dict], list[dict], list[dict]]:
+    """Tokenised training and held-out rows (seeded split of the file's rows), and the held-out rows as read."""
     if not tokenizer.chat_template:
         raise UserError(
             f"{spec.base_model} has no chat template, so it cannot be instruction-tuned here. "
@@ -161,10 +204,11 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             "its response. Raise the maximum length or shorten the instructions."
         )
     reporter.log(f"{len(train_rows)} training rows, {len(eval_rows)} validation rows.")
-    return train_rows, eval_rows
+    return train_rows, eval_rows, held_out
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path, fields: tuple[str, ...] = ("instruction", "response")) -> list[dict[str, str]]:
+    """The JSONL rows of `path`, each of which must hold text in every one of `fields`."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -173,8 +217,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"Line {number} of the dataset is not valid JSON: {exc.msg}.") from exc
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("instruction", "response")):
-            raise UserError(f"Line {number} of the dataset needs text fields instruction and response.")
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in fields):
+            names = ", ".join(fields[:-1]) + f" and {fields[-1]}"
+            raise UserError(f"Line {number} of the dataset needs text fields {names}.")
         rows.append(row)
     if not rows:
         raise UserError("The dataset has no rows.")
@@ -208,8 +253,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, reporter: Report
 
 def tokenize_example(row: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int]] | None:
     """input_ids and labels for one row (labels -100 on the prompt); None if no response fits."""
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    messages.append({"role": "user", "content": row["instruction"]})
+    messages = prompt_messages(row)
     # sanitize_control_tokens: a literal "<|im_end|>" typed in the data stays text.
     render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True)
     prompt = render(messages, add_generation_prompt=True)
@@ -219,6 +263,13 @@ def tokenize_example(row: dict[str, str], tokenizer, max_length: int) -> dict[st
     if prompt_length >= max_length:
         return None
     return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+
+
+def prompt_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    """The system and user turns of a row, before the assistant's reply."""
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    user = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+    return messages + [{"role": "user", "content": user}]
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -240,6 +291,35 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, to
         "attention_mask": torch.tensor([padded([1] * len(f["input_ids"]), 0) for f in features]),
         "labels": torch.tensor([padded(f["labels"], IGNORE_INDEX) for f in features]),
     }
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """Greedy replies (up to SAMPLE_NEW_TOKENS tokens) to each conversation, in one left-padded batch."""
+    if not conversations:
+        return []
+    prompts = [
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True
+        )
+        for messages in conversations
+    ]
+    width = max(len(prompt) for prompt in prompts)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16_supported()):
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=SAMPLE_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    model.train(was_training)
+    return [reply.strip() for reply in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
 
 def _raise_if_stopped(reporter: Reporter) -> None:

@@ -1,0 +1,252 @@
+"""The DPO recipe end to end on the tiny llama, plus its data handling and metrics."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.model_fixtures import number_word, write_jsonl
+from worker.errors import Cancelled, UserError
+from worker.events import Reporter
+from worker.recipes import dpo
+from worker.spec import TrainSpec
+
+
+def preference_rows(count: int = 64) -> list[dict[str, str]]:
+    """A preference the tiny llama picks up in a few steps: "seven!" over "seven?". The untouched
+    model's choice between the two depends on the word, so it starts near chance."""
+    rows = []
+    for n in range(count):
+        word = number_word(n)
+        row = {"prompt": f"Say {word}.", "chosen": f"{word}!", "rejected": f"{word}?"}
+        if n % 4 == 0:
+            row["system"] = "Answer with one word."
+        rows.append(row)
+    return rows
+
+
+def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
+    settings = dict(
+        task="dpo",
+        max_steps=12,
+        batch_size=8,
+        max_seq_length=64,
+        eval_every=6,
+        validation_fraction=0.25,
+        learning_rate=2e-2,
+    )
+    return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
+
+
+def train(spec: TrainSpec) -> dict:
+    reporter = Reporter()
+    result = dpo.run(spec, reporter)
+    return {"result": result, "events": reporter.events, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def dpo_jsonl(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "dpo.jsonl", preference_rows())
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama_dir, dpo_jsonl, tmp_path_factory):
+    return train(make_spec(tiny_llama_dir, dpo_jsonl, tmp_path_factory.mktemp("dpo-lora"), job_id=7))
+
+
+def evals(events: list[dict]) -> list[dict]:
+    return [event for event in events if event["kind"] == "eval"]
+
+
+def test_lora_dpo_learns_the_preference_from_a_chance_baseline(lora_run):
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    assert lora_run["result"]["primary_metric"] == "preference_accuracy"
+    assert 0.3 <= before["preference_accuracy"] <= 0.7, before
+    assert after["preference_accuracy"] >= 0.9, after
+    # At step 0 the model is its own reference: no reward, and DPO's loss is log 2.
+    assert before["reward_accuracy"] == 0 and before["reward_margin"] == 0
+    assert before["eval_loss"] == pytest.approx(math.log(2))
+    assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.5
+    assert after["eval_loss"] < before["eval_loss"] - 0.3
+    assert lora_run["result"]["steps"] == 12
+
+
+def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
+    events = lora_run["events"]
+    states = [event["state"] for event in events if event["kind"] == "state"]
+    assert states == ["preparing", "training", "evaluating", "exporting"]
+    kinds = [event["kind"] for event in events]
+    baseline = kinds.index("eval")
+    assert kinds.index("log") < kinds.index("params") < baseline < kinds.index("metric") < kinds.index("artifact")
+    assert events[baseline]["baseline"] is True and events[baseline + 1]["state"] == "training"
+    metrics = [event for event in events if event["kind"] == "metric"]
+    assert [event["step"] for event in metrics] == list(range(1, 13))
+    assert {"loss", "total_steps", "epoch", "learning_rate", "reward_accuracy", "reward_margin"} <= set(metrics[0])
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the first step starts from the reference
+    assert lora_run["result"]["train_loss"] == metrics[-1]["loss"]
+    held_out = evals(events)
+    assert [event["step"] for event in held_out] == [0, 6, 12]
+    assert held_out[-1]["final"] is True and "final" not in held_out[1]
+    final = {key: held_out[-1][key] for key in lora_run["result"]["metrics_after"]}
+    assert final == lora_run["result"]["metrics_after"]
+    log = next(event["message"] for event in events if event["kind"] == "log")
+    assert log == "48 training pairs, 16 validation pairs."
+
+
+def test_the_final_eval_carries_replies_before_and_after(lora_run):
+    samples = evals(lora_run["events"])[-1]["samples"]
+    assert samples == lora_run["result"]["samples"] and len(samples) == 3
+    assert all(set(sample) == {"instruction", "reference", "before", "after"} for sample in samples)
+    assert all(sample["instruction"].startswith("Say ") and sample["reference"].endswith("!") for sample in samples)
+    assert any(sample["before"] != sample["after"] for sample in samples)
+
+
+def test_the_artifact_is_an_adapter_with_tokenizer_spec_and_a_before_after_card(lora_run):
+    artifact = Path(lora_run["result"]["artifact_dir"])
+    names = {path.name for path in artifact.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_spec.json", "README.md"} <= names
+    assert "model.safetensors" not in names and "ref" not in names  # only the trained adapter
+    assert TrainSpec.from_json((artifact / "train_spec.json").read_text()) == lora_run["spec"]
+    card = (artifact / "README.md").read_text()
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    row = f"| preference_accuracy (held out) | {before['preference_accuracy']:.4f} → {after['preference_accuracy']:.4f} |"
+    assert row in card and "preference tuning (DPO" in card
+    assert 'PeftModel.from_pretrained(base, "specialist-job-7-adapter")' in card
+
+
+SCORE_IN_A_FRESH_PROCESS = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base_dir, adapter_dir, predictions_path = sys.argv[1:4]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+def answer_logp(messages, answer):
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], return_dict=False)
+    assert full[: len(prompt)] == prompt
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0, :-1]
+    logps = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
+    return logps[len(prompt) - 1 :].sum().item()
+
+scores = []
+for pair in json.load(open(predictions_path)):
+    messages = [{"role": "system", "content": pair["system"]}] if "system" in pair else []
+    messages.append({"role": "user", "content": pair["prompt"]})
+    scores.append([answer_logp(messages, pair["chosen"]), answer_logp(messages, pair["rejected"])])
+print(json.dumps(scores))
+"""
+
+
+def test_the_adapter_scores_the_held_out_pairs_the_same_in_a_fresh_process(lora_run):
+    predictions_path = Path(lora_run["spec"].output_dir) / "eval_predictions.json"
+    predictions = json.loads(predictions_path.read_text())
+    assert len(predictions) == 16 and sum(p["prefers_chosen"] for p in predictions) >= 15
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCORE_IN_A_FRESH_PROCESS,
+            lora_run["spec"].base_model,
+            lora_run["result"]["artifact_dir"],
+            str(predictions_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(done.stdout.splitlines()[-1])
+    for pair, (chosen_logp, rejected_logp) in zip(predictions, scores, strict=True):
+        assert chosen_logp == pytest.approx(pair["chosen_logp"], abs=1e-3)
+        assert rejected_logp == pytest.approx(pair["rejected_logp"], abs=1e-3)
+        assert pair["reward_chosen"] == pytest.approx(0.1 * (pair["chosen_logp"] - pair["reference_chosen_logp"]))
+
+
+def test_full_fine_tune_trains_against_a_frozen_copy_and_exports_the_model(tiny_llama_dir, dpo_jsonl, tmp_path):
+    spec = make_spec(tiny_llama_dir, dpo_jsonl, tmp_path / "out", method="full", learning_rate=5e-3, max_steps=3)
+    run = train(spec)
+    after = run["result"]["metrics_after"]
+    # Rewards move only if the reference stayed where the policy started.
+    assert after["reward_margin"] > 0 and after["reward_accuracy"] >= 0.9, after
+    names = {path.name for path in Path(run["result"]["artifact_dir"]).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert "adapter_config.json" not in names
+
+
+def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, dpo_jsonl, tmp_path):
+    class StopAfterTwoSteps(Reporter):
+        def metric(self, step, **values):
+            super().metric(step, **values)
+            if step == 2:
+                self.stop_requested.set()
+
+    reporter = StopAfterTwoSteps()
+    with pytest.raises(Cancelled):
+        dpo.run(make_spec(tiny_llama_dir, dpo_jsonl, tmp_path / "out"), reporter)
+    assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_it_refuses_a_base_without_a_chat_template(tiny_llama_dir, dpo_jsonl, tmp_path):
+    plain = shutil.copytree(tiny_llama_dir, tmp_path / "plain-llama")
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no chat template"):
+        dpo.run(make_spec(plain, dpo_jsonl, tmp_path / "out"), Reporter())
+
+
+def test_it_refuses_an_encoder_as_base(tiny_bert_dir, dpo_jsonl, tmp_path):
+    with pytest.raises(UserError, match="not a text-generating"):
+        dpo.run(make_spec(tiny_bert_dir, dpo_jsonl, tmp_path / "out"), Reporter())
+
+
+def test_it_refuses_rows_without_a_rejected_answer(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Say one.", "chosen": "one!"}])
+    with pytest.raises(UserError, match="Line 1 of the dataset needs text fields prompt, chosen and rejected"):
+        dpo.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
+
+
+def test_pairs_split_into_prompt_and_answers_at_the_assistant_turn(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    row = {"system": "Be brief.", "prompt": "Say three.", "chosen": "three!", "rejected": "three?"}
+    ids = dpo.tokenize_pair(row, tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say three."}]
+    assert ids["prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert tokenizer.decode(ids["chosen"]) == "three!<|im_end|>\n"
+    assert tokenizer.decode(ids["rejected"]) == "three?<|im_end|>\n"
+
+
+def test_pairs_whose_prompt_fills_the_length_are_skipped_and_reported(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = preference_rows(4) + [{"prompt": "word " * 100, "chosen": "a", "rejected": "b"}]
+    reporter = Reporter()
+    kept = dpo.tokenize_pairs(rows, tokenizer, 64, reporter, "training")
+    assert [row for row, _ in kept] == rows[:4]
+    assert reporter.events[-1]["message"].startswith("Skipped 1 of 5 training pairs")
+
+
+def test_preference_accuracy_compares_the_mean_log_probability_per_token():
+    # Pair 1: chosen is 2 tokens at -1 each, rejected 10 tokens at -0.5 each: a lower sum, but the
+    # rejected answer is more probable per token, so the model does not prefer the chosen one.
+    # Pair 2: chosen -0.2 per token against -1 per token.
+    scores = torch.tensor([[[-2.0, 2], [-5.0, 10]], [[-0.6, 3], [-3.0, 3]]])
+    reference = torch.tensor([[[-3.0, 2], [-5.0, 10]], [[-0.6, 3], [-2.0, 3]]])
+    metrics = dpo.preference_metrics(scores, reference, beta=0.5)
+    assert metrics["preference_accuracy"] == 0.5
+    margins = torch.tensor([0.5 * 1.0 - 0.0, 0.0 - 0.5 * -1.0])
+    assert metrics["reward_accuracy"] == 1.0
+    assert metrics["reward_margin"] == pytest.approx(margins.mean().item())
+    assert metrics["eval_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item())

@@ -1,0 +1,166 @@
+"""Fault injection with real processes: duplicate deliveries, cancels across restarts, jobs
+that fail, and Redis going away mid-training. One stack on a private redis-server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import celery
+import pytest
+import redis
+
+from tests.sse_client import read_events
+from tests.stack import free_port, metric_steps, running_stack, states
+
+pytestmark = pytest.mark.slow
+
+
+class PrivateRedis:
+    def __init__(self, directory):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)], stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory):
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory, private_redis):
+    with running_stack(tmp_path_factory.mktemp("faults"), private_redis.url, SPECIALIST_HEARTBEAT_SECONDS="1") as stack:
+        stack.create_user("faults")
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def http(fault_stack):
+    return fault_stack.session("faults")
+
+
+@pytest.fixture(scope="module")
+def dataset_id(fault_stack, http, sft_jsonl):
+    return fault_stack.upload_dataset(http, sft_jsonl)
+
+
+def duplicate_message(stack, job_id):
+    app = celery.Celery(broker=stack.env["REDIS_URL"])
+    app.send_task("worker.tasks.train_job", args=[job_id], queue="train")
+
+
+def test_a_message_delivered_twice_to_two_workers_trains_once(fault_stack, http, dataset_id, tiny_llama_dir):
+    fault_stack.start_worker("second")
+    try:
+        job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=40)
+        duplicate_message(fault_stack, job_id)
+        job = fault_stack.wait_for(job_id, lambda j: j["state"] == "succeeded", what="succeeded")
+        assert states(job).count("preparing") == 1 and job["attempts"] == 1
+        assert metric_steps(job) == list(range(1, 41))
+        logs = fault_stack.log_tail("worker", 400) + fault_stack.log_tail("second", 400)
+        deadline = time.monotonic() + 30
+        while f"job {job_id} is" not in logs and time.monotonic() < deadline:
+            time.sleep(0.5)
+            logs = fault_stack.log_tail("worker", 400) + fault_stack.log_tail("second", 400)
+        assert f"job {job_id} is" in logs and "not ours to run" in logs
+    finally:
+        fault_stack.stop("second")
+
+
+def test_cancelled_jobs_stay_cancelled_across_worker_restarts(fault_stack, http, dataset_id, tiny_llama_dir):
+    running = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=5000)
+    queued = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=12)
+    fault_stack.wait_for(running, lambda j: len(metric_steps(j)) >= 2, what="training")
+    fault_stack.post(http, f"/jobs/{queued}/cancel/")
+    fault_stack.post(http, f"/jobs/{running}/cancel/")
+
+    time.sleep(4)  # the worker notices within a heartbeat and stops after the current step
+    steps_after_cancel = len(metric_steps(fault_stack.job(running)))
+    time.sleep(3)
+    assert len(metric_steps(fault_stack.job(running))) == steps_after_cancel, "training went on after the cancel"
+
+    fault_stack.stop("worker")
+    fault_stack.start_worker()
+    duplicate_message(fault_stack, queued)
+    time.sleep(8)
+    for job_id in (running, queued):
+        job = fault_stack.job(job_id)
+        assert job["state"] == "cancelled", job
+    assert "preparing" not in states(fault_stack.job(queued))
+    assert len(metric_steps(fault_stack.job(running))) == steps_after_cancel
+
+
+def test_a_job_with_bad_data_fails_with_its_message_and_the_next_job_runs(
+    fault_stack, http, dataset_id, tiny_llama_dir, sft_jsonl, tmp_path
+):
+    broken = tmp_path / "late.jsonl"
+    broken.write_text(sft_jsonl.read_text())
+    broken_id = fault_stack.upload_dataset(http, broken)
+    rows = max((fault_stack.media_root / "datasets").glob("*/rows.jsonl"), key=lambda p: p.stat().st_mtime)
+    rows.write_text(rows.read_text() + '{"instruction": "cut off\n')  # the file went bad after upload
+
+    bad = fault_stack.submit_job(http, broken_id, tiny_llama_dir)
+    good = fault_stack.submit_job(http, dataset_id, tiny_llama_dir)
+    job = fault_stack.wait_for(bad, lambda j: j["state"] == "failed", what="failed")
+    assert "Line 65" in job["message"] and "not valid JSON" in job["message"]
+    assert fault_stack.wait_for(good, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+
+
+def test_an_out_of_memory_job_fails_with_a_hint_and_the_next_job_runs(fault_stack, http, dataset_id, tiny_llama_dir):
+    from webapp.jobs.management.commands.serve import train_worker_command
+
+    fault_stack.stop("worker")
+    command = [sys.executable, "tests/oom_worker.py", *train_worker_command(sys.executable, "oom")[5:]]
+    fault_stack.start_worker("oom", command)
+    try:
+        first = fault_stack.submit_job(http, dataset_id, tiny_llama_dir)
+        second = fault_stack.submit_job(http, dataset_id, tiny_llama_dir)
+        job = fault_stack.wait_for(first, lambda j: j["state"] == "failed", what="failed")
+        assert "ran out of memory" in job["message"] and "batch size" in job["message"]
+        assert "Traceback" not in job["message"]
+        assert fault_stack.wait_for(second, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+    finally:
+        fault_stack.stop("oom")
+        fault_stack.start_worker()
+
+
+def test_redis_restarting_mid_training_loses_no_event(fault_stack, http, dataset_id, tiny_llama_dir, private_redis):
+    job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=150)
+    received = []
+    follower = threading.Thread(
+        target=lambda: received.extend(read_events(http, f"{fault_stack.base_url}/jobs/{job_id}/events/", timeout=300))
+    )
+    follower.start()
+    fault_stack.wait_for(job_id, lambda j: len(metric_steps(j)) >= 3, what="training")
+    private_redis.stop()
+    time.sleep(3)
+    private_redis.start()
+    follower.join(timeout=300)
+    job = fault_stack.wait_for(job_id, lambda j: j["state"] == "succeeded", timeout=60, what="succeeded")
+    assert metric_steps(job) == list(range(1, 151))
+    assert received == job["events"], "the live page missed or repeated events across the Redis restart"

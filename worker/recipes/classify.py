@@ -1,0 +1,337 @@
+"""Text classification and text-pair classification: one label for a text, or for a pair of texts.
+
+setup → train → save, on transformers' Trainer.
+
+- Data: JSONL rows {"text", "label"} (task classify) or {"text_a", "text_b", "label"} (task pair:
+  a claim and its context, a premise and a hypothesis, ...). The labels are the distinct values
+  of the label column (surrounding spaces trimmed), sorted; the saved config names them.
+- Model: AutoModelForSequenceClassification on the base, with a new head. Encoders (BERT) read
+  the pooled first token, decoders (llama) the last token. A pair is encoded the tokenizer's
+  way (BERT: [CLS] a [SEP] b [SEP]), exactly as a transformers pipeline encodes
+  {"text": a, "text_pair": b}; a decoder's tokenizer simply joins the two texts.
+- Methods: full (every weight), head (the base stays frozen, only the head learns), lora
+  (adapters plus the head, merged into the weights at export: the artifact is a plain
+  classifier either way).
+- Split: stratified by label and seeded, so every label keeps its share of held-out rows.
+- Held-out metrics at step 0 (the untouched model), every eval_every steps and at the end:
+  accuracy (the primary metric), macro F1, the confusion matrix (rows: true label, columns:
+  predicted), the cross-entropy loss, and with exactly two labels the F1 of the positive label
+  and AUROC. The positive label is the one that reads as "yes" (see POSITIVE_NAMES) when
+  exactly one does, else the second in sorted order.
+- Evaluation runs in fp32 without autocast, so eval_predictions.json holds what the exported
+  model predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from worker.artifacts import artifact_name, write_card_and_spec
+from worker.errors import Cancelled, UserError
+from worker.events import Reporter
+from worker.models import apply_method, load_sequence_classifier
+from worker.params import census
+from worker.recipes.sft import bf16_supported
+from worker.spec import TrainSpec
+
+FIELDS = {"classify": ("text", "label"), "pair": ("text_a", "text_b", "label")}
+POSITIVE_NAMES = {"yes", "true", "1", "positive", "supported", "entailment", "entailed", "faithful", "relevant", "correct"}
+PRIMARY_METRIC = "accuracy"
+
+
+def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
+    # Setup: data, base model with a new head, method.
+    reporter.state("preparing")
+    set_seed(spec.seed)
+    rows = read_rows(Path(spec.dataset_path), FIELDS[spec.task])
+    labels = label_names(rows)
+    train_rows, held_out = stratified_split(rows, spec.validation_fraction, spec.seed)
+    reporter.log(
+        f"{len(train_rows)} training rows, {len(held_out)} validation rows; "
+        f"{len(labels)} labels: {', '.join(labels)}."
+    )
+    model, tokenizer = load_sequence_classifier(spec, labels)
+    max_length = min(spec.max_seq_length, getattr(model.config, "max_position_embeddings", None) or spec.max_seq_length)
+    label_ids = {label: index for index, label in enumerate(labels)}
+    encode = partial(encode_row, tokenizer=tokenizer, label_ids=label_ids, max_length=max_length, task=spec.task)
+    train_examples, eval_examples = [encode(row) for row in train_rows], [encode(row) for row in held_out]
+    model = apply_method(model, spec)
+    reporter.params(census(model, spec))
+    collate = DataCollatorWithPadding(tokenizer)
+    evaluate = partial(evaluate_rows, model, eval_examples, collate, labels, spec.batch_size)
+    progress = ReportProgress(reporter, evaluate if eval_examples else None, spec.eval_every)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec),
+        train_dataset=train_examples,
+        data_collator=collate,
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
+
+    # The untouched model on the held-out rows, then train.
+    before, confusion_before = {}, None
+    if eval_examples:
+        before, confusion_before, _ = evaluate()
+        reporter.eval(0, baseline=True, **before, confusion=confusion_before)
+    else:
+        reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
+    _raise_if_stopped(reporter)
+    trainer.train()
+    _raise_if_stopped(reporter)
+    step = trainer.state.global_step
+    after, confusion_after, probabilities = {}, None, []
+    if eval_examples:
+        reporter.state("evaluating")
+        after, confusion_after, probabilities = evaluate()
+        reporter.eval(step, final=True, **after, confusion=confusion_after)
+    write_predictions(Path(spec.output_dir) / "eval_predictions.json", held_out, labels, probabilities)
+
+    # Save.
+    reporter.state("exporting")
+    metrics = {"train_loss": progress.last_loss, "steps": step, "metrics_before": before, "metrics_after": after}
+    artifact_dir = export(model, tokenizer, spec, metrics, labels, max_length, Path(spec.output_dir) / "final")
+    reporter.artifact(str(artifact_dir), method=spec.method, train_loss=progress.last_loss, steps=step, **after)
+    return {
+        **metrics,
+        "artifact_dir": str(artifact_dir),
+        "primary_metric": PRIMARY_METRIC,
+        "confusion_before": confusion_before,
+        "confusion_after": confusion_after,
+        "labels": labels,
+    }
+
+
+class ReportProgress(TrainerCallback):
+    """Trainer events → reporter events, with the held-out metrics every `eval_every` steps; a
+    requested stop ends training after the current step."""
+
+    def __init__(self, reporter: Reporter, evaluate, eval_every: int):
+        self.reporter = reporter
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.last_loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.reporter.state("training")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+            values = {key: float(logs[key]) for key in ("learning_rate", "grad_norm") if key in logs}
+            self.reporter.metric(
+                state.global_step,
+                loss=self.last_loss,
+                total_steps=state.max_steps,
+                epoch=round(float(state.epoch or 0), 4),
+                **values,
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reporter.stop_requested.is_set():
+            control.should_training_stop = True
+        last = control.should_training_stop or state.global_step >= state.max_steps
+        if self.evaluate and state.global_step % self.eval_every == 0 and not last:
+            metrics, confusion, _ = self.evaluate()  # the recipe evaluates the last step itself
+            self.reporter.eval(state.global_step, **metrics, confusion=confusion)
+
+
+def training_arguments(spec: TrainSpec) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=spec.output_dir,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0.05,  # a ratio of the total steps when below 1
+        max_steps=spec.max_steps or -1,
+        num_train_epochs=spec.epochs,
+        logging_steps=1,
+        eval_strategy="no",  # the callback evaluates: accuracy and friends, not only the loss
+        save_strategy="no",
+        report_to="none",
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+
+
+# Data -----------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """The dataset's rows with their `fields` (all text); labels trimmed of surrounding spaces."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"Line {number} of the dataset is not valid JSON: {exc.msg}.") from exc
+        if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in fields):
+            raise UserError(f"Line {number} of the dataset needs text fields {', '.join(fields)}.")
+        rows.append({name: row[name] for name in fields} | {"label": row["label"].strip()})
+    if not rows:
+        raise UserError("The dataset has no rows.")
+    return rows
+
+
+def label_names(rows: list[dict[str, str]]) -> list[str]:
+    labels = sorted({row["label"] for row in rows})
+    if len(labels) < 2:
+        raise UserError(f"The label column has only one class ({labels[0]!r}); a classifier needs at least two.")
+    return labels
+
+
+def stratified_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): round(fraction · rows) rows held out (at least one), shared among the
+    labels in proportion to their size (largest remainders first), every label keeping at least
+    one training row; which rows of a label are held out is a seeded shuffle."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_label[row["label"]].append(index)
+    if fraction <= 0:
+        return rows, []
+    shares = {label: fraction * len(indices) for label, indices in by_label.items()}
+    counts = {label: min(int(share), len(by_label[label]) - 1) for label, share in shares.items()}
+    missing = max(1, round(fraction * len(rows))) - sum(counts.values())
+    for label in sorted(by_label, key=lambda name: (int(shares[name]) - shares[name], name)):
+        if missing > 0 and counts[label] < len(by_label[label]) - 1:
+            counts[label] += 1
+            missing -= 1
+    rng = random.Random(seed)
+    held_out: set[int] = set()
+    for label in sorted(by_label):
+        indices = by_label[label]
+        rng.shuffle(indices)
+        held_out.update(indices[: counts[label]])
+    return (
+        [row for i, row in enumerate(rows) if i not in held_out],
+        [row for i, row in enumerate(rows) if i in held_out],
+    )
+
+
+def encode_row(row: dict[str, str], tokenizer, label_ids: dict[str, int], max_length: int, task: str) -> dict:
+    """Token ids (the pipeline's encoding, truncated to max_length) and the label's index."""
+    texts = (row["text_a"], row["text_b"]) if task == "pair" else (row["text"],)
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+    return {**encoded, "labels": label_ids[row["label"]]}
+
+
+# Evaluation -----------------------------------------------------------------------------------
+
+
+def evaluate_rows(model, examples: list[dict], collate, labels: list[str], batch_size: int):
+    """(metrics, confusion, probabilities) of `model` on the encoded held-out `examples`."""
+    probabilities, loss = predict(model, examples, collate, batch_size)
+    gold = [example["labels"] for example in examples]
+    metrics, confusion = classification_metrics(probabilities, gold, labels)
+    return {**metrics, "eval_loss": loss}, confusion, probabilities
+
+
+@torch.no_grad()
+def predict(model, examples: list[dict], collate, batch_size: int) -> tuple[torch.Tensor, float]:
+    """Class probabilities (fp32, dropout off) and the mean cross-entropy loss."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities, loss = [], 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
+        gold = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss += torch.nn.functional.cross_entropy(logits, gold, reduction="sum").item()
+        probabilities.append(logits.softmax(-1).cpu())
+    model.train(was_training)
+    return torch.cat(probabilities), loss / len(examples)
+
+
+def classification_metrics(probabilities: torch.Tensor, gold: list[int], labels: list[str]) -> tuple[dict, dict]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    predicted = probabilities.argmax(-1).tolist()
+    metrics = {
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
+    }
+    if len(labels) == 2:
+        positive = positive_label(labels)
+        metrics["f1"] = float(f1_score(gold, predicted, pos_label=positive, average="binary", zero_division=0))
+        if len(set(gold)) == 2:  # AUROC needs both labels among the held-out rows
+            truth = [label == positive for label in gold]
+            metrics["auroc"] = float(roc_auc_score(truth, probabilities[:, positive].numpy()))
+    matrix = confusion_matrix(gold, predicted, labels=list(range(len(labels)))).tolist()
+    return metrics, {"labels": labels, "matrix": matrix}
+
+
+def positive_label(labels: list[str]) -> int:
+    """Index of the positive one of two sorted labels: the one that reads as "yes" when exactly
+    one does (supported / unsupported → supported), else the second (0 / 1 → 1)."""
+    yes = [index for index, label in enumerate(labels) if label.lower() in POSITIVE_NAMES]
+    return yes[0] if len(yes) == 1 else 1
+
+
+def write_predictions(path: Path, rows: list[dict], labels: list[str], probabilities) -> None:
+    """The held-out rows with the final model's label and probability per label."""
+    predictions = [
+        {**row, "predicted": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist(), strict=True))}
+        for row, p in zip(rows, probabilities, strict=True)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(predictions, indent=1) + "\n")
+
+
+# Export ---------------------------------------------------------------------------------------
+
+
+def export(model, tokenizer, spec: TrainSpec, metrics: dict, labels: list[str], max_length: int, out_dir: Path) -> Path:
+    """The whole classifier (LoRA merged in), its tokenizer, the spec and the card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.method == "lora":
+        model = model.merge_and_unload()  # a plain classifier: users load it without peft
+    model.save_pretrained(out_dir)  # config.json (with the label names) + model.safetensors
+    tokenizer.model_max_length = max_length  # what truncation=True cuts to, as in training
+    tokenizer.save_pretrained(out_dir)
+    write_card_and_spec(out_dir, spec, {**metrics, "library": "transformers"}, usage(spec, labels))
+    return out_dir
+
+
+def usage(spec: TrainSpec, labels: list[str]) -> str:
+    folder = artifact_name(spec)
+    text = '{"text": "First text", "text_pair": "Second text"}' if spec.task == "pair" else '"Your text here"'
+    notes = {
+        "lora": f"Trained with LoRA (rank {spec.lora_r}{', DoRA' if spec.use_dora else ''}); the adapters "
+        "are merged into the weights, so this folder is a complete model and needs no peft.",
+        "head": "Only the classification head was trained; the rest of the model is the unchanged base.",
+        "full": "Every weight was fine-tuned.",
+    }
+    return f"""```python
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{folder}")  # this folder, unzipped
+print(classifier({text}, truncation=True))  # the most likely label and its probability
+print(classifier({text}, truncation=True, top_k=None))  # every label with its probability
+```
+
+Labels: {", ".join(f"`{label}`" for label in labels)}. {notes[spec.method]}"""
+
+
+def _raise_if_stopped(reporter: Reporter) -> None:
+    if reporter.stop_requested.is_set():
+        raise Cancelled("Training was stopped on request.")
