@@ -77,6 +77,10 @@ class TrainSpec:
     """Share of rows held out for the validation loss (seeded, stable split)."""
     eval_every: int = 10
     """Evaluate the validation loss every this many steps (and at the end)."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (a requeued job resumes from it)."""
+    checkpoint_minutes: float = 10.0
+    """...and at least this often, whatever the step count."""
     seed: int = 42
     """Seed for the split, the adapter initialisation and data order."""
     dataset_name: str = ""
@@ -119,6 +123,9 @@ class TrainSpec:
         if not 0 <= self.validation_fraction < 1:
             raise SpecError("validation_fraction", "must be at least 0 and below 1")
         _at_least("eval_every", self.eval_every, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 1)
+        if not self.checkpoint_minutes > 0:
+            raise SpecError("checkpoint_minutes", "must be greater than 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,6 +61,9 @@ class JobRunner:
             log.info("job %s is %s and not ours to run; nothing to do", self.job.id, self.job.state)
             self.reporter.close()
             return
+        # A requeued job resumes from its last checkpoint and replays the steps after it; the
+        # chart already has those points, so they are not recorded twice.
+        self.recorded_until = self.job.step
         heartbeat = threading.Thread(target=self._keep_lease, name="heartbeat", daemon=True)
         heartbeat.start()
         try:
@@ -107,6 +110,8 @@ class JobRunner:
         """The Reporter's sink: state events become transitions, the rest are appended."""
         pending: list[dict[str, Any]] = []
         for event in events:
+            if event["kind"] in ("metric", "eval") and self.recorded_until and event["step"] <= self.recorded_until:
+                continue
             if event["kind"] != "state":
                 pending.append(event)
                 continue

@@ -220,11 +220,14 @@ def retrieval_task(rows: list[dict]) -> tuple[list[str], list[str], list[set[int
 
 def retrieval_metrics(relevant: list[set[int]], rankings: list[list[tuple[int, float]]]) -> dict[str, float]:
     """recall@1, recall@10 and MRR@10 averaged over the queries (see the module docstring)."""
+    def recall(positives: set[int], ranked: list[int], k: int) -> float:
+        return len(positives & set(ranked[:k])) / min(k, len(positives))
+
     recall_1, recall_10, mrr = [], [], []
     for positives, ranking in zip(relevant, rankings, strict=True):
         ranked = [index for index, _ in ranking[:CUTOFF]]
-        recall_1.append(len(positives & set(ranked[:1])) / min(1, len(positives)))
-        recall_10.append(len(positives & set(ranked)) / min(CUTOFF, len(positives)))
+        recall_1.append(recall(positives, ranked, 1))
+        recall_10.append(recall(positives, ranked, CUTOFF))
         mrr.append(next((1 / rank for rank, index in enumerate(ranked, start=1) if index in positives), 0.0))
     count = len(relevant)
     return {"recall@1": sum(recall_1) / count, "recall@10": sum(recall_10) / count, "mrr@10": sum(mrr) / count}
@@ -279,9 +282,12 @@ def training_dataset(rows: list[dict], seed: int) -> Dataset:
 
 
 def borrowed_negative(row: dict, rows: list[dict], rng: random.Random) -> str:
-    """The positive of a row of another query (the row itself when there is no other query)."""
-    others = [other["positive"] for other in rows if other["query"] != row["query"]]
-    return rng.choice(others) if others else row["positive"]
+    """The positive of a random row of another query (a few draws; rows of one query are rare)."""
+    for _ in range(20):
+        other = rng.choice(rows)
+        if other["query"] != row["query"]:
+            break
+    return other["positive"]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+from worker.checkpoints import is_signed, latest_checkpoint, prune, sign
+
+
+def make_checkpoint(root: Path, step: int, content: bytes = b"weights") -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(content)
+    (folder / "optimizer.pt").write_bytes(b"optimizer " + content)
+    return folder
+
+
+def test_the_newest_signed_checkpoint_is_resumed(tmp_path):
+    for step in (10, 20):
+        sign(make_checkpoint(tmp_path, step), eval_loss=None)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+
+
+def test_a_planted_checkpoint_is_never_resumed(tmp_path):
+    sign(make_checkpoint(tmp_path, 10), eval_loss=None)
+    make_checkpoint(tmp_path, 30, content=b"a pickle someone put here")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+def test_a_tampered_checkpoint_fails_its_signature(tmp_path):
+    folder = make_checkpoint(tmp_path, 10)
+    sign(folder, eval_loss=1.0)
+    (folder / "optimizer.pt").write_bytes(b"replaced")
+    assert not is_signed(folder)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_signature_made_with_another_key_is_refused(tmp_path, monkeypatch):
+    folder = make_checkpoint(tmp_path, 10)
+    monkeypatch.setenv("SECRET_KEY", "another server")
+    sign(folder, eval_loss=None)
+    monkeypatch.setenv("SECRET_KEY", "this server")
+    assert not is_signed(folder)
+
+
+def test_pruning_keeps_the_last_and_the_best(tmp_path):
+    for step, loss in ((10, 2.0), (20, 0.5), (30, 1.0), (40, 1.5)):
+        sign(make_checkpoint(tmp_path, step), eval_loss=loss)
+    prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40"]
