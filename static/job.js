@@ -73,10 +73,93 @@
     setProgress(ev.step, ev.total_steps, eta);
   }
 
+  // Held-out evaluations: eval_loss joins the loss chart; every other number gets a line on
+  // the metrics chart; the baseline (step 0) and the final evaluation fill the before/after
+  // table; classifiers bring a confusion matrix, instruction tuning a few generations.
+  const NOT_METRICS = ["kind", "step", "t", "seq", "baseline", "final", "confusion", "samples", "eval_loss", "perplexity"];
+  const metricTraces = {};
+  const comparison = { before: null, after: null };
+
   function onEval(ev) {
-    if (ev.eval_loss === undefined) return;
-    Plotly.extendTraces(chart, { x: [[ev.step]], y: [[ev.eval_loss]] }, [1]);
-    state.evalPoints += 1;
+    if (ev.eval_loss !== undefined) {
+      Plotly.extendTraces(chart, { x: [[ev.step]], y: [[ev.eval_loss]] }, [1]);
+      state.evalPoints += 1;
+    }
+    const names = Object.keys(ev).filter((k) => !NOT_METRICS.includes(k) && typeof ev[k] === "number");
+    names.forEach((name) => plotMetric(name, ev.step, ev[name]));
+    if (ev.baseline) comparison.before = ev;
+    if (ev.final) comparison.after = ev;
+    if (ev.baseline || ev.final) drawComparison();
+    if (ev.confusion) drawConfusion(ev.confusion, ev.final ? "after training" : ev.baseline ? "before training" : `step ${ev.step}`);
+    if (ev.samples) drawSamples(ev.samples);
+  }
+
+  function plotMetric(name, step, value) {
+    const plot = document.getElementById("metrics-chart");
+    document.getElementById("metrics-panel").classList.remove("hidden");
+    if (!(name in metricTraces)) {
+      metricTraces[name] = Object.keys(metricTraces).length;
+      const trace = { name, x: [step], y: [value], mode: "lines+markers" };
+      if (metricTraces[name] === 0) {
+        Plotly.newPlot(plot, [trace], { margin: { t: 10, r: 10, b: 40, l: 50 }, height: 280,
+          xaxis: { title: { text: "step" } }, legend: { orientation: "h", y: -0.25 } },
+          { displaylogo: false, responsive: true });
+      } else {
+        Plotly.addTraces(plot, trace);
+      }
+      return;
+    }
+    Plotly.extendTraces(plot, { x: [[step]], y: [[value]] }, [metricTraces[name]]);
+  }
+
+  function metricValues(ev) {
+    const values = {};
+    if (!ev) return values;
+    Object.keys(ev).filter((k) => !["kind", "step", "t", "seq", "baseline", "final"].includes(k) && typeof ev[k] === "number")
+      .forEach((k) => (values[k] = ev[k]));
+    return values;
+  }
+
+  function drawComparison() {
+    const before = metricValues(comparison.before);
+    const after = metricValues(comparison.after);
+    const names = [...new Set([...Object.keys(before), ...Object.keys(after)])];
+    const cell = (v) => (v === undefined ? "—" : Number(v).toFixed(4));
+    let html = "<table class='list'><thead><tr><th>Held-out metric</th><th class='num'>Base (step 0)</th>" +
+      "<th class='num'>Fine-tuned</th><th class='num'>Change</th></tr></thead><tbody>";
+    for (const name of names) {
+      const change = before[name] !== undefined && after[name] !== undefined ? after[name] - before[name] : undefined;
+      html += `<tr><td>${name}</td><td class="num">${cell(before[name])}</td><td class="num">${cell(after[name])}</td>` +
+        `<td class="num">${change === undefined ? "—" : (change >= 0 ? "+" : "") + change.toFixed(4)}</td></tr>`;
+    }
+    const panel = document.getElementById("comparison");
+    panel.querySelector(".content").innerHTML = html + "</tbody></table>";
+    panel.classList.remove("hidden");
+  }
+
+  function drawConfusion(confusion, when) {
+    const panel = document.getElementById("confusion");
+    panel.classList.remove("hidden");
+    panel.querySelector("h2").textContent = `Confusion matrix (${when})`;
+    Plotly.newPlot(panel.querySelector(".plot"), [{
+      type: "heatmap", z: confusion.matrix, x: confusion.labels, y: confusion.labels, colorscale: "Blues",
+      hovertemplate: "true %{y}<br>predicted %{x}<br>%{z} rows<extra></extra>",
+    }], { margin: { t: 10, r: 10, b: 60, l: 90 }, height: 320, xaxis: { title: { text: "predicted" } },
+          yaxis: { title: { text: "true" }, autorange: "reversed" } }, { displaylogo: false, responsive: true });
+  }
+
+  function drawSamples(samples) {
+    const panel = document.getElementById("samples");
+    panel.classList.remove("hidden");
+    const table = document.createElement("table");
+    table.className = "list";
+    table.innerHTML = "<thead><tr><th>Held-out prompt</th><th>Reference</th><th>Base model</th><th>Fine-tuned</th></tr></thead>";
+    const body = table.createTBody();
+    for (const sample of samples) {
+      const row = body.insertRow();
+      for (const key of ["instruction", "reference", "before", "after"]) row.insertCell().textContent = sample[key] ?? "";
+    }
+    panel.querySelector(".content").replaceChildren(table);
   }
 
   function onParams(ev) {

@@ -1,23 +1,52 @@
-// The new-job form: show only the fields that apply to the chosen base model and method.
+// The new-job form: the dataset decides the task; show only the fields that apply, and
+// suggest the settings that work for that task and method unless the user typed their own.
 (function () {
   "use strict";
   const form = document.getElementById("job-form");
   if (!form) return;
-  const base = form.querySelector("[name=base_model]");
-  const lr = form.querySelector("[name=learning_rate]");
-  function sync() {
-    const method = form.querySelector("[name=method]:checked").value;
-    document.getElementById("lora-fields").hidden = method !== "lora";
-    document.getElementById("custom-base").hidden = base.value !== "custom";
-  }
-  form.querySelectorAll("[name=method]").forEach((radio) =>
-    radio.addEventListener("change", () => {
-      // Full fine-tunes diverge at LoRA's learning rate: offer the usual one unless edited.
-      if (!lr.dataset.edited) lr.value = radio.value === "full" ? "5e-05" : "0.002";
-      sync();
-    })
+  const datasetTasks = JSON.parse(document.getElementById("dataset-tasks").textContent);
+  const suggested = JSON.parse(document.getElementById("suggested").textContent);
+  const taskNames = JSON.parse(document.getElementById("task-names").textContent);
+  const field = (name) => form.querySelector(`[name=${name}]`);
+  const base = field("base_model");
+  const edited = new Set();
+  ["learning_rate", "max_steps", "batch_size", "max_seq_length", "base_model"].forEach((name) =>
+    field(name).addEventListener("input", () => edited.add(name))
   );
-  lr.addEventListener("input", () => (lr.dataset.edited = "1"));
+
+  const task = () => datasetTasks[field("dataset").value] || "sft";
+  const method = () => form.querySelector("[name=method]:checked").value;
+
+  function suggest(name, value) {
+    if (value !== undefined && !edited.has(name)) field(name).value = value;
+  }
+
+  function applySuggestions() {
+    const s = suggested[task()] || {};
+    suggest("base_model", s.base_model);
+    suggest("learning_rate", s[method()]);
+    ["max_steps", "batch_size", "max_seq_length"].forEach((name) => suggest(name, s[name]));
+  }
+
+  function sync() {
+    const t = task();
+    const headInput = form.querySelector("[name=method][value=head]");
+    const headAllowed = ["classify", "pair", "rerank"].includes(t);
+    headInput.closest("label, div").hidden = !headAllowed;
+    if (!headAllowed && headInput.checked) form.querySelector("[name=method][value=lora]").checked = true;
+    document.getElementById("lora-fields").hidden = method() !== "lora";
+    document.getElementById("custom-base").hidden = base.value !== "custom";
+    document.getElementById("dpo-fields").hidden = t !== "dpo";
+    const info = taskNames[t];
+    document.getElementById("task-description").textContent = info ? `Task: ${info.name} (${info.row})` : "";
+  }
+
+  field("dataset").addEventListener("change", () => { applySuggestions(); sync(); });
+  form.querySelectorAll("[name=method]").forEach((radio) =>
+    radio.addEventListener("change", () => { applySuggestions(); sync(); })
+  );
   base.addEventListener("change", sync);
+  const cloned = new URLSearchParams(window.location.search).has("from");
+  if (!form.querySelector(".has-error") && !cloned) applySuggestions();
   sync();
 })();

@@ -29,7 +29,7 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
     found = []
     for pattern in get_resolver().url_patterns:
         for inner in getattr(pattern, "url_patterns", [pattern]):
-            if not isinstance(inner, URLPattern) or not inner.pattern.converters:
+            if not isinstance(inner, URLPattern) or not any(n.endswith("_id") for n in inner.pattern.converters):
                 continue
             kwargs = {name: objects[name] for name in inner.pattern.converters}
             found.append((inner.name, "/" + str(inner.pattern).replace("<int:job_id>", str(kwargs.get("job_id")))

@@ -1,13 +1,17 @@
+import json
+
 from django.conf import settings
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.core.files.base import ContentFile
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from webapp.datasets.forms import UploadForm
-from webapp.datasets.models import Dataset
-from webapp.datasets.parsing import parse_dataset
+from webapp.datasets.models import Dataset, DatasetRejected
+from webapp.datasets.tasks import TASKS, sample_rows
 
 
 def _datasets_for_user(user):
@@ -36,36 +40,28 @@ def upload(request: HttpRequest) -> HttpResponse:
 
 def _store_and_parse(request: HttpRequest, form: UploadForm) -> Dataset | None:
     """Keep the upload only if it yields usable rows; otherwise explain why on the form."""
-    upload = form.cleaned_data["file"]
-    dataset = Dataset(
-        owner=request.user, task=form.cleaned_data["task"], original_name=upload.name[:255],
-        name=form.cleaned_data["name"] or upload.name[:200], size_bytes=upload.size,
-    )
-    dataset.original.save(upload.name, upload, save=False)
-    dataset.rows_path.parent.mkdir(parents=True, exist_ok=True)
-    report = parse_dataset(dataset.original.path, upload.name, task=dataset.task, out_path=dataset.rows_path)
-    if not report.usable:
-        dataset.delete_files()
-        form.add_error("file", report.fatal or _no_usable_rows(report))
-        form.report = report
+    try:
+        dataset = Dataset.from_upload(
+            request.user, form.cleaned_data["task"], form.cleaned_data["name"], form.cleaned_data["file"]
+        )
+    except DatasetRejected as rejected:
+        form.add_error("file", str(rejected))
+        form.report = rejected.report
         return None
-    dataset.format = report.format
-    dataset.chat_format = report.chat_format or ""
-    dataset.columns, dataset.mapping = report.columns, report.mapping
-    dataset.rows_total, dataset.rows_ok = report.rows_total, report.rows_ok
-    dataset.error_counts = report.error_counts
-    dataset.errors = [vars(error) for error in report.errors]
-    dataset.preview_rows = report.preview
-    dataset.save()
     if dataset.rows_rejected:
         messages.warning(request, f"{dataset.rows_rejected} of {dataset.rows_total} rows were rejected; see below.")
     return dataset
 
 
-def _no_usable_rows(report) -> str:
-    first = report.errors[0] if report.errors else None
-    where = f" First problem: line {first.line}, {first.column or 'row'}: {first.problem}." if first else ""
-    return f"None of the {report.rows_total} rows can be used.{where}"
+@require_POST
+def use_sample(request: HttpRequest, task: str) -> HttpResponse:
+    """"Try with sample data": the project's sample dataset for `task`, then the new-job form."""
+    if task not in TASKS:
+        raise Http404("No such task.")
+    content = "".join(json.dumps(row) + "\n" for row in sample_rows(task)).encode()
+    upload = ContentFile(content, name=f"sample-{task}.jsonl")
+    dataset = Dataset.from_upload(request.user, task, f"Sample: {TASKS[task].name}", upload)
+    return redirect(f"{reverse('new_job')}?dataset={dataset.id}")
 
 
 def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:

@@ -1,39 +1,72 @@
+"""The new-job form: one TrainSpec, validated where the user can see it.
+
+The dataset decides the task; the base model must be able to serve it; every number is
+checked by TrainSpec itself, and its complaint is shown on the field it names.
+"""
+
 from django import forms
 
 from webapp.datasets.models import Dataset
-from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem, catalog_for
-from worker.spec import LORA_TARGETS, SpecError, TrainSpec
+from webapp.datasets.tasks import TASKS
+from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
+from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
 
 CUSTOM = "custom"
 SPEC_FIELDS = (
-    "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate",
-    "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction",
+    "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
+    "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
 )
 _DEFAULTS = TrainSpec(base_model=DEFAULT_BASE_MODEL, dataset_path="", output_dir="")
+METHODS = [
+    ("lora", "LoRA: train small adapters, base frozen"),
+    ("full", "Full fine-tune: train every weight"),
+    ("head", "Trained head: the whole base frozen, only the task head learns"),
+]
+# Starting points that learn on the sample data of each task; the form suggests them when the
+# task or method changes (new_job.js), and a user's own value always wins.
+SUGGESTED = {
+    "sft": {"base_model": "smollm2-135m-instruct", "lora": 2e-3, "full": 5e-5, "max_steps": 30, "batch_size": 8,
+            "max_seq_length": 512},
+    "dpo": {"base_model": "smollm2-135m-instruct", "lora": 5e-4, "full": 5e-6, "max_steps": 30, "batch_size": 8,
+            "max_seq_length": 512},
+    "classify": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
+                 "batch_size": 16, "max_seq_length": 128},
+    "pair": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
+             "batch_size": 16, "max_seq_length": 256},
+    "rerank": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
+               "batch_size": 16, "max_seq_length": 256},
+    "embed": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 5e-5, "max_steps": 60, "batch_size": 16,
+              "max_seq_length": 128},
+}
 
 
 def _base_model_choices() -> list[tuple[str, str]]:
-    choices = [(m.key, f"{m.name} · {m.parameters / 1e6:.0f}M parameters") for m in catalog_for("causal-lm")]
+    choices = [(m.key, f"{m.name} · {m.parameters / 1e6:.0f}M parameters · {m.kind}") for m in CATALOG.values()]
     return [*choices, (CUSTOM, "Another model: a local directory or a Hugging Face Hub id")]
+
+
+class DatasetChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, dataset):
+        return f"{dataset.name} · {TASKS[dataset.task].name} · {dataset.rows_ok} rows"
 
 
 class JobForm(forms.Form):
     name = forms.CharField(max_length=200, required=False, help_text="Optional; named after the dataset if empty.")
-    dataset = forms.ModelChoiceField(queryset=Dataset.objects.none(), empty_label=None)
+    dataset = DatasetChoiceField(queryset=Dataset.objects.none(), empty_label=None,
+                                 help_text="The dataset decides the task.")
     base_model = forms.ChoiceField(choices=_base_model_choices, initial=DEFAULT_BASE_MODEL)
     custom_base_model = forms.CharField(required=False, label="Model directory or Hub id")
-    method = forms.ChoiceField(
-        choices=[("lora", "LoRA: train small adapters, base frozen"), ("full", "Full fine-tune: train every weight")],
-        initial="lora", widget=forms.RadioSelect,
-    )
+    method = forms.ChoiceField(choices=METHODS, initial="lora", widget=forms.RadioSelect)
     lora_r = forms.IntegerField(label="LoRA rank (r)", initial=_DEFAULTS.lora_r)
     lora_alpha = forms.IntegerField(label="LoRA alpha", initial=_DEFAULTS.lora_alpha)
     lora_dropout = forms.FloatField(label="LoRA dropout", initial=_DEFAULTS.lora_dropout)
     lora_target_modules = forms.MultipleChoiceField(
-        label="Adapted layers", choices=[(t, t) for t in LORA_TARGETS], initial=list(LORA_TARGETS),
-        widget=forms.CheckboxSelectMultiple, required=False,
+        label="Adapted layers", initial=list(LORA_TARGETS), widget=forms.CheckboxSelectMultiple, required=False,
+        choices=[(t, t) for t in LORA_TARGETS] + [(ALL_LINEAR, "every linear layer (any architecture)")],
+        help_text="Encoders (MiniLM) always adapt every linear layer.",
     )
-    learning_rate = forms.FloatField(initial=_DEFAULTS.learning_rate, help_text="2e-3 suits LoRA; use ~5e-5 for a full fine-tune.")
+    use_dora = forms.BooleanField(label="DoRA (weight-decomposed LoRA)", required=False)
+    learning_rate = forms.FloatField(initial=_DEFAULTS.learning_rate)
     epochs = forms.FloatField(initial=_DEFAULTS.epochs)
     max_steps = forms.IntegerField(
         required=False, initial=_DEFAULTS.max_steps, help_text="Stops training here; empty to train all epochs."
@@ -41,25 +74,32 @@ class JobForm(forms.Form):
     batch_size = forms.IntegerField(initial=_DEFAULTS.batch_size)
     max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS.max_seq_length)
     validation_fraction = forms.FloatField(initial=_DEFAULTS.validation_fraction)
+    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta,
+                                help_text="Preference tuning only: higher stays closer to the base model.")
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["dataset"].queryset = Dataset.objects.filter(owner=user, task="sft")
+        self.fields["dataset"].queryset = Dataset.objects.filter(owner=user)
 
     def clean(self):
         data = super().clean()
-        base = data.get("custom_base_model", "").strip() if data.get("base_model") == CUSTOM else data.get("base_model")
+        dataset = data.get("dataset")
+        custom = data.get("base_model") == CUSTOM
+        base = (data.get("custom_base_model") or "").strip() if custom else data.get("base_model")
+        base_field = "custom_base_model" if custom else "base_model"
         problem = base_model_problem(base or "")
         if problem:
-            self.add_error("custom_base_model" if data.get("base_model") == CUSTOM else "base_model", problem)
-            return data
-        if base in CATALOG and CATALOG[base].kind != "causal-lm":
-            self.add_error("base_model", f"{CATALOG[base].name} is an encoder; instruction tuning needs a causal LM.")
-        if self.errors:
+            self.add_error(base_field, problem)
+        elif dataset and base in CATALOG and CATALOG[base].kind not in TASKS[dataset.task].base_kinds:
+            self.add_error(base_field, f"{CATALOG[base].name} is a {CATALOG[base].kind} model; "
+                                       f"{TASKS[dataset.task].name.lower()} needs a {' or '.join(TASKS[dataset.task].base_kinds)} model.")
+        if self.errors or dataset is None:
             return data
         values = {f: data.get(f) for f in SPEC_FIELDS}
+        if base in CATALOG and CATALOG[base].kind == "encoder":
+            values["lora_target_modules"] = [ALL_LINEAR]
         try:
-            self.spec = TrainSpec(base_model=base, dataset_path="", output_dir="", **values)
+            self.spec = TrainSpec(base_model=base, dataset_path="", output_dir="", task=dataset.task, **values)
         except SpecError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data

@@ -4,7 +4,8 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from webapp.jobs.forms import JobForm
+from webapp.datasets.tasks import TASKS
+from webapp.jobs.forms import SUGGESTED, JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
 
@@ -39,12 +40,18 @@ def new_job(request: HttpRequest) -> HttpResponse:
             job.append_events([{"kind": "state", "step": 0, "t": job.created_at.timestamp(), "state": job.state, "message": ""}])
             job.enqueue()
         return redirect(job)
-    return render(request, "jobs/new.html", {"form": form, "catalog": CATALOG.values()})
+    datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
+    context = {"form": form, "catalog": CATALOG.values(), "tasks": TASKS.values(), "dataset_tasks": datasets,
+               "suggested": SUGGESTED}
+    return render(request, "jobs/new.html", context)
 
 
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
-    context = {"job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"])}
+    context = {
+        "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]),
+        "task": TASKS[job.spec.get("task", "sft")],
+    }
     return render(request, "jobs/detail.html", context)
 
 
