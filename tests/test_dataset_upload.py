@@ -26,8 +26,11 @@ def test_a_csv_upload_is_mapped_to_instruction_and_response(owner_client, media_
     assert Dataset.objects.get().mapping == {"instruction": "question", "response": "answer"}
 
 
+TWO_ROWS = b'{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n'
+
+
 def test_files_are_stored_under_generated_names(owner_client, media_root):
-    upload(owner_client, "my secret plans.jsonl", b'{"instruction": "a", "response": "b"}\n')
+    upload(owner_client, "my secret plans.jsonl", TWO_ROWS)
     stored = [p.name for p in media_root.rglob("*") if p.is_file()]
     assert not any("secret" in name for name in stored)
 
@@ -52,7 +55,8 @@ def test_bad_files_are_refused_with_a_message_that_says_where(owner_client, medi
 
 def test_rejected_rows_are_listed_with_their_line_and_the_rest_is_kept(owner_client, media_root):
     good = b'{"instruction": "a", "response": "b"}\n'
-    reply = upload(owner_client, "mixed.jsonl", good + b'{"instruction": "c"}\n' + good + b'{"instruction": \n')
+    other = b'{"instruction": "e", "response": "f"}\n'
+    reply = upload(owner_client, "mixed.jsonl", good + b'{"instruction": "c"}\n' + other + b'{"instruction": \n')
     dataset = Dataset.objects.get()
     assert (dataset.rows_ok, dataset.rows_rejected) == (2, 2)
     page = owner_client.get(reply.url).content.decode()
@@ -68,8 +72,34 @@ def test_an_upload_over_the_size_limit_is_refused(owner_client, media_root, sett
 
 
 def test_another_user_cannot_see_the_dataset(owner_client, other_client, media_root):
-    upload(owner_client, "d.jsonl", b'{"instruction": "a", "response": "b"}\n')
+    upload(owner_client, "d.jsonl", TWO_ROWS)
     dataset = Dataset.objects.get()
     assert other_client.get(f"/datasets/{dataset.id}/").status_code == 404
     assert other_client.post(f"/datasets/{dataset.id}/delete/").status_code == 404
     assert "d.jsonl" not in other_client.get("/datasets/").content.decode()
+
+
+@pytest.mark.parametrize(
+    ("task", "content", "message"),
+    [
+        ("sft", b'{"instruction": "a", "response": "same"}\n{"instruction": "b", "response": "same"}\n', "same response"),
+        ("classify", b'{"text": "a", "label": "spam"}\n{"text": "b", "label": "spam"}\n', "one"),
+        ("dpo", b'{"prompt": "p", "chosen": "x", "rejected": "x"}\n' * 3, "chosen"),
+        ("rerank", b'{"query": "q", "document": "d", "relevance": 0}\n{"query": "q", "document": "e", "relevance": 0}\n',
+         "relevant"),
+    ],
+)
+def test_data_that_cannot_train_the_task_is_refused_before_anything_is_queued(owner_client, media_root, task, content,
+                                                                             message):
+    reply = upload(owner_client, f"{task}.jsonl", content, task=task)
+    assert reply.status_code == 400
+    assert message in reply.content.decode()
+    assert not Dataset.objects.exists()
+
+
+@pytest.mark.parametrize("task", ["sft", "classify", "pair", "rerank", "embed", "dpo"])
+def test_every_task_has_sample_data_that_passes_its_checks(owner_client, media_root, task):
+    reply = owner_client.post(f"/datasets/samples/{task}/")
+    dataset = Dataset.objects.get()
+    assert reply.status_code == 302 and reply.url == f"/jobs/new/?dataset={dataset.id}"
+    assert dataset.task == task and dataset.rows_ok >= 100 and dataset.rows_rejected == 0

@@ -9,7 +9,7 @@ from webapp.datasets.models import Dataset
 
 pytestmark = pytest.mark.django_db
 
-GOOD_ROW = b'{"instruction": "a", "response": "b"}\n'
+GOOD_ROW = b'{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n'
 
 
 class Payload:
@@ -58,7 +58,7 @@ def test_an_html_file_named_csv_is_refused_and_shown_as_text(owner_client, media
 
 
 def test_formula_strings_stay_plain_text_on_the_page(owner_client, media_root):
-    reply = upload(owner_client, "sheet.csv", b'instruction,response\n"=cmd|\' /C calc\'!A0",<b>bold</b>\n')
+    reply = upload(owner_client, "sheet.csv", b'instruction,response\n"=cmd|\' /C calc\'!A0",<b>bold</b>\nx,y\n')
     page = owner_client.get(reply.url).content.decode()
     assert "=cmd|" in page and "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
 

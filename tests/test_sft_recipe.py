@@ -1,6 +1,7 @@
 """The SFT recipe end to end on the tiny llama, plus its data handling."""
 
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -80,11 +81,39 @@ def test_it_reports_states_params_metrics_and_evals_in_order(lora_run):
     assert metric["step"] == 1 and metric["total_steps"] == 24
     assert {"loss", "learning_rate", "epoch"} <= set(metric)
     evals = [event for event in events if event["kind"] == "eval"]
-    assert [event["step"] for event in evals] == [8, 16, 24]  # periodic, and once at the end
+    assert [event["step"] for event in evals] == [0, 8, 16, 24]  # baseline, periodic, and once at the end
+    assert evals[0]["baseline"] is True and evals[-1]["final"] is True
+    assert not {"baseline", "final"} & set(evals[1]) and not {"baseline", "final"} & set(evals[2])
+    assert kinds.index("params") < kinds.index("eval") < kinds.index("metric")
+    assert events[kinds.index("eval") + 1]["state"] == "training"
     assert evals[-1]["eval_loss"] == lora_run["result"]["eval_loss"]
     assert evals[-1]["perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item())
     params = next(event for event in events if event["kind"] == "params")
     assert params["method"] == "lora" and 0 < params["trainable"] < params["total"]
+
+
+def test_it_reports_the_untouched_model_as_the_baseline_and_the_final_eval_after(lora_run):
+    result = lora_run["result"]
+    evals = [event for event in lora_run["events"] if event["kind"] == "eval"]
+    assert result["primary_metric"] == "eval_loss"
+    assert result["metrics_before"] == {key: evals[0][key] for key in ("eval_loss", "perplexity")}
+    assert result["metrics_after"] == {key: evals[-1][key] for key in ("eval_loss", "perplexity")}
+    assert result["metrics_after"]["eval_loss"] < result["metrics_before"]["eval_loss"] - 2
+    assert result["metrics_before"]["perplexity"] == pytest.approx(math.exp(result["metrics_before"]["eval_loss"]))
+
+
+def test_it_answers_held_out_instructions_before_and_after_training(lora_run):
+    samples = lora_run["result"]["samples"]
+    final = [event for event in lora_run["events"] if event["kind"] == "eval"][-1]
+    assert final["samples"] == samples and len(samples) == 3
+    assert all(set(sample) == {"instruction", "reference", "before", "after"} for sample in samples)
+    assert all(sample["instruction"].startswith("Say the word for ") for sample in samples)
+    assert all(sample["reference"].startswith("WORD: ") for sample in samples)
+    # The random base babbles; after training the replies take the dataset's format.
+    assert not any(sample["before"].startswith("WORD:") for sample in samples)
+    assert all(sample["after"].startswith("WORD:") for sample in samples), samples
+    saved = json.loads((Path(lora_run["spec"].output_dir) / "eval_predictions.json").read_text())
+    assert saved == samples
 
 
 def test_the_lora_artifact_holds_the_adapter_tokenizer_spec_and_card(lora_run):
@@ -103,6 +132,8 @@ def test_the_lora_artifact_holds_the_adapter_tokenizer_spec_and_card(lora_run):
     card = (artifact / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, "specialist-job-12-adapter")' in card
     assert "| LoRA rank r | 16 |" in card and "| Final validation loss |" in card
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    assert f"| eval_loss (held out) | {before['eval_loss']:.4f} → {after['eval_loss']:.4f} |" in card
     adapter_config = json.loads((artifact / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == lora_run["spec"].base_model
 
@@ -155,6 +186,15 @@ def test_only_the_response_tokens_are_labelled(tiny_llama_dir):
     assert tokenizer.decode(labels[len(prompt) :]) == "WORD: three.<|im_end|>\n"
 
 
+def test_the_input_field_follows_the_instruction_in_the_user_turn(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    row = {"instruction": "Summarise the text.", "input": "Cats sleep a lot.", "response": "Cats nap."}
+    example = sft.tokenize_example(row, tokenizer, max_length=512)
+    assert "<|im_start|>user\nSummarise the text.\n\nCats sleep a lot.<|im_end|>" in tokenizer.decode(
+        example["input_ids"]
+    )
+
+
 def test_truncation_keeps_the_response_start_and_drops_rows_without_response(tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     row = {"instruction": "Say the word for 3.", "response": "WORD: three, which is a small number."}
@@ -199,8 +239,8 @@ def test_rows_without_room_for_a_response_are_skipped_and_reported(tiny_llama_di
     reporter = Reporter()
     spec = make_spec(tiny_llama_dir, data, tmp_path / "out", validation_fraction=0.0, max_seq_length=128)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    train_rows, eval_rows = sft.prepare_data(spec, tokenizer, reporter)
-    assert len(train_rows) == 16 and eval_rows == []
+    train_rows, eval_rows, held_out = sft.prepare_data(spec, tokenizer, reporter)
+    assert len(train_rows) == 16 and eval_rows == held_out == []
     messages = [event["message"] for event in reporter.events if event["kind"] == "log"]
     assert any(message.startswith("Skipped 3 of 19 training rows") for message in messages)
 
@@ -230,10 +270,11 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, sft_j
                 self.stop_requested.set()
 
     reporter = StopAfterTwoSteps()
-    spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path / "out", learning_rate=1e-3)
+    spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path / "out", learning_rate=1e-3, validation_fraction=0.0)
     with pytest.raises(Cancelled):
         sft.run(spec, reporter)
     assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
+    assert not [event for event in reporter.events if event["kind"] == "eval"]  # nothing held out
     assert not (tmp_path / "out" / "final").exists()
     assert "exporting" not in [event.get("state") for event in reporter.events]
 

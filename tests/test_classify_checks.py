@@ -1,0 +1,98 @@
+"""The classification data check and the classify / pair sample data (pure Python, no torch)."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from webapp.datasets.checks.classify import MAX_LABELS, check
+from webapp.datasets.samples import classify as classify_sample
+from webapp.datasets.samples import pair as pair_sample
+
+
+def rows_with(labels: list[str]) -> list[dict[str, str]]:
+    return [{"text": f"row {i}", "label": label} for i, label in enumerate(labels)]
+
+
+def test_usable_data_has_no_problems():
+    assert check(rows_with(["spam", "ham", "spam", "ham"])) == []
+
+
+def test_unbalanced_labels_and_a_label_on_one_row_are_fine():
+    assert check(rows_with(["spam"] * 9 + ["ham"])) == []
+
+
+def test_it_reports_no_rows():
+    assert check([]) == ["The dataset has no rows."]
+
+
+def test_it_reports_a_single_class():
+    assert check(rows_with(["spam"] * 5)) == [
+        "The label column has only one class ('spam'); a classifier needs at least two."
+    ]
+
+
+def test_labels_that_differ_only_in_surrounding_spaces_are_one_class():
+    assert "only one class ('spam')" in check(rows_with(["spam", " spam", "spam "]))[0]
+
+
+def test_it_reports_every_label_on_a_single_row():
+    (problem,) = check(rows_with(["a", "b", "c"]))
+    assert problem.startswith("Every label occurs only once (3 rows, 3 labels)")
+
+
+def test_it_reports_too_many_labels_and_streams_with_bounded_memory():
+    rows = ({"text": "x", "label": str(i % (MAX_LABELS + 5))} for i in range(3 * MAX_LABELS))
+    (problem,) = check(rows)  # a generator: read once, never held whole
+    assert f"more than {MAX_LABELS} different values" in problem
+
+
+def test_pair_rows_are_checked_by_their_label():
+    rows = [{"text_a": "a claim", "text_b": "a context", "label": label} for label in ("yes", "no", "yes")]
+    assert check(rows) == []
+    assert "only one class ('yes')" in check(rows[::2])[0]
+
+
+def test_the_check_and_the_samples_import_no_torch():
+    code = (
+        "import sys\n"
+        "import webapp.datasets.checks.classify, webapp.datasets.samples.classify, webapp.datasets.samples.pair\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("sample", "fields"),
+    [(classify_sample, {"text", "label"}), (pair_sample, {"text_a", "text_b", "label"})],
+)
+def test_the_samples_are_deterministic_distinct_balanced_and_pass_the_check(sample, fields):
+    rows = sample.rows()
+    assert rows == sample.rows()
+    assert 200 <= len(rows) <= 400
+    assert all(set(row) == fields and all(isinstance(v, str) and v.strip() for v in row.values()) for row in rows)
+    assert len({tuple(row.values()) for row in rows}) == len(rows)
+    counts = Counter(row["label"] for row in rows)
+    assert len(counts) >= 2 and max(counts.values()) == min(counts.values())
+    assert check(rows) == []
+
+
+def test_the_intent_sample_needs_the_words_that_ask_not_the_place():
+    # A place occurs under several tools, so it alone cannot give the answer away.
+    rows = classify_sample.rows()
+    tools_per_place = {place: {r["label"] for r in rows if place in r["text"]} for place in classify_sample.PLACES}
+    assert all(len(tools) >= 3 for tools in tools_per_place.values())
+
+
+def test_the_faithfulness_sample_pairs_each_profile_with_claims_it_does_and_does_not_support():
+    rows = pair_sample.rows()
+    assert {row["label"] for row in rows} == {"supported", "unsupported"}
+    # The claim and the profile name the same company; the profile alone does not give the label.
+    assert all(row["text_b"].split(":")[0] in row["text_a"] for row in rows)
+    labels_per_profile = Counter(row["text_b"] for row in rows if row["label"] == "unsupported")
+    assert any(
+        row["text_b"] in labels_per_profile and row["label"] == "supported" for row in rows
+    )

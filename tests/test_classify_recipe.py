@@ -1,0 +1,374 @@
+"""The classify recipe end to end (text and text-pair classification), plus its parts.
+
+Tiny models learn a trivially learnable pattern (which group a word belongs to); the bundled
+all-MiniLM-L6-v2 learns the sample intent data. Every artifact is loaded in a fresh Python
+process with a transformers pipeline and must predict what eval_predictions.json says.
+"""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model_fixtures import TINY_BERT, write_jsonl
+from webapp.datasets.samples import classify as classify_sample
+from worker.errors import Cancelled, UserError
+from worker.events import Reporter
+from worker.models import load_sequence_classifier
+from worker.recipes import classify
+from worker.spec import TrainSpec
+
+GROUPS = {
+    "animal": ["horse", "tiger", "zebra", "camel", "eagle", "whale", "mouse", "snake"],
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "melon"],
+    "vehicle": ["truck", "bicycle", "train", "plane", "boat", "taxi", "tractor", "scooter"],
+}
+
+
+def group_rows(count: int = 180) -> list[dict[str, str]]:
+    """Three words of one group; the label is the group."""
+    rng = random.Random(0)
+    labels = sorted(GROUPS)
+    return [
+        {"text": " ".join(rng.sample(GROUPS[labels[i % 3]], 3)), "label": labels[i % 3]} for i in range(count)
+    ]
+
+
+def both_fruit_rows(count: int = 200) -> list[dict[str, str]]:
+    """A word in each text; "supported" when both are fruits, else "unsupported" (about half)."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(count):
+        a, b = (rng.choice(GROUPS["fruit"] if rng.random() < 0.7 else GROUPS["animal"]) for _ in "ab")
+        both = a in GROUPS["fruit"] and b in GROUPS["fruit"]
+        rows.append({"text_a": a, "text_b": b, "label": "supported" if both else "unsupported"})
+    return rows
+
+
+def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
+    settings = dict(
+        task="classify", max_steps=30, batch_size=16, eval_every=10, validation_fraction=0.2, max_seq_length=32
+    )
+    return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
+
+
+def train(spec: TrainSpec) -> dict:
+    reporter = Reporter()
+    result = classify.run(spec, reporter)
+    return {"result": result, "events": reporter.events, "spec": spec}
+
+
+def evals(run: dict) -> list[dict]:
+    return [event for event in run["events"] if event["kind"] == "eval"]
+
+
+def accuracies(run: dict) -> tuple[float, float]:
+    return run["result"]["metrics_before"]["accuracy"], run["result"]["metrics_after"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def wide_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT with wider random weights (std 0.2 instead of 0.02): its frozen layers then
+    pass on enough of the input for a head or LoRA adapters to learn from."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, **TINY_BERT
+    )
+    torch.manual_seed(0)
+    out_dir = tmp_path_factory.mktemp("wide-bert")
+    BertModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def group_jsonl(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("classify-data") / "groups.jsonl", group_rows())
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_bert_dir, group_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full-run")
+    return train(make_spec(tiny_bert_dir, group_jsonl, out, method="full", learning_rate=2e-2, job_id=7))
+
+
+@pytest.fixture(scope="module")
+def lora_run(wide_bert_dir, group_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-run")
+    spec = make_spec(wide_bert_dir, group_jsonl, out, method="lora", lora_target_modules=["all-linear"], learning_rate=2e-2, job_id=8)
+    return train(spec)
+
+
+@pytest.fixture(scope="module")
+def head_run(wide_bert_dir, group_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("head-run")
+    return train(make_spec(wide_bert_dir, group_jsonl, out, method="head", learning_rate=1e-1))
+
+
+@pytest.fixture(scope="module")
+def pair_run(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair-run")
+    data = write_jsonl(out / "pairs.jsonl", both_fruit_rows())
+    return train(make_spec(tiny_bert_dir, data, out, task="pair", method="full", learning_rate=2e-2, max_steps=20))
+
+
+@pytest.fixture(scope="module")
+def llama_run(tiny_llama_dir, group_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama-run")
+    return train(make_spec(tiny_llama_dir, group_jsonl, out, method="lora", learning_rate=2e-2))
+
+
+@pytest.fixture(scope="module")
+def minilm_run(minilm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm-run")
+    data = write_jsonl(out / "intents.jsonl", classify_sample.rows())
+    spec = make_spec(
+        minilm_dir, data, out, method="lora", lora_target_modules=["all-linear"], learning_rate=5e-3, max_steps=15, eval_every=5
+    )
+    return train(spec)
+
+
+# Learning ---------------------------------------------------------------------------------------
+
+
+def test_full_fine_tune_learns_the_groups(full_run):
+    before, after = accuracies(full_run)
+    assert before < 0.5 and after >= 0.9
+
+
+def test_lora_learns_the_groups(lora_run):
+    before, after = accuracies(lora_run)
+    assert before < 0.5 and after >= 0.85
+
+
+def test_a_pair_classifier_learns_whether_two_words_belong_together(pair_run):
+    before, after = accuracies(pair_run)
+    assert before < 0.65 and after >= 0.9
+    metrics = pair_run["result"]["metrics_after"]
+    assert {"f1", "auroc", "macro_f1"} <= set(metrics) and metrics["auroc"] >= 0.9
+
+
+def test_a_decoder_base_learns_the_groups(llama_run):
+    before, after = accuracies(llama_run)
+    assert before < 0.5 and after >= 0.85
+    config = json.loads((Path(llama_run["result"]["artifact_dir"]) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] is not None
+
+
+@pytest.mark.slow
+def test_minilm_learns_the_sample_intents(minilm_run):
+    before, after = accuracies(minilm_run)
+    assert before < 0.5 and after >= 0.85, (before, after)
+
+
+def test_head_only_changes_nothing_but_the_head(head_run, wide_bert_dir):
+    base = load_file(wide_bert_dir / "model.safetensors")
+    trained = load_file(Path(head_run["result"]["artifact_dir"]) / "model.safetensors")
+    assert {f"bert.{name}" for name in base} | {"classifier.weight", "classifier.bias"} == set(trained)
+    assert all(torch.equal(base[name], trained[f"bert.{name}"]) for name in base)
+    initial = _initial_head(head_run["spec"], head_run["result"]["labels"])
+    assert not torch.equal(initial, trained["classifier.weight"])
+    params = next(event for event in head_run["events"] if event["kind"] == "params")
+    hidden, labels = TINY_BERT["hidden_size"], 3
+    assert params["trainable"] == hidden * labels + labels
+    assert params["matrices"] == [
+        {"module": "classifier", "shape": [labels, hidden], "count": 1, "full": 96, "lora": None, "ratio": None}
+    ]
+    before, after = accuracies(head_run)
+    assert after >= before + 0.3
+
+
+def _initial_head(spec: TrainSpec, labels: list[str]) -> torch.Tensor:
+    from transformers import set_seed
+
+    set_seed(spec.seed)  # as the recipe does before loading: the same random head
+    model, _ = load_sequence_classifier(spec, labels)
+    return model.classifier.weight.detach()
+
+
+# Events and results -----------------------------------------------------------------------------
+
+
+def test_it_reports_states_params_baseline_metrics_and_evals_in_order(full_run):
+    events = full_run["events"]
+    states = [event["state"] for event in events if event["kind"] == "state"]
+    assert states == ["preparing", "training", "evaluating", "exporting"]
+    kinds = [event["kind"] for event in events]
+    training = next(i for i, e in enumerate(events) if e.get("state") == "training")
+    assert kinds.index("log") < kinds.index("params") < kinds.index("eval") < training < kinds.index("metric")
+    assert kinds[-1] == "artifact"
+    metrics = [event for event in events if event["kind"] == "metric"]
+    assert [event["step"] for event in metrics] == list(range(1, 31))
+    assert metrics[0]["total_steps"] == 30 and {"loss", "learning_rate", "epoch"} <= set(metrics[0])
+    steps = evals(full_run)
+    assert [event["step"] for event in steps] == [0, 10, 20, 30]
+    assert steps[0]["baseline"] is True and steps[-1]["final"] is True
+    assert not any(event.get("final") for event in steps[:-1])
+    assert {"accuracy", "macro_f1", "eval_loss", "confusion"} <= set(steps[0])
+    assert steps[-1]["confusion"] == full_run["result"]["confusion_after"]
+
+
+def test_the_result_holds_metrics_before_and_after_and_the_confusion_matrices(full_run):
+    result = full_run["result"]
+    assert result["primary_metric"] == "accuracy"
+    assert result["steps"] == 30 and result["train_loss"] > 0
+    assert result["labels"] == ["animal", "fruit", "vehicle"]
+    assert result["metrics_before"] == {k: v for k, v in evals(full_run)[0].items() if k in result["metrics_before"]}
+    confusion = result["confusion_after"]
+    assert confusion["labels"] == result["labels"]
+    assert sum(map(sum, confusion["matrix"])) == 36  # 20% of 180 rows, 12 per label
+    assert [sum(row) for row in confusion["matrix"]] == [12, 12, 12]
+
+
+def test_the_artifact_is_a_whole_classifier_with_label_names_and_card(full_run, lora_run):
+    for run, kind in ((full_run, "model"), (lora_run, "adapter")):
+        artifact = Path(run["result"]["artifact_dir"])
+        names = {path.name for path in artifact.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "train_spec.json", "README.md"} <= names
+        assert "adapter_config.json" not in names and not any(name.endswith(".bin") for name in names)
+        config = json.loads((artifact / "config.json").read_text())
+        assert config["id2label"] == {"0": "animal", "1": "fruit", "2": "vehicle"}
+        assert config["architectures"] == ["BertForSequenceClassification"]
+        card = (artifact / "README.md").read_text()
+        job = run["spec"].job_id
+        assert f'pipeline("text-classification", model="specialist-job-{job}-{kind}")' in card
+        assert "accuracy (held out) |" in card and "library_name: transformers" in card
+    assert "merged into the weights" in (Path(lora_run["result"]["artifact_dir"]) / "README.md").read_text()
+
+
+def test_lora_artifact_has_no_adapter_weights_left(lora_run):
+    weights = load_file(Path(lora_run["result"]["artifact_dir"]) / "model.safetensors")
+    assert not any("lora_" in name or "modules_to_save" in name for name in weights)
+    params = next(event for event in lora_run["events"] if event["kind"] == "params")
+    rows = {row["module"]: row for row in params["matrices"]}
+    assert {"query", "key", "value", "dense", "classifier"} == set(rows)
+    assert rows["query"]["lora"] == 16 * (32 + 32) and rows["query"]["count"] == 2
+    assert rows["classifier"]["lora"] is None
+
+
+PIPELINE_SCRIPT = """
+import json, sys
+from transformers import pipeline
+
+out = {}
+for artifact, task, rows in json.loads(sys.stdin.read()):
+    classifier = pipeline("text-classification", model=artifact)
+    inputs = [{"text": r["text_a"], "text_pair": r["text_b"]} if task == "pair" else r["text"] for r in rows]
+    out[artifact] = [{s["label"]: s["score"] for s in scores} for scores in classifier(inputs, top_k=None, truncation=True)]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline_predictions(full_run, lora_run, head_run, pair_run, llama_run) -> dict:
+    """Each artifact's probabilities on its held-out rows, from a pipeline in a fresh process."""
+    jobs = []
+    for run in (full_run, lora_run, head_run, pair_run, llama_run):
+        predictions = json.loads((Path(run["spec"].output_dir) / "eval_predictions.json").read_text())
+        jobs.append([run["result"]["artifact_dir"], run["spec"].task, predictions])
+    done = subprocess.run(
+        [sys.executable, "-c", PIPELINE_SCRIPT], input=json.dumps(jobs), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("run_name", ["full_run", "lora_run", "head_run", "pair_run", "llama_run"])
+def test_the_artifact_predicts_in_a_fresh_process_what_the_recipe_measured(run_name, request, pipeline_predictions):
+    run = request.getfixturevalue(run_name)
+    expected = json.loads((Path(run["spec"].output_dir) / "eval_predictions.json").read_text())
+    got = pipeline_predictions[run["result"]["artifact_dir"]]
+    assert len(got) == len(expected) > 0
+    for row, probabilities in zip(expected, got, strict=True):
+        assert probabilities == pytest.approx(row["probabilities"], abs=1e-4)
+        assert max(probabilities, key=probabilities.get) == row["predicted"]
+    hits = sum(row["predicted"] == row["label"] for row in expected)
+    assert hits / len(expected) == run["result"]["metrics_after"]["accuracy"]
+
+
+# Refusals and stops -----------------------------------------------------------------------------
+
+
+def test_it_refuses_a_single_class(tiny_bert_dir, tmp_path):
+    data = write_jsonl(tmp_path / "one.jsonl", [{"text": f"row {i}", "label": "spam"} for i in range(10)])
+    with pytest.raises(UserError, match=r"only one class \('spam'\)"):
+        classify.run(make_spec(tiny_bert_dir, data, tmp_path / "out", method="full"), Reporter())
+
+
+def test_it_names_the_layers_an_encoder_has_when_lora_targets_are_missing(tiny_bert_dir, group_jsonl, tmp_path):
+    spec = make_spec(tiny_bert_dir, group_jsonl, tmp_path / "out", method="lora")  # llama layer names
+    with pytest.raises(UserError, match="q_proj.*no layers by that name.*dense, key, query, value"):
+        classify.run(spec, Reporter())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no rows"), ("{not json\n", "Line 1"), ('{"text": "x", "label": 3}\n', "text, label")],
+)
+def test_it_refuses_malformed_data(content, message, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        classify.read_rows(path, classify.FIELDS["classify"])
+
+
+def test_a_stop_request_ends_training_and_raises_cancelled(tiny_bert_dir, group_jsonl, tmp_path):
+    class StopAfterTwoSteps(Reporter):
+        def metric(self, step, **values):
+            super().metric(step, **values)
+            if step == 2:
+                self.stop_requested.set()
+
+    reporter = StopAfterTwoSteps()
+    with pytest.raises(Cancelled):
+        classify.run(make_spec(tiny_bert_dir, group_jsonl, tmp_path / "out", method="full"), reporter)
+    assert max(event["step"] for event in reporter.events if event["kind"] == "metric") == 2
+    assert not (tmp_path / "out" / "final").exists()
+
+
+# Parts ------------------------------------------------------------------------------------------
+
+
+def test_the_split_is_stratified_seeded_and_keeps_every_label_in_training():
+    rows = [{"label": "a", "i": i} for i in range(29)] + [{"label": "b", "i": i} for i in range(11)]
+    rows.append({"label": "c", "i": 0})
+    train_rows, held_out = classify.stratified_split(rows, 0.25, seed=1)
+    assert sorted(row["label"] for row in held_out) == ["a"] * 7 + ["b"] * 3  # 10 = round(0.25 · 41): 7.25 and 2.75, the larger remainder rounds up
+    assert {row["label"] for row in train_rows} == {"a", "b", "c"}
+    assert classify.stratified_split(rows, 0.25, seed=1) == (train_rows, held_out)
+    assert classify.stratified_split(rows, 0.25, seed=2)[1] != held_out
+    assert len(classify.stratified_split(rows[:4], 0.01, seed=1)[1]) == 1  # at least one
+    assert classify.stratified_split(rows, 0.0, seed=1) == (rows, [])
+    singles = [{"label": str(i)} for i in range(5)]
+    assert classify.stratified_split(singles, 0.5, seed=1) == (singles, [])
+
+
+@pytest.mark.parametrize(
+    ("labels", "positive"),
+    [
+        (["supported", "unsupported"], "supported"),
+        (["entailment", "not_entailment"], "entailment"),
+        (["no", "yes"], "yes"),
+        (["0", "1"], "1"),
+        (["ham", "spam"], "spam"),
+    ],
+)
+def test_the_positive_label_of_two(labels, positive):
+    assert labels[classify.positive_label(labels)] == positive
+
+
+def test_binary_metrics_score_the_positive_label():
+    labels = ["supported", "unsupported"]
+    probabilities = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    metrics, confusion = classify.classification_metrics(probabilities, [0, 1, 1, 1], labels)
+    assert metrics["accuracy"] == 0.75
+    assert metrics["f1"] == pytest.approx(2 / 3)  # supported: precision 1/2, recall 1
+    assert metrics["auroc"] == 1.0
+    assert confusion == {"labels": labels, "matrix": [[1, 0], [1, 2]]}
