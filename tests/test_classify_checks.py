@@ -61,7 +61,9 @@ def test_the_check_and_the_samples_import_no_torch():
         "import webapp.datasets.checks.classify, webapp.datasets.samples.classify, webapp.datasets.samples.pair\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -80,19 +82,16 @@ def test_the_samples_are_deterministic_distinct_balanced_and_pass_the_check(samp
     assert check(rows) == []
 
 
-def test_the_intent_sample_needs_the_words_that_ask_not_the_place():
-    # A place occurs under several tools, so it alone cannot give the answer away.
+def test_in_the_intent_sample_places_and_days_do_not_give_the_tool_away():
     rows = classify_sample.rows()
-    tools_per_place = {place: {r["label"] for r in rows if place in r["text"]} for place in classify_sample.PLACES}
-    assert all(len(tools) >= 3 for tools in tools_per_place.values())
+    for slot in (classify_sample.PLACES, classify_sample.DAYS):
+        tools = {row["label"] for row in rows if any(value in row["text"] for value in slot)}
+        assert tools == set(classify_sample.TEMPLATES)
 
 
-def test_the_faithfulness_sample_pairs_each_profile_with_claims_it_does_and_does_not_support():
+def test_every_company_of_the_faithfulness_sample_has_claims_of_both_kinds():
     rows = pair_sample.rows()
-    assert {row["label"] for row in rows} == {"supported", "unsupported"}
-    # The claim and the profile name the same company; the profile alone does not give the label.
-    assert all(row["text_b"].split(":")[0] in row["text_a"] for row in rows)
-    labels_per_profile = Counter(row["text_b"] for row in rows if row["label"] == "unsupported")
-    assert any(
-        row["text_b"] in labels_per_profile and row["label"] == "supported" for row in rows
-    )
+    for company in pair_sample.COMPANIES:
+        labels = Counter(row["label"] for row in rows if row["text_b"].startswith(f"{company}:"))
+        assert labels == {"supported": 6, "unsupported": 6}
+        assert all(company in row["text_a"] for row in rows if row["text_b"].startswith(f"{company}:"))

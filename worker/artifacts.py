@@ -46,7 +46,9 @@ TASK_NAMES = {
 
 def artifact_name(spec: TrainSpec) -> str:
     """The download's name (without .zip), which is also the folder name inside the zip."""
-    kind = "adapter" if spec.method == "lora" else "model"
+    # Generative LoRA jobs hand over an adapter; everything else (merged classifiers,
+    # rerankers, embedding models, full fine-tunes) a complete model.
+    kind = "adapter" if spec.method == "lora" and spec.task in ("sft", "dpo") else "model"
     return f"specialist-job-{spec.job_id}-{kind}" if spec.job_id else f"specialist-{kind}"
 
 
@@ -154,7 +156,9 @@ by {TASK_NAMES.get(spec.task, spec.task)}.
 
 
 def _settings(spec: TrainSpec) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [("Method", "LoRA" if spec.method == "lora" else "full fine-tune")]
+    method = {"lora": "DoRA" if spec.use_dora else "LoRA", "full": "full fine-tune",
+              "head": "trained head on a frozen base"}[spec.method]
+    rows: list[tuple[str, Any]] = [("Method", method)]
     if spec.method == "lora":
         rows += [
             ("LoRA rank r", spec.lora_r),

@@ -38,7 +38,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 # peft's task type (how it calls, trains and saves the wrapped model) for the task families
 # trained on a sequence classifier; every other family is a causal LM.
-PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "pair": "SEQ_CLS", "rerank": "SEQ_CLS"}
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "pair": "SEQ_CLS"}
 
 
 def model_cache_dir() -> Path:
@@ -188,9 +188,7 @@ def task_head_names(model: PreTrainedModel) -> list[str]:
     its direct children, other than the base model, that hold weights."""
     base = getattr(model, "base_model_prefix", "")
     heads = [
-        name
-        for name, child in model.named_children()
-        if name != base and next(child.parameters(), None) is not None
+        name for name, child in model.named_children() if name != base and next(child.parameters(), None) is not None
     ]
     if not base or not hasattr(model, base) or not heads:
         raise UserError(f"{type(model).__name__} has no separate task head to train on its own.")
@@ -201,6 +199,7 @@ def _lora_targets(model: PreTrainedModel, spec: TrainSpec) -> str | list[str]:
     """spec.lora_target_modules as peft takes them; names the model lacks are a UserError that
     lists the layers it does have."""
     from torch import nn
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
     requested = list(spec.lora_target_modules)
     if ALL_LINEAR in requested:
@@ -209,7 +208,8 @@ def _lora_targets(model: PreTrainedModel, spec: TrainSpec) -> str | list[str]:
     missing = [target for target in requested if not any(n == target or n.endswith(f".{target}") for n in names)]
     if missing:
         base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear)})
+        linear_types = (nn.Linear, Conv1D)
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, linear_types)})
         raise UserError(
             f"LoRA cannot adapt {', '.join(missing)}: {spec.base_model} has no layers by that name. "
             f"Its linear layers are {', '.join(linear)}; choose among them, or {ALL_LINEAR}."

@@ -31,7 +31,7 @@ SUGGESTED = {
             "max_seq_length": 512},
     "classify": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
                  "batch_size": 16, "max_seq_length": 128},
-    "pair": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
+    "pair": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 120,
              "batch_size": 16, "max_seq_length": 256},
     "rerank": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
                "batch_size": 16, "max_seq_length": 256},

@@ -45,7 +45,8 @@ from worker.recipes.sft import bf16_supported
 from worker.spec import TrainSpec
 
 FIELDS = {"classify": ("text", "label"), "pair": ("text_a", "text_b", "label")}
-POSITIVE_NAMES = {"yes", "true", "1", "positive", "supported", "entailment", "entailed", "faithful", "relevant", "correct"}
+# Label names that read as "yes": the positive label of a two-label task when exactly one is here.
+POSITIVE_NAMES = {"yes", "true", "1", "positive", "supported", "entailment", "entailed", "faithful", "relevant", "correct"}  # fmt: skip
 PRIMARY_METRIC = "accuracy"
 
 
@@ -57,8 +58,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     labels = label_names(rows)
     train_rows, held_out = stratified_split(rows, spec.validation_fraction, spec.seed)
     reporter.log(
-        f"{len(train_rows)} training rows, {len(held_out)} validation rows; "
-        f"{len(labels)} labels: {', '.join(labels)}."
+        f"{len(train_rows)} training rows, {len(held_out)} validation rows; {len(labels)} labels: {', '.join(labels)}."
     )
     model, tokenizer = load_sequence_classifier(spec, labels)
     max_length = min(spec.max_seq_length, getattr(model.config, "max_position_embeddings", None) or spec.max_seq_length)

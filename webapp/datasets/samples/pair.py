@@ -9,8 +9,9 @@ never gave. Claims are worded differently from the profile ("has its headquarter
 "is based in"), and every company has claims of both kinds, so neither text alone gives the
 label away: the classifier has to compare them. Half the claims are supported.
 
-Learnable, not instant: all-MiniLM-L6-v2 fully fine-tuned (learning rate 2e-4, batch 16) goes
-from chance to about 0.85 held-out accuracy in 60 steps. Deterministic; pure Python.
+Learnable, not instant: all-MiniLM-L6-v2 with LoRA on all linear layers (learning rate 2e-3,
+batch 16) stays at chance for a few dozen steps, then goes to about 0.97 held-out accuracy by
+step 100 (a full fine-tune at 1e-4 does the same). Deterministic; pure Python.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ COMPANIES = [
 ]  # fmt: skip
 CITIES = ["Leeds", "Tampere", "Graz", "Porto", "Ghent", "Bilbao", "Aarhus", "Turin", "Cork", "Brno"]
 FOUNDERS = ["Ada Moreno", "Lars Berg", "Nia Okoro", "Tomas Novak", "Mei Lin", "Omar Haddad", "Ines Costa"]
-PRODUCTS = ["bicycles", "hearing aids", "garden tools", "solar lamps", "board games", "rain jackets", "espresso machines"]
+PRODUCTS = ["bicycles", "hearing aids", "garden tools", "solar lamps", "board games", "rain jackets", "coffee grinders"]
 YEARS = [str(year) for year in range(1952, 2020, 3)]
 SIZES = ["40", "120", "350", "900", "2,500", "6,000"]
 
