@@ -81,6 +81,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     _raise_if_stopped(reporter)
     trainer.train()
     _raise_if_stopped(reporter)
+    # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
+    # evaluation and the artifact see the model as a user runs it, in full precision.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     step = trainer.state.global_step
     rankings = []
     metrics_after = {}
@@ -166,7 +169,9 @@ def apply_method(model: SentenceTransformer, spec: TrainSpec) -> None:
         return
     from peft import TaskType, get_peft_model
 
-    transformer.model = get_peft_model(transformer.model, lora_config(spec, transformer.model, TaskType.FEATURE_EXTRACTION))
+    transformer.model = get_peft_model(
+        transformer.model, lora_config(spec, transformer.model, TaskType.FEATURE_EXTRACTION)
+    )
 
 
 def search(model: SentenceTransformer, queries: list[str], corpus: list[str]) -> list[list[tuple[int, float]]]:
@@ -220,6 +225,7 @@ def retrieval_task(rows: list[dict]) -> tuple[list[str], list[str], list[set[int
 
 def retrieval_metrics(relevant: list[set[int]], rankings: list[list[tuple[int, float]]]) -> dict[str, float]:
     """recall@1, recall@10 and MRR@10 averaged over the queries (see the module docstring)."""
+
     def recall(positives: set[int], ranked: list[int], k: int) -> float:
         return len(positives & set(ranked[:k])) / min(k, len(positives))
 

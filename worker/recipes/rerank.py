@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         model=model,
         args=training_arguments(spec),
         train_dataset=train_lists,
-        loss=ListNetLoss(model),
+        # All pairs of a batch in one forward pass (by default it takes batch_size pairs at a
+        # time, which is slower and saves no memory: every chunk waits for the backward pass).
+        loss=ListNetLoss(model, mini_batch_size=-1),
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
@@ -73,6 +76,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     _raise_if_stopped(reporter)
     trainer.train()
     _raise_if_stopped(reporter)
+    # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
+    # evaluation and the artifact see the model as a user runs it, in full precision.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     step = trainer.state.global_step
     scores = []
     metrics_after = {}
@@ -98,10 +104,10 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
 
 
 class ReportProgress(TrainerCallback):
-    """Trainer events → reporter events, a ranking evaluation every `every` steps, and a
-    requested stop ends training after the current step."""
+    """Trainer events → reporter events, an evaluation every `every` steps (run in the training
+    precision), and a requested stop ends training after the current step."""
 
-    def __init__(self, reporter: Reporter, evaluate, every: int):
+    def __init__(self, reporter: Reporter, evaluate: Callable[[], dict[str, float]] | None, every: int):
         self.reporter = reporter
         self.evaluate = evaluate
         self.every = every
@@ -206,14 +212,16 @@ def freeze_all_but_head(model: PreTrainedModel) -> None:
             parameter.requires_grad_(True)
 
 
-def lora_config(spec: TrainSpec, model: torch.nn.Module, task_type):
+def lora_config(spec: TrainSpec, model: torch.nn.Module, task_type: str):
     """A LoraConfig for spec; a UserError naming the model's linear layers if a name is not one."""
     from peft import LoraConfig
 
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     targets = list(spec.lora_target_modules)
-    missing = [name for name in targets if name != ALL_LINEAR and name not in linear]
+    names = [name for name, _ in model.named_modules()]
+    # peft matches a target against the end of a module's dotted name ("query", "self.query").
+    missing = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(
             f"LoRA cannot adapt {', '.join(missing)}: {spec.base_model} has no such layer. Its linear "
             f"layers are {', '.join(linear)} (or choose {ALL_LINEAR})."

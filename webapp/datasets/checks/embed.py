@@ -45,9 +45,7 @@ def check(rows: Iterable[dict]) -> list[str]:
         ]
     problems = []
     if missing_count:
-        problems.append(
-            f"{missing_count} row(s) have no query or no positive text, e.g. {', '.join(missing)}."
-        )
+        problems.append(f"{missing_count} row(s) have no query or no positive text, e.g. {', '.join(missing)}.")
     usable = count - missing_count
     if usable >= 2 and same_query:
         problems.append(

@@ -85,5 +85,7 @@ def rows() -> list[dict]:
             candidates += [(article(code, name, other, rng), 0.0) for other in rng.sample(other_topics, 2)]
             candidates.append((rng.choice(UNRELATED), 0.0))
             rng.shuffle(candidates)
-            out += [{"query": query, "document": document, "relevance": relevance} for document, relevance in candidates]
+            out += [
+                {"query": query, "document": document, "relevance": relevance} for document, relevance in candidates
+            ]
     return out
