@@ -21,9 +21,12 @@
     if (value !== undefined && !edited.has(name)) field(name).value = value;
   }
 
-  function applySuggestions() {
+  function applySuggestions(methodToo) {
     const s = suggested[task()] || {};
     suggest("base_model", s.base_model);
+    if (methodToo && s.method && !edited.has("method")) {
+      form.querySelector(`[name=method][value=${s.method}]`).checked = true;
+    }
     suggest("learning_rate", s[method()]);
     ["max_steps", "batch_size", "max_seq_length"].forEach((name) => suggest(name, s[name]));
   }
@@ -41,12 +44,12 @@
     document.getElementById("task-description").textContent = info ? `Task: ${info.name} (${info.row})` : "";
   }
 
-  field("dataset").addEventListener("change", () => { applySuggestions(); sync(); });
+  field("dataset").addEventListener("change", () => { applySuggestions(true); sync(); });
   form.querySelectorAll("[name=method]").forEach((radio) =>
-    radio.addEventListener("change", () => { applySuggestions(); sync(); })
+    radio.addEventListener("change", () => { edited.add("method"); applySuggestions(false); sync(); })
   );
   base.addEventListener("change", sync);
   const cloned = new URLSearchParams(window.location.search).has("from");
-  if (!form.querySelector(".has-error") && !cloned) applySuggestions();
+  if (!form.querySelector(".has-error") && !cloned) applySuggestions(true);
   sync();
 })();

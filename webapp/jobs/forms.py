@@ -25,18 +25,20 @@ METHODS = [
 # Starting points that learn on the sample data of each task; the form suggests them when the
 # task or method changes (new_job.js), and a user's own value always wins.
 SUGGESTED = {
-    "sft": {"base_model": "smollm2-135m-instruct", "lora": 2e-3, "full": 5e-5, "max_steps": 30, "batch_size": 8,
-            "max_seq_length": 512},
-    "dpo": {"base_model": "smollm2-135m-instruct", "lora": 5e-4, "full": 5e-6, "max_steps": 30, "batch_size": 8,
-            "max_seq_length": 512},
-    "classify": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
-                 "batch_size": 16, "max_seq_length": 128},
-    "pair": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 120,
-             "batch_size": 16, "max_seq_length": 256},
-    "rerank": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 1e-4, "head": 5e-3, "max_steps": 60,
-               "batch_size": 16, "max_seq_length": 256},
-    "embed": {"base_model": "all-minilm-l6-v2", "lora": 1e-3, "full": 5e-5, "max_steps": 60, "batch_size": 16,
-              "max_seq_length": 128},
+    "sft": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 2e-3, "full": 5e-5, "max_steps": 30,
+            "batch_size": 8, "max_seq_length": 512},
+    "dpo": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 5e-4, "full": 5e-6, "max_steps": 30,
+            "batch_size": 8, "max_seq_length": 512},
+    # MiniLM is small (22M): a full fine-tune is quick and learns the sample tasks fastest.
+    "classify": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "head": 5e-3,
+                 "max_steps": 60, "batch_size": 16, "max_seq_length": 128},
+    "pair": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "head": 5e-3,
+             "max_steps": 120, "batch_size": 16, "max_seq_length": 256},
+    # A reranker's batch is a number of queries, each with all its documents.
+    "rerank": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 5e-4, "head": 5e-3,
+               "max_steps": 30, "batch_size": 8, "max_seq_length": 256},
+    "embed": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "max_steps": 30,
+              "batch_size": 16, "max_seq_length": 128},
 }
 
 

@@ -1,0 +1,537 @@
+"""Throughput benchmark: this app's SFT job path against the fine-tune a user would write by hand.
+
+``make bench`` (``python -m worker.bench``) trains SmolLM2-135M-Instruct on one generated
+instruction dataset four times, each in its own process (so each peak RSS is its own):
+
+- baseline: transformers Trainer (+ peft LoRA), fp32, every batch padded to MAX_LENGTH tokens;
+- app: worker.recipes.sft.run(spec, reporter), the code the Celery worker runs;
+
+for LoRA (r=8, alpha 16 on q_proj and v_proj) and for a full fine-tune. The app runs first and
+its batches are recorded as they are built; the baseline then replays exactly those batches, so
+both see the same rows in the same order and their losses compare step by step. The first
+warm-up steps are left out of the timing. Results go to stdout and var/bench/results.json;
+docs/performance.md says what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from worker.events import Reporter
+from worker.models import REPO_ROOT, resolve_base
+from worker.recipes import sft
+from worker.spec import TrainSpec
+
+WORK_DIR = REPO_ROOT / "var" / "bench"
+BASE_MODEL = "smollm2-135m-instruct"
+BATCH_SIZE = 8
+MAX_LENGTH = 256
+SEED = 42
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.05  # the dropout is TrainSpec's default
+LORA_TARGETS = ["q_proj", "v_proj"]
+LEARNING_RATES = {"lora": 2e-3, "full": 5e-5}
+FINAL_LOSS_STEPS = 4
+"""The final loss is the mean over this many last steps (one batch alone is a noisy measure)."""
+METHODS = ("lora", "full")
+ROLES = ("app", "baseline")
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_steps: int
+    """Optimizer steps run before the clock starts (first calls build kernels and caches)."""
+    timed_steps: int
+    """Optimizer steps timed after the warm-up."""
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.timed_steps
+
+    @property
+    def rows(self) -> int:
+        # Exactly one epoch: every row is trained on once, in both runs.
+        return self.steps * BATCH_SIZE
+
+
+# Data ---------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Be brief."  # without one, the chat template adds a 20-token default
+WORDS = (  # noqa: SIM905 - a word list reads best as text
+    "apple river stone cloud green table window music paper garden silver orange winter summer "
+    "bright quiet forest candle bridge market yellow simple travel letter number circle friend "
+    "island mountain pencil rabbit shadow spring thunder valley wonder basket butter castle "
+    "copper dragon engine feather flower guitar hammer jacket kitten ladder lemon marble mirror "
+    "needle ocean pepper planet pocket puzzle rocket saddle sugar tiger tomato tunnel velvet "
+    "wagon whistle yogurt zebra anchor blanket cabin desert falcon glacier harbor meadow"
+).split()
+TASKS = {
+    "Reverse the order of these words": lambda words: words[::-1],
+    "Sort these words alphabetically": sorted,
+    "Repeat these words": list,
+    "Write these words in capital letters": lambda words: [word.upper() for word in words],
+}
+
+
+def generate_rows(count: int, tokenizer, seed: int = SEED) -> list[dict[str, str]]:
+    """`count` instruction rows whose rendered lengths follow a log-normal around 100 tokens,
+    from the chat template's floor (~25 tokens) up to MAX_LENGTH; the same rows for a seed."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        target = min(MAX_LENGTH, round(rng.lognormvariate(math.log(88), 0.5)))
+        instruction, transform = rng.choice(list(TASKS.items()))
+        words = [rng.choice(WORDS) for _ in range(MAX_LENGTH)]
+        rows.append(_longest_row_within(target, instruction, transform, words, tokenizer))
+    return rows
+
+
+def _longest_row_within(target: int, instruction: str, transform, words: list[str], tokenizer) -> dict[str, str]:
+    def row(n: int) -> dict[str, str]:
+        chosen = words[:n]
+        return {
+            "system": SYSTEM_PROMPT,
+            "instruction": f"{instruction}: {' '.join(chosen)}",
+            "response": " ".join(transform(chosen)),
+        }
+
+    def length(n: int) -> int:
+        # One token of headroom, so that a row longer than MAX_LENGTH shows as longer.
+        return len(sft.tokenize_example(row(n), tokenizer, MAX_LENGTH + 1)["input_ids"])
+
+    low, high = 1, len(words) // 2  # the rendered length grows with n: bisect for the target
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if length(middle) <= target else (low, middle - 1)
+    return row(low)
+
+
+def tokenize(row: dict[str, str], tokenizer) -> dict[str, list[int]]:
+    """The app's own rendering (chat template, loss on the response only)."""
+    return sft.tokenize_example(row, tokenizer, MAX_LENGTH)
+
+
+# The two runs (each in its own process) --------------------------------------------------------
+
+
+class TimedReporter(Reporter):
+    """The Reporter, plus what each emit call costs the training thread."""
+
+    def __init__(self, sink):
+        super().__init__(sink=sink)
+        self.emit_seconds: list[tuple[str, int, float]] = []
+
+    def emit(self, kind: str, step: int = 0, **data: Any) -> None:
+        started = time.perf_counter()
+        super().emit(kind, step, **data)
+        self.emit_seconds.append((kind, step, time.perf_counter() - started))
+
+
+class StepClock(TrainerCallback):
+    """When training began, and when each step's loss was logged (as the app's metric events)."""
+
+    def __init__(self):
+        self.started = 0.0
+        self.logged: dict[int, tuple[float, float]] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logged[state.global_step] = (time.time(), float(logs["loss"]))
+
+
+def run_app(method: str, plan: Plan) -> dict[str, Any]:
+    """worker.recipes.sft.run as the worker runs it; timings from its own events."""
+    # Record each batch as the recipe builds it; the baseline replays them. The recipe looks
+    # pad_batch up when it builds its Trainer, so this wrapper is what its Trainer calls.
+    batches: list[list[list[int]]] = []
+    pad_batch = sft.pad_batch
+
+    def recording_pad_batch(features, pad_id):
+        batches.append([feature["input_ids"] for feature in features])
+        return pad_batch(features, pad_id)
+
+    sft.pad_batch = recording_pad_batch
+    delivered: list[str] = []  # the worker's sink writes each event to the database and Redis
+    reporter = TimedReporter(sink=lambda events: delivered.extend(json.dumps(event) for event in events))
+    with tempfile.TemporaryDirectory(dir=WORK_DIR) as output_dir:
+        spec = TrainSpec(
+            base_model=BASE_MODEL,
+            dataset_path=str(WORK_DIR / "data.jsonl"),
+            output_dir=output_dir,
+            method=method,
+            lora_r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=LORA_DROPOUT,
+            lora_target_modules=LORA_TARGETS,
+            learning_rate=LEARNING_RATES[method],
+            max_steps=plan.steps,
+            batch_size=BATCH_SIZE,
+            max_seq_length=MAX_LENGTH,
+            validation_fraction=0.0,  # no evaluation inside the timed window
+            seed=SEED,
+        )
+        started = time.time()
+        with reporter:
+            sft.run(spec, reporter)
+    events = reporter.events
+    training = next(e["t"] for e in events if e["kind"] == "state" and e["state"] == "training")
+    metrics = {e["step"]: e for e in events if e["kind"] == "metric"}
+    exported = next(e["t"] for e in events if e["kind"] == "artifact")
+    emits = [seconds for kind, step, seconds in reporter.emit_seconds if kind == "metric" and step > plan.warmup_steps]
+    return {
+        "batches": batches[: plan.steps],
+        "bf16": sft.bf16_supported(),
+        "logged_at": {step: metrics[step]["t"] for step in metrics},
+        "losses": {step: metrics[step]["loss"] for step in metrics},
+        "train_started_at": training,
+        "setup_s": training - started,
+        "export_s": exported - metrics[plan.steps]["t"],
+        "emit_s": sum(emits),
+        "emit_calls": len(emits),
+        "events_delivered": len(delivered),
+    }
+
+
+def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
+    """The fine-tune a user writes by hand: Trainer, fp32, every batch padded to MAX_LENGTH."""
+    started = time.time()
+    set_seed(SEED)
+    path = resolve_base(BASE_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=LORA_DROPOUT,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    rows = [json.loads(line) for line in (WORK_DIR / "data.jsonl").read_text().splitlines()]
+    examples = {tuple(e["input_ids"]): e for e in (tokenize(row, tokenizer) for row in rows)}
+    app_order = json.loads((WORK_DIR / f"order-{method}.json").read_text())
+    # A KeyError here means the two runs did not tokenise the same rows.
+    replayed = [examples[tuple(input_ids)] for batch in app_order for input_ids in batch]
+    clock = StepClock()
+    arguments = TrainingArguments(
+        output_dir=str(WORK_DIR / f"baseline-{method}"),
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATES[method],
+        lr_scheduler_type="linear",
+        warmup_steps=0.05,  # the app's schedule, so that the losses compare
+        max_steps=plan.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        train_sampling_strategy="sequential",  # replays the app's batches in the app's order
+        remove_unused_columns=False,
+        seed=SEED,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=replayed,
+        data_collator=partial(pad_to_max_length, pad_id=pad_id),
+        callbacks=[clock],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return {
+        "logged_at": {step: t for step, (t, _) in clock.logged.items()},
+        "losses": {step: loss for step, (_, loss) in clock.logged.items()},
+        "train_started_at": clock.started,
+        "setup_s": clock.started - started,
+        "params": sum(p.numel() for p in model.parameters()),
+        "adapter_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if method == "lora" else 0,
+    }
+
+
+def pad_to_max_length(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Every batch padded to MAX_LENGTH, as a hand-written fine-tune often does."""
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (MAX_LENGTH - len(values))
+
+    return {
+        "input_ids": torch.tensor([padded(f["input_ids"], pad_id) for f in features]),
+        "attention_mask": torch.tensor([padded([1] * len(f["input_ids"]), 0) for f in features]),
+        "labels": torch.tensor([padded(f["labels"], -100) for f in features]),
+    }
+
+
+def run_child(role: str, method: str, plan: Plan) -> None:
+    result = run_app(method, plan) if role == "app" else run_baseline(method, plan)
+    if role == "app":
+        (WORK_DIR / f"order-{method}.json").write_text(json.dumps(result.pop("batches")))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (WORK_DIR / f"{role}-{method}.json").write_text(json.dumps(result))
+
+
+def spawn(role: str, method: str, plan: Plan) -> dict[str, Any]:
+    command = [sys.executable, "-m", "worker.bench", "--child", role, method]
+    command += ["--warmup-steps", str(plan.warmup_steps), "--timed-steps", str(plan.timed_steps)]
+    env = os.environ | {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
+    result = json.loads((WORK_DIR / f"{role}-{method}.json").read_text())
+    for key in ("logged_at", "losses"):
+        result[key] = {int(step): value for step, value in result[key].items()}
+    return result
+
+
+# Arithmetic ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Training FLOPs per row: dense matmuls, LoRA adapters and causal attention.
+
+    full:  6·N per token (forward 2·N, backward 4·N: activation and weight gradients).
+    lora:  4·N per token (forward 2·N, backward 2·N: activation gradients through the frozen
+           weights, no weight gradients) + 6·A (A = adapter parameters, r·(d_in + d_out) per
+           adapted layer: forward, activation and weight gradients).
+    attention (both): 3 × forward, forward = 2·L·d·n·(n+1) for a row of n tokens (QKᵀ and
+           attention·V over the i+1 earlier positions of token i), d = heads × head_dim.
+    N counts every weight once (the tied embedding once, as the output layer).
+    """
+
+    params: int
+    adapter_params: int
+    layers: int
+    attention_width: int
+
+    def row(self, tokens: int) -> float:
+        dense = (4 * self.params + 6 * self.adapter_params) if self.adapter_params else 6 * self.params
+        attention = 6 * self.layers * self.attention_width * tokens * (tokens + 1)
+        return dense * tokens + attention
+
+
+def matmul_peak(dtype_name: str, size: int = 3072, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` square matmuls: this machine's practical matmul peak."""
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def summarise(
+    role: str, method: str, run: dict, order: list, plan: Plan, flops: FlopModel, peaks: dict
+) -> dict[str, Any]:
+    timed = order[plan.warmup_steps : plan.steps]
+    seconds = run["logged_at"][plan.steps] - run["logged_at"][plan.warmup_steps]
+    real_tokens = sum(len(ids) for batch in timed for ids in batch)
+    widths = [MAX_LENGTH if role == "baseline" else max(len(ids) for ids in batch) for batch in timed]
+    executed_tokens = sum(len(batch) * width for batch, width in zip(timed, widths, strict=True))
+    useful = sum(flops.row(len(ids)) for batch in timed for ids in batch)
+    executed = sum(len(batch) * flops.row(width) for batch, width in zip(timed, widths, strict=True))
+    precision = "bf16" if role == "app" and run.get("bf16") else "fp32"
+    losses = [run["losses"][step] for step in range(1, plan.steps + 1)]
+    return {
+        "config": f"{method} {role}",
+        "precision": precision,
+        "timed_steps": plan.timed_steps,
+        "timed_s": seconds,
+        "seconds_per_step": seconds / plan.timed_steps,
+        "real_tokens": real_tokens,
+        "tokens_per_s": real_tokens / seconds,
+        "padding_fraction": 1 - real_tokens / executed_tokens,
+        "executed_tokens_per_s": executed_tokens / seconds,
+        "useful_flop_per_s": useful / seconds,
+        "useful_fraction_of_peak": useful / seconds / peaks[precision],
+        "executed_flop_per_s": executed / seconds,
+        "executed_fraction_of_peak": executed / seconds / peaks[precision],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "final_loss": sum(losses[-FINAL_LOSS_STEPS:]) / len(losses[-FINAL_LOSS_STEPS:]),
+        "losses": losses,
+        "setup_s": run["setup_s"],
+        "warmup_s": run["logged_at"][plan.warmup_steps] - run["train_started_at"],
+        "export_s": run.get("export_s"),
+    }
+
+
+def compare(app: dict, baseline: dict, app_run: dict) -> dict[str, Any]:
+    speedup = app["tokens_per_s"] / baseline["tokens_per_s"]
+    step_gaps = [abs(a - b) / b for a, b in zip(app["losses"], baseline["losses"], strict=True)]
+    return {
+        "tokens_per_s_ratio": speedup,
+        "from_less_padding": (1 - app["padding_fraction"]) / (1 - baseline["padding_fraction"]),
+        "from_faster_kernels": app["executed_tokens_per_s"] / baseline["executed_tokens_per_s"],
+        "final_loss_gap": abs(app["final_loss"] - baseline["final_loss"]) / baseline["final_loss"],
+        "largest_step_loss_gap": max(step_gaps),
+        "emit_us_per_step": app_run["emit_s"] / max(1, app_run["emit_calls"]) * 1e6,
+        "emit_fraction_of_step": app_run["emit_s"] / app["timed_s"],
+    }
+
+
+# Output --------------------------------------------------------------------------------------
+
+GOALS = {"lora": 4.0, "full": 3.0}
+LOSS_GOAL = 0.05
+EMIT_GOAL = 0.01
+
+
+def print_config(result: dict) -> None:
+    print(
+        f"  {result['config']:<14} {result['precision']}: {result['tokens_per_s']:7.1f} real tokens/s, "
+        f"{result['useful_flop_per_s'] / 1e9:6.1f} GFLOP/s ({result['useful_fraction_of_peak']:.0%} of "
+        f"{result['precision']} peak; {result['executed_fraction_of_peak']:.0%} counting padding), "
+        f"padding {result['padding_fraction']:.0%}, peak RSS {result['peak_rss_mib'] / 1024:.2f} GiB, "
+        f"final loss {result['final_loss']:.4f}"
+    )
+    export = f", export {result['export_s']:.1f} s" if result["export_s"] is not None else ""
+    print(
+        f"  {'':<14} {result['seconds_per_step']:.2f} s/step over {result['timed_steps']} timed steps; "
+        f"job overhead: setup {result['setup_s']:.1f} s, warm-up {result['warmup_s']:.1f} s{export}"
+    )
+
+
+def print_comparison(method: str, comparison: dict) -> None:
+    def verdict(met: bool) -> str:
+        return "met" if met else "NOT met"
+
+    ratio, goal = comparison["tokens_per_s_ratio"], GOALS[method]
+    print(
+        f"  app/baseline: {ratio:.2f}× real tokens/s (goal ≥ {goal:g}×: {verdict(ratio >= goal)}) = "
+        f"{comparison['from_less_padding']:.2f}× from less padding × "
+        f"{comparison['from_faster_kernels']:.2f}× per executed token (bf16, shorter rows)"
+    )
+    gap = comparison["final_loss_gap"]
+    print(
+        f"  loss: final gap {gap:.1%} (goal ≤ {LOSS_GOAL:.0%}: {verdict(gap <= LOSS_GOAL)}), "
+        f"largest gap at any step {comparison['largest_step_loss_gap']:.1%}"
+    )
+    share = comparison["emit_fraction_of_step"]
+    print(
+        f"  Reporter.emit: {comparison['emit_us_per_step']:.0f} µs per step = {share:.4%} of the step time "
+        f"(goal < {EMIT_GOAL:.0%}: {verdict(share < EMIT_GOAL)})"
+    )
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def prepare_data(plan: Plan) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(BASE_MODEL))
+    rows = generate_rows(plan.rows, tokenizer)
+    (WORK_DIR / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lengths = [len(tokenize(row, tokenizer)["input_ids"]) for row in rows]
+    return {
+        "rows": len(rows),
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "mean_tokens": sum(lengths) / len(lengths),
+    }
+
+
+def flop_model(baseline_run: dict) -> FlopModel:
+    config = json.loads((Path(resolve_base(BASE_MODEL)) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return FlopModel(
+        params=baseline_run["params"],
+        adapter_params=baseline_run["adapter_params"],
+        layers=config["num_hidden_layers"],
+        attention_width=config["num_attention_heads"] * head_dim,
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--timed-steps", type=int, default=12)
+    parser.add_argument("--only", choices=METHODS, help="benchmark one method only")
+    parser.add_argument("--child", nargs=2, metavar=("ROLE", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    plan = Plan(args.warmup_steps, args.timed_steps)
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        run_child(*args.child, plan)
+        return 0
+
+    started = time.time()
+    results: dict[str, Any] = {"plan": asdict(plan) | {"batch_size": BATCH_SIZE, "max_length": MAX_LENGTH}}
+    results["environment"] = environment()
+    peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
+    results["matmul_peak_flop_per_s"] = peaks = {"fp32": peaks["float32"], "bf16": peaks["bfloat16"]}
+    print(
+        f"matmul peak (3072², best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    results["data"] = data = prepare_data(plan)
+    print(
+        f"data: {data['rows']} rows, {data['min_tokens']}–{data['max_tokens']} tokens (mean {data['mean_tokens']:.1f}); "
+        f"{plan.steps} steps of {BATCH_SIZE} rows, the first {plan.warmup_steps} untimed"
+    )
+    for method in [args.only] if args.only else METHODS:
+        runs = {role: spawn(role, method, plan) for role in ROLES}  # the app first: it records the order
+        order = json.loads((WORK_DIR / f"order-{method}.json").read_text())
+        flops = flop_model(runs["baseline"])
+        summaries = {role: summarise(role, method, runs[role], order, plan, flops, peaks) for role in ROLES}
+        comparison = compare(summaries["app"], summaries["baseline"], runs["app"])
+        results[method] = {
+            **summaries,
+            "comparison": comparison,
+            "flop_model": asdict(flops),
+            "flop_per_token_mean": sum(flops.row(len(i)) for b in order for i in b)
+            / sum(len(i) for b in order for i in b),
+        }
+        print(f"{method}:")
+        for role in ("baseline", "app"):
+            print_config(summaries[role])
+        print_comparison(method, comparison)
+    results["wall_s"] = time.time() - started
+    (WORK_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['wall_s'] / 60:.1f} minutes; results in {WORK_DIR / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
