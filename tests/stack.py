@@ -47,6 +47,13 @@ class Stack:
         self.processes[name] = self._spawn(name, command or train_worker_command(sys.executable, name))
         return self.processes[name]
 
+    def start_cpu_worker(self) -> subprocess.Popen:
+        """The CPU worker with the scheduler inside: it runs the reaper."""
+        from webapp.jobs.management.commands.serve import cpu_worker_command
+
+        self.processes["cpu"] = self._spawn("cpu", cpu_worker_command(sys.executable, self.logs))
+        return self.processes["cpu"]
+
     def stop(self, name: str, kill: bool = False) -> None:
         process = self.processes.pop(name)
         process.kill() if kill else process.terminate()

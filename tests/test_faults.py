@@ -54,7 +54,11 @@ def private_redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory, private_redis):
-    with running_stack(tmp_path_factory.mktemp("faults"), private_redis.url, SPECIALIST_HEARTBEAT_SECONDS="1") as stack:
+    with running_stack(
+        tmp_path_factory.mktemp("faults"), private_redis.url, SPECIALIST_HEARTBEAT_SECONDS="1",
+        SPECIALIST_LEASE_SECONDS="8", SPECIALIST_REAPER_SECONDS="2",
+    ) as stack:
+        stack.start_cpu_worker()
         stack.create_user("faults")
         yield stack
 
@@ -72,6 +76,25 @@ def dataset_id(fault_stack, http, sft_jsonl):
 def duplicate_message(stack, job_id):
     app = celery.Celery(broker=stack.env["REDIS_URL"])
     app.send_task("worker.tasks.train_job", args=[job_id], queue="train")
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_a_new_worker(
+    fault_stack, http, dataset_id, tiny_llama_dir, tmp_path
+):
+    job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=150)
+    fault_stack.wait_for(job_id, lambda j: len(metric_steps(j)) >= 60, what="past the checkpoint at step 50")
+    fault_stack.stop("worker", kill=True)  # SIGKILL: no goodbye, no ack, the lease just stops
+    fault_stack.start_worker()
+    job = fault_stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed"), timeout=300, what="the end")
+    assert job["state"] == "succeeded", job["message"]
+    assert job["attempts"] == 2
+    assert metric_steps(job) == list(range(1, 151)), "the loss curve has a gap or a repeated point"
+    messages = [e.get("message", "") for e in job["events"]]
+    assert any("queued again" in m for m in messages)
+    assert any("Resuming from the checkpoint at step 50" in m for m in messages)
+    assert sum(1 for e in job["events"] if e["kind"] == "eval" and e.get("baseline")) == 1
+    adapter = next((fault_stack.media_root / "jobs" / str(job_id) / "final").glob("adapter_model.safetensors"))
+    assert adapter.stat().st_size > 0
 
 
 def test_a_message_delivered_twice_to_two_workers_trains_once(fault_stack, http, dataset_id, tiny_llama_dir):

@@ -60,6 +60,8 @@ class Plan:
     """Optimizer steps run before the clock starts (first calls build kernels and caches)."""
     timed_steps: int
     """Optimizer steps timed after the warm-up."""
+    threads: int
+    """Torch threads for every run (default: one per core, as the worker runs)."""
 
     @property
     def steps(self) -> int:
@@ -286,6 +288,7 @@ def pad_to_max_length(features: list[dict[str, list[int]]], pad_id: int) -> dict
 
 
 def run_child(role: str, method: str, plan: Plan) -> None:
+    torch.set_num_threads(plan.threads)
     result = run_app(method, plan) if role == "app" else run_baseline(method, plan)
     if role == "app":
         (WORK_DIR / f"order-{method}.json").write_text(json.dumps(result.pop("batches")))
@@ -296,9 +299,13 @@ def run_child(role: str, method: str, plan: Plan) -> None:
 def spawn(role: str, method: str, plan: Plan) -> dict[str, Any]:
     command = [sys.executable, "-m", "worker.bench", "--child", role, method]
     command += ["--warmup-steps", str(plan.warmup_steps), "--timed-steps", str(plan.timed_steps)]
+    command += ["--threads", str(plan.threads)]
     env = os.environ | {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
     result = json.loads((WORK_DIR / f"{role}-{method}.json").read_text())
+    # Other processes on the machine slow every run down, multithreaded ones the most.
+    result["load_average"] = [load_before, os.getloadavg()[0]]
     for key in ("logged_at", "losses"):
         result[key] = {int(step): value for step, value in result[key].items()}
     return result
@@ -376,6 +383,10 @@ def summarise(
         "setup_s": run["setup_s"],
         "warmup_s": run["logged_at"][plan.warmup_steps] - run["train_started_at"],
         "export_s": run.get("export_s"),
+        "step_seconds": [
+            run["logged_at"][step] - run["logged_at"][step - 1] for step in range(plan.warmup_steps + 1, plan.steps + 1)
+        ],
+        "load_average": run["load_average"],
     }
 
 
@@ -488,10 +499,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run")
     parser.add_argument("--only", choices=METHODS, help="benchmark one method only")
     parser.add_argument("--child", nargs=2, metavar=("ROLE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    plan = Plan(args.warmup_steps, args.timed_steps)
+    plan = Plan(args.warmup_steps, args.timed_steps, args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     if args.child:
         run_child(*args.child, plan)
@@ -500,6 +512,10 @@ def main(argv: list[str]) -> int:
     started = time.time()
     results: dict[str, Any] = {"plan": asdict(plan) | {"batch_size": BATCH_SIZE, "max_length": MAX_LENGTH}}
     results["environment"] = environment()
+    torch.set_num_threads(plan.threads)
+    busy = results["environment"]["load_average_at_start"][0]
+    if busy > 0.5:
+        print(f"warning: load average {busy:.1f} before starting; other processes will slow the runs down")
     peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
     results["matmul_peak_flop_per_s"] = peaks = {"fp32": peaks["float32"], "bf16": peaks["bfloat16"]}
     print(

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import export
+from worker.checkpoints import Checkpointing, latest_checkpoint
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm
@@ -55,20 +56,31 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
-        callbacks=[progress],
+        callbacks=[progress, Checkpointing(spec, reporter)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
 
     # The untouched model on the held-out rows: the baseline later numbers are compared with.
+    # A job requeued after its worker died resumes from its last checkpoint and keeps the
+    # baseline it measured the first time.
     sample_prompts = [prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
-    metrics_before = held_out_metrics(trainer) if eval_rows else {}
-    replies_before = generate_replies(model, tokenizer, sample_prompts)
-    if eval_rows:
-        reporter.eval(0, baseline=True, **metrics_before)
+    resume_from = latest_checkpoint(Path(spec.output_dir))
+    baseline_path = Path(spec.output_dir) / "baseline.json"
+    if resume_from and baseline_path.is_file():
+        metrics_before, replies_before = json.loads(baseline_path.read_text())
+        reporter.log(f"Resuming from the checkpoint at step {resume_from.rsplit('-', 1)[1]}.")
+    else:
+        resume_from = None
+        metrics_before = held_out_metrics(trainer) if eval_rows else {}
+        replies_before = generate_replies(model, tokenizer, sample_prompts)
+        baseline_path.parent.mkdir(parents=True, exist_ok=True)
+        baseline_path.write_text(json.dumps([metrics_before, replies_before]))
+        if eval_rows:
+            reporter.eval(0, baseline=True, **metrics_before)
 
     # Train, then evaluate once more on the held-out rows.
     _raise_if_stopped(reporter)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
     step = trainer.state.global_step
     metrics_after, samples = {}, []
@@ -158,7 +170,8 @@ def training_arguments(spec: TrainSpec, evaluate: bool) -> TrainingArguments:
         logging_steps=1,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=spec.eval_every,
-        save_strategy="no",
+        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
+        save_steps=spec.checkpoint_every,
         report_to="none",
         activation_checkpointing=False,
         dataloader_num_workers=0,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import redis
@@ -40,7 +41,7 @@ class Command(BaseCommand):
         children.append(subprocess.Popen([python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]))
         if not no_worker:
             children.append(subprocess.Popen(train_worker_command(python)))
-            children.append(subprocess.Popen(cpu_worker_command(python)))
+            children.append(subprocess.Popen(cpu_worker_command(python, settings.VAR_DIR)))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
         supervise(children)
 
@@ -51,9 +52,9 @@ def train_worker_command(python: str, name: str = "train") -> list[str]:
             "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 
-def cpu_worker_command(python: str) -> list[str]:
+def cpu_worker_command(python: str, var_dir: Path) -> list[str]:
     """Dataset work and the periodic reaper (-B runs the scheduler inside this worker)."""
-    schedule = settings.VAR_DIR / "celerybeat-schedule"
+    schedule = var_dir / "celerybeat-schedule"
     return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "cpu", "--pool", "threads", "--concurrency", "2",
             "-n", "cpu@%h", "-B", "-s", str(schedule), "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
