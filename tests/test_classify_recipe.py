@@ -294,7 +294,7 @@ def test_the_result_holds_metrics_before_and_after_and_the_confusion_matrices(fu
 
 
 def test_the_artifact_is_a_whole_classifier_with_label_names_and_card(full_run, lora_run):
-    for run, kind in ((full_run, "model"), (lora_run, "adapter")):
+    for run in (full_run, lora_run):  # a merged LoRA is a whole model too
         artifact = Path(run["result"]["artifact_dir"])
         names = {path.name for path in artifact.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "train_spec.json", "README.md"} <= names
@@ -304,7 +304,7 @@ def test_the_artifact_is_a_whole_classifier_with_label_names_and_card(full_run, 
         assert config["architectures"] == ["BertForSequenceClassification"]
         card = (artifact / "README.md").read_text()
         job = run["spec"].job_id
-        assert f'pipeline("text-classification", model="specialist-job-{job}-{kind}")' in card
+        assert f'pipeline("text-classification", model="specialist-job-{job}-model")' in card
         assert "accuracy (held out) |" in card and "library_name: transformers" in card
     assert "merged into the weights" in (Path(lora_run["result"]["artifact_dir"]) / "README.md").read_text()
 
