@@ -60,6 +60,26 @@ def resolve_base(name: str) -> str:
     return _from_hub_cache(name)
 
 
+def resolve_encoder(spec: TrainSpec, purpose: str) -> str:
+    """The folder of spec's base, refusing a text-generating model for an encoder task.
+
+    `purpose` names what is being built ("a reranker"), for the message.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_base(spec.base_model)
+    try:
+        architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
+    if any(arch.endswith(CAUSAL_LM_ARCHITECTURES) for arch in architectures):
+        raise UserError(
+            f"{spec.base_model} is a text-generating model; {purpose} here is built on a text "
+            "encoder (BERT-style). Choose an encoder such as all-minilm-l6-v2."
+        )
+    return path
+
+
 def prepare_catalog() -> dict[str, str]:
     """Resolve every catalog model now (converting what needs converting); key -> directory."""
     return {key: resolve_base(key) for key in CATALOG}

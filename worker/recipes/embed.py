@@ -39,7 +39,7 @@ from sentence_transformers import (
 )
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
@@ -136,18 +136,9 @@ def training_arguments(spec: TrainSpec) -> SentenceTransformerTrainingArguments:
 
 def load_sentence_transformer(spec: TrainSpec) -> SentenceTransformer:
     """The base as a bi-encoder (a plain encoder folder gets mean pooling)."""
-    from worker.models import resolve_base
+    from worker.models import resolve_encoder
 
-    path = resolve_base(spec.base_model)
-    try:
-        architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
-    if any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in architectures):
-        raise UserError(
-            f"{spec.base_model} is a text-generating model; embeddings here are trained on a text "
-            "encoder (BERT-style). Choose an encoder such as all-minilm-l6-v2."
-        )
+    path = resolve_encoder(spec, "an embedding model")
     try:
         model = SentenceTransformer(
             path,

@@ -34,7 +34,7 @@ import torch
 from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import ListNetLoss
-from transformers import AutoConfig, PreTrainedModel, TrainerCallback, set_seed
+from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
@@ -162,18 +162,9 @@ def training_arguments(spec: TrainSpec) -> CrossEncoderTrainingArguments:
 
 def load_cross_encoder(spec: TrainSpec) -> CrossEncoder:
     """The base as a cross-encoder with one output (a fresh scoring head unless it has one)."""
-    from worker.models import resolve_base
+    from worker.models import resolve_encoder
 
-    path = resolve_base(spec.base_model)
-    try:
-        architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Could not read the configuration of {spec.base_model}: {exc}") from exc
-    if any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in architectures):
-        raise UserError(
-            f"{spec.base_model} is a text-generating model; a reranker here is built on a text "
-            "encoder (BERT-style). Choose an encoder such as all-minilm-l6-v2."
-        )
+    path = resolve_encoder(spec, "a reranker")
     try:
         model = CrossEncoder(
             path,
