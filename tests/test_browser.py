@@ -69,7 +69,9 @@ def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir,
     page.wait_for_url("**/jobs/*/")
 
     # The chart gains points while the job trains, without a reload.
-    page.wait_for_function("() => window.specialistJob.trainPoints >= 2")
+    # The worker imports torch, loads the model and measures the step-0 baseline first: on a
+    # busy 2-core machine that alone can take a minute.
+    page.wait_for_function("() => window.specialistJob.trainPoints >= 2", timeout=240_000)
     seen = len(chart_steps(page))
     page.wait_for_function(f"() => document.getElementById('loss-chart').data[0].x.length > {seen}")
     ARTIFACTS.mkdir(exist_ok=True)
