@@ -60,6 +60,8 @@ def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir,
     assert f"{rows} usable" in page.text_content("#row-count")
 
     page.click("text=Train on this dataset")
+    page.wait_for_url("**/jobs/new/?dataset=*")
+    page.wait_for_load_state("load")  # the form's script has set its suggestions
     page.select_option("select[name=base_model]", "custom")
     page.fill("input[name=custom_base_model]", str(tiny_llama_dir))
     page.fill("input[name=max_steps]", "150")
