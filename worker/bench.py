@@ -209,6 +209,7 @@ def run_app(method: str, plan: Plan) -> dict[str, Any]:
         "setup_s": training - started,
         "export_s": exported - metrics[plan.steps]["t"],
         "emit_s": sum(emits),
+        "emit_max_s": max(emits, default=0.0),
         "emit_calls": len(emits),
         "events_delivered": len(delivered),
     }
@@ -238,8 +239,9 @@ def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
     # A KeyError here means the two runs did not tokenise the same rows.
     replayed = [examples[tuple(input_ids)] for batch in app_order for input_ids in batch]
     clock = StepClock()
+    output_dir = tempfile.TemporaryDirectory(dir=WORK_DIR)  # nothing is saved there
     arguments = TrainingArguments(
-        output_dir=str(WORK_DIR / f"baseline-{method}"),
+        output_dir=output_dir.name,
         per_device_train_batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATES[method],
         lr_scheduler_type="linear",
@@ -263,14 +265,15 @@ def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
         callbacks=[clock],
     )
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    with output_dir:
+        trainer.train()
     return {
         "logged_at": {step: t for step, (t, _) in clock.logged.items()},
         "losses": {step: loss for step, (_, loss) in clock.logged.items()},
         "train_started_at": clock.started,
         "setup_s": clock.started - started,
-        "params": sum(p.numel() for p in model.parameters()),
-        "adapter_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if method == "lora" else 0,
+        "params": sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name),
+        "adapter_params": sum(p.numel() for name, p in model.named_parameters() if "lora_" in name),
     }
 
 
@@ -300,7 +303,8 @@ def spawn(role: str, method: str, plan: Plan) -> dict[str, Any]:
     command = [sys.executable, "-m", "worker.bench", "--child", role, method]
     command += ["--warmup-steps", str(plan.warmup_steps), "--timed-steps", str(plan.timed_steps)]
     command += ["--threads", str(plan.threads)]
-    env = os.environ | {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    env = os.environ | quiet
     load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
     result = json.loads((WORK_DIR / f"{role}-{method}.json").read_text())
@@ -400,6 +404,7 @@ def compare(app: dict, baseline: dict, app_run: dict) -> dict[str, Any]:
         "final_loss_gap": abs(app["final_loss"] - baseline["final_loss"]) / baseline["final_loss"],
         "largest_step_loss_gap": max(step_gaps),
         "emit_us_per_step": app_run["emit_s"] / max(1, app_run["emit_calls"]) * 1e6,
+        "emit_us_max": app_run["emit_max_s"] * 1e6,
         "emit_fraction_of_step": app_run["emit_s"] / app["timed_s"],
     }
 
@@ -411,7 +416,7 @@ LOSS_GOAL = 0.05
 EMIT_GOAL = 0.01
 
 
-def print_config(result: dict) -> None:
+def print_config(result: dict, plan: Plan) -> None:
     print(
         f"  {result['config']:<14} {result['precision']}: {result['tokens_per_s']:7.1f} real tokens/s, "
         f"{result['useful_flop_per_s'] / 1e9:6.1f} GFLOP/s ({result['useful_fraction_of_peak']:.0%} of "
@@ -422,8 +427,11 @@ def print_config(result: dict) -> None:
     export = f", export {result['export_s']:.1f} s" if result["export_s"] is not None else ""
     print(
         f"  {'':<14} {result['seconds_per_step']:.2f} s/step over {result['timed_steps']} timed steps; "
-        f"job overhead: setup {result['setup_s']:.1f} s, warm-up {result['warmup_s']:.1f} s{export}"
+        f"job overhead: setup {result['setup_s']:.1f} s, warm-up {result['warmup_s']:.1f} s{export}; "
+        "load average {:.1f} → {:.1f}".format(*result["load_average"])
     )
+    if max(result["load_average"]) > plan.threads + 0.5:  # its own threads count too
+        print(f"  {'':<14} warning: other processes ran alongside; these timings are not reliable")
 
 
 def print_comparison(method: str, comparison: dict) -> None:
@@ -443,7 +451,8 @@ def print_comparison(method: str, comparison: dict) -> None:
     )
     share = comparison["emit_fraction_of_step"]
     print(
-        f"  Reporter.emit: {comparison['emit_us_per_step']:.0f} µs per step = {share:.4%} of the step time "
+        f"  Reporter.emit: {comparison['emit_us_per_step']:.0f} µs per step (slowest {comparison['emit_us_max']:.0f} µs) "
+        f"= {share:.4%} of the step time "
         f"(goal < {EMIT_GOAL:.0%}: {verdict(share < EMIT_GOAL)})"
     )
 
@@ -463,7 +472,6 @@ def environment() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
@@ -512,41 +520,45 @@ def main(argv: list[str]) -> int:
     started = time.time()
     results: dict[str, Any] = {"plan": asdict(plan) | {"batch_size": BATCH_SIZE, "max_length": MAX_LENGTH}}
     results["environment"] = environment()
-    torch.set_num_threads(plan.threads)
-    busy = results["environment"]["load_average_at_start"][0]
-    if busy > 0.5:
-        print(f"warning: load average {busy:.1f} before starting; other processes will slow the runs down")
-    peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
-    results["matmul_peak_flop_per_s"] = peaks = {"fp32": peaks["float32"], "bf16": peaks["bfloat16"]}
-    print(
-        f"matmul peak (3072², best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
-    )
+    if results["environment"]["load_average_at_start"][0] > 0.5:
+        print("warning: the machine is busy (see the load averages below); other processes slow the runs down")
+    results["matmul_peak_flop_per_s"] = peaks = measure_peaks(plan)
     results["data"] = data = prepare_data(plan)
     print(
-        f"data: {data['rows']} rows, {data['min_tokens']}–{data['max_tokens']} tokens (mean {data['mean_tokens']:.1f}); "
-        f"{plan.steps} steps of {BATCH_SIZE} rows, the first {plan.warmup_steps} untimed"
+        f"data: {data['rows']} rows, {data['min_tokens']}–{data['max_tokens']} tokens "
+        f"(mean {data['mean_tokens']:.1f}); {plan.steps} steps of {BATCH_SIZE} rows, the first "
+        f"{plan.warmup_steps} untimed"
     )
     for method in [args.only] if args.only else METHODS:
-        runs = {role: spawn(role, method, plan) for role in ROLES}  # the app first: it records the order
-        order = json.loads((WORK_DIR / f"order-{method}.json").read_text())
-        flops = flop_model(runs["baseline"])
-        summaries = {role: summarise(role, method, runs[role], order, plan, flops, peaks) for role in ROLES}
-        comparison = compare(summaries["app"], summaries["baseline"], runs["app"])
-        results[method] = {
-            **summaries,
-            "comparison": comparison,
-            "flop_model": asdict(flops),
-            "flop_per_token_mean": sum(flops.row(len(i)) for b in order for i in b)
-            / sum(len(i) for b in order for i in b),
-        }
-        print(f"{method}:")
-        for role in ("baseline", "app"):
-            print_config(summaries[role])
-        print_comparison(method, comparison)
+        results[method] = benchmark(method, plan, peaks)
     results["wall_s"] = time.time() - started
     (WORK_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['wall_s'] / 60:.1f} minutes; results in {WORK_DIR / 'results.json'}")
     return 0
+
+
+def measure_peaks(plan: Plan) -> dict[str, float]:
+    torch.set_num_threads(plan.threads)
+    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
+    print(
+        f"matmul peak ({plan.threads} threads, 3072², best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    return peaks
+
+
+def benchmark(method: str, plan: Plan, peaks: dict[str, float]) -> dict[str, Any]:
+    """The app run, then the baseline replaying its batches; printed and returned for the JSON."""
+    runs = {role: spawn(role, method, plan) for role in ROLES}
+    order = json.loads((WORK_DIR / f"order-{method}.json").read_text())
+    flops = flop_model(runs["baseline"])
+    summaries = {role: summarise(role, method, runs[role], order, plan, flops, peaks) for role in ROLES}
+    comparison = compare(summaries["app"], summaries["baseline"], runs["app"])
+    print(f"{method}:")
+    for role in ("baseline", "app"):
+        print_config(summaries[role], plan)
+    print_comparison(method, comparison)
+    return {**summaries, "comparison": comparison, "flop_model": asdict(flops)}
 
 
 if __name__ == "__main__":
