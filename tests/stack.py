@@ -221,7 +221,9 @@ def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("stack"), "redis://127.0.0.1:6379/14") as stack:
+    # Two test runs on one machine (developers working side by side) each name their own database.
+    redis_url = os.environ.get("SPECIALIST_TEST_STACK_REDIS", "redis://127.0.0.1:6379/14")
+    with running_stack(tmp_path_factory.mktemp("stack"), redis_url) as stack:
         yield stack
 
 
