@@ -63,6 +63,9 @@ class TrainSpec:
     """DoRA: LoRA with a learned magnitude per output (often better at low rank, a bit slower)."""
     dpo_beta: float = 0.1
     """DPO only: how far the tuned model may move from the base (higher stays closer)."""
+    dpo_sft_weight: float = 1.0
+    """DPO only: weight of a likelihood term on the chosen reply (RPO); without it (0, pure DPO)
+    the model learns to rank the pair but its own replies barely change."""
     learning_rate: float = 2e-3
     """Peak learning rate (linear decay after a short warm-up)."""
     epochs: float = 1.0
@@ -75,6 +78,9 @@ class TrainSpec:
     """Tokens per row after the chat template; longer rows are truncated."""
     validation_fraction: float = 0.1
     """Share of rows held out for the validation loss (seeded, stable split)."""
+    validation_path: str = ""
+    """Normalised JSONL of an uploaded validation file; when set, it is the held-out set and
+    validation_fraction is ignored."""
     eval_every: int = 10
     """Evaluate the validation loss every this many steps (and at the end)."""
     checkpoint_every: int = 50
@@ -110,6 +116,8 @@ class TrainSpec:
                 raise SpecError("lora_target_modules", f"not a module name: {odd[0]!r}")
         if not self.dpo_beta > 0:
             raise SpecError("dpo_beta", "must be greater than 0")
+        if not self.dpo_sft_weight >= 0:
+            raise SpecError("dpo_sft_weight", "must be 0 (pure DPO) or more")
         if not self.learning_rate > 0:
             raise SpecError("learning_rate", "must be greater than 0")
         if self.learning_rate >= 1:

@@ -15,6 +15,7 @@ CUSTOM = "custom"
 SPEC_FIELDS = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
+    "dpo_sft_weight",
 )
 _DEFAULTS = TrainSpec(base_model=DEFAULT_BASE_MODEL, dataset_path="", output_dir="")
 METHODS = [
@@ -78,6 +79,11 @@ class JobForm(forms.Form):
     validation_fraction = forms.FloatField(initial=_DEFAULTS.validation_fraction)
     dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta, required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
+    dpo_sft_weight = forms.FloatField(
+        label="Chosen-reply weight (RPO)", initial=_DEFAULTS.dpo_sft_weight, required=False,
+        help_text="Preference tuning only: also learn to write the chosen replies. 0 is pure DPO, which learns "
+                  "to rank the pair but barely changes what the model writes.",
+    )
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
@@ -98,8 +104,9 @@ class JobForm(forms.Form):
         if self.errors or dataset is None:
             return data
         values = {f: data.get(f) for f in SPEC_FIELDS}
-        if values["dpo_beta"] is None:
-            values["dpo_beta"] = _DEFAULTS.dpo_beta
+        for dpo_field in ("dpo_beta", "dpo_sft_weight"):
+            if values[dpo_field] is None:
+                values[dpo_field] = getattr(_DEFAULTS, dpo_field)
         if base in CATALOG and CATALOG[base].kind == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         try:

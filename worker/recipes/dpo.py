@@ -155,6 +155,7 @@ def dpo_arguments(spec: TrainSpec) -> DPOConfig:
     return DPOConfig(
         output_dir=spec.output_dir,
         beta=spec.dpo_beta,
+        **preference_loss(spec),
         max_length=spec.max_seq_length,
         per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
@@ -174,6 +175,13 @@ def dpo_arguments(spec: TrainSpec) -> DPOConfig:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
+
+
+def preference_loss(spec: TrainSpec) -> dict:
+    """Pure DPO, or DPO plus a likelihood term on the chosen reply (RPO) so the replies themselves move."""
+    if spec.dpo_sft_weight == 0:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, spec.dpo_sft_weight]}
 
 
 # Data -----------------------------------------------------------------------------------------
