@@ -59,7 +59,15 @@ def small_jsonl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_llama_dir, dpo_jsonl, tmp_path_factory):
-    return train(make_spec(tiny_llama_dir, dpo_jsonl, tmp_path_factory.mktemp("dpo-lora"), job_id=7))
+    """Pure DPO (no likelihood term), whose losses and rewards have textbook values to check."""
+    out = tmp_path_factory.mktemp("dpo-lora")
+    return train(make_spec(tiny_llama_dir, dpo_jsonl, out, job_id=7, dpo_sft_weight=0))
+
+
+@pytest.fixture(scope="module")
+def rpo_run(tiny_llama_dir, dpo_jsonl, tmp_path_factory):
+    """The product's default: DPO plus a likelihood term on the chosen reply."""
+    return train(make_spec(tiny_llama_dir, dpo_jsonl, tmp_path_factory.mktemp("dpo-rpo")))
 
 
 def evals(events: list[dict]) -> list[dict]:
@@ -77,6 +85,19 @@ def test_lora_dpo_learns_the_preference_the_base_does_not_have(lora_run):
     assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.5
     assert after["eval_loss"] < before["eval_loss"] - 0.3
     assert lora_run["result"]["steps"] == 8
+
+
+def mean_chosen_logp(run: dict) -> float:
+    pairs = json.loads((Path(run["spec"].output_dir) / "eval_predictions.json").read_text())
+    return sum(pair["chosen_logp"] for pair in pairs) / len(pairs)
+
+
+def test_the_chosen_reply_term_makes_the_model_write_the_chosen_replies(lora_run, rpo_run):
+    assert rpo_run["result"]["metrics_after"]["preference_accuracy"] >= 0.9
+    # Pure DPO only widens the gap between the answers; with the likelihood term the chosen
+    # replies themselves become far more likely (what the user then sees in generations).
+    assert mean_chosen_logp(rpo_run) > mean_chosen_logp(lora_run) + 2.0, (mean_chosen_logp(rpo_run),
+                                                                          mean_chosen_logp(lora_run))
 
 
 def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
