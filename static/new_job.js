@@ -5,6 +5,7 @@
   const form = document.getElementById("job-form");
   if (!form) return;
   const datasetTasks = JSON.parse(document.getElementById("dataset-tasks").textContent);
+  const withValidation = JSON.parse(document.getElementById("dataset-validation").textContent);
   const suggested = JSON.parse(document.getElementById("suggested").textContent);
   const taskNames = JSON.parse(document.getElementById("task-names").textContent);
   const field = (name) => form.querySelector(`[name=${name}]`);
@@ -40,6 +41,9 @@
     document.getElementById("lora-fields").hidden = method() !== "lora";
     document.getElementById("custom-base").hidden = base.value !== "custom";
     document.getElementById("dpo-fields").hidden = t !== "dpo";
+    const ownValidation = withValidation.includes(Number(field("dataset").value));
+    document.getElementById("validation-fraction").hidden = ownValidation;
+    document.getElementById("own-validation").classList.toggle("hidden", !ownValidation);
     const info = taskNames[t];
     document.getElementById("task-description").textContent = info ? `Task: ${info.name} (${info.row})` : "";
   }

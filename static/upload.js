@@ -3,7 +3,7 @@
   "use strict";
   const form = document.getElementById("upload-form");
   const zone = document.getElementById("dropzone");
-  const input = form.querySelector("input[type=file]");
+  const input = form.querySelector("input[name=file]");
   const text = document.getElementById("dropzone-text");
   const show = () => { if (input.files.length) text.textContent = input.files[0].name; };
   input.addEventListener("change", show);
@@ -25,6 +25,8 @@
     const xhr = new XMLHttpRequest();
     xhr.open("POST", form.action || window.location.href);
     xhr.upload.onprogress = (p) => { if (p.lengthComputable) bar.value = p.loaded / p.total; };
+    // A small file is read before the server answers; say so instead of a full, silent bar.
+    xhr.upload.onload = () => { text.textContent = "Uploaded; reading the file…"; };
     xhr.onload = () => {
       // Follow the server's answer: a redirect to the dataset, or the form with its errors.
       if (xhr.responseURL && xhr.responseURL !== window.location.href) { window.location = xhr.responseURL; return; }

@@ -10,7 +10,10 @@ from webapp.jobs.models import Job
 
 pytestmark = pytest.mark.django_db
 
-POST_ONLY = {"cancel_job", "delete_dataset"}
+POST_ONLY = {
+    "cancel_job", "delete_dataset", "dataset_mapping", "accept_dataset_rows", "replace_dataset_file",
+    "add_validation_file", "remove_validation_file",
+}
 
 
 @pytest.fixture
@@ -43,7 +46,10 @@ def request(client, name, path):
 
 def test_the_walk_covers_every_object_url(objects):
     names = {name for name, _ in urls_with_ids(objects)}
-    assert names == {"dataset", "delete_dataset", "job", "job_events", "cancel_job", "download"}
+    assert names == {
+        "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
+        "accept_dataset_rows", "replace_dataset_file", "add_validation_file", "remove_validation_file",
+    }
 
 
 def test_anonymous_clients_are_sent_to_sign_in(anon_client, objects):

@@ -40,7 +40,6 @@ def test_files_are_stored_under_generated_names(owner_client, media_root):
     [
         ("empty.jsonl", b"", "empty"),
         ("bad.jsonl", b'{"instruction": "a", "response": "b"\n', "line 1"),
-        ("missing.csv", b"instruction,text\na,b\n", "response"),
         ("latin1.csv", "instruction,response\ncafé,ok\n".encode("latin-1"), "UTF-8"),
         ("notes.txt", b"hello", "not a dataset format"),
         ("fake.parquet", b"this is not parquet", "Parquet"),
@@ -89,12 +88,22 @@ def test_another_user_cannot_see_the_dataset(owner_client, other_client, media_r
          "relevant"),
     ],
 )
-def test_data_that_cannot_train_the_task_is_refused_before_anything_is_queued(owner_client, media_root, task, content,
-                                                                             message):
+def test_data_that_cannot_train_the_task_is_kept_rejected_with_its_reason(owner_client, media_root, task, content,
+                                                                          message):
     reply = upload(owner_client, f"{task}.jsonl", content, task=task)
-    assert reply.status_code == 400
-    assert message in reply.content.decode()
-    assert not Dataset.objects.exists()
+    dataset = Dataset.objects.get()
+    assert reply.status_code == 302 and dataset.status == "rejected"
+    assert message in owner_client.get(reply.url).content.decode()
+    assert dataset.original.path and not dataset.rows_path.exists()
+
+
+def test_a_file_without_a_required_column_is_kept_so_the_mapping_can_be_chosen(owner_client, media_root):
+    reply = upload(owner_client, "missing.csv", b"instruction,text\na,b\n")
+    dataset = Dataset.objects.get()
+    assert reply.status_code == 302 and dataset.status == "rejected"
+    page = owner_client.get(reply.url).content.decode()
+    assert "Missing the required column for &#x27;response&#x27;" in page
+    assert 'id="mapping-form"' in page and "<option value=\"text\">text</option>" in page
 
 
 @pytest.mark.parametrize("task", ["sft", "classify", "pair", "rerank", "embed", "dpo"])

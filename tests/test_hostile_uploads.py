@@ -52,9 +52,10 @@ def test_a_pickle_payload_is_never_unpickled(owner_client, media_root, tmp_path,
 def test_an_html_file_named_csv_is_refused_and_shown_as_text(owner_client, media_root):
     html = b"<html><body><script>alert('x')</script>instruction,response</body></html>\n<p>a</p>\n"
     reply = upload(owner_client, "page.csv", html)
-    assert reply.status_code == 400
-    assert b"<script>alert" not in reply.content
-    assert not Dataset.objects.exists()
+    # Its "columns" are kept for the mapping form (nothing uploaded is lost), but it is rejected.
+    assert Dataset.objects.get().status == "rejected"
+    page = owner_client.get(reply.url).content
+    assert b"<script>alert" not in page and b"&lt;script&gt;alert" in page
 
 
 def test_formula_strings_stay_plain_text_on_the_page(owner_client, media_root):

@@ -14,7 +14,8 @@ VALID = {
 
 @pytest.fixture
 def dataset(owner):
-    return Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl", rows_total=10, rows_ok=10)
+    return Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl", rows_total=10, rows_ok=10,
+                                  status="ready")
 
 
 def test_the_form_offers_the_catalog_with_sizes(owner_client, dataset):

@@ -115,6 +115,8 @@ MEDIA_ROOT = Path(os.environ.get("SPECIALIST_MEDIA_ROOT", VAR_DIR / "media"))
 MAX_UPLOAD_BYTES = envint("SPECIALIST_MAX_UPLOAD_BYTES", 1024**3)
 # Uploads stream to a temporary file past this size; never held in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Uploads up to this size are read in the request; larger ones by a worker on the "cpu" queue.
+INLINE_PARSE_BYTES = envint("SPECIALIST_INLINE_PARSE_BYTES", 5 * 1024 * 1024)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CACHES = {
@@ -129,7 +131,9 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_TASK_ROUTES = {"worker.tasks.train_job": {"queue": "train"}, "worker.tasks.*": {"queue": "cpu"}}
+CELERY_TASK_ROUTES = {
+    "worker.tasks.train_job": {"queue": "train"}, "worker.tasks.*": {"queue": "cpu"}, "webapp.datasets.*": {"queue": "cpu"}
+}
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", 3600)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -1,12 +1,39 @@
+"""Datasets: an upload, what reading it found, and what the user decided about it.
+
+A dataset moves through `uploaded → parsing → ready | review | rejected`. `Dataset.parse()`
+is the one place that reads the files; a small upload is read in the request, a large one by
+the "cpu" Celery queue (webapp/datasets/background.py), both through that method. Nothing the
+user uploaded is dropped when reading finds problems: the file stays with its message, so the
+user can change the column mapping, upload a corrected file in its place, or delete it. Once a
+job uses a dataset it never changes again.
+"""
+
+import logging
 import uuid
 from pathlib import Path
 
 from django.conf import settings
 from django.core.files import File
-from django.db import models
+from django.db import models, transaction
 
 from webapp.datasets import tasks
-from webapp.datasets.parsing import parse_dataset
+from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset
+
+log = logging.getLogger(__name__)
+
+UPLOADED = "uploaded"
+PARSING = "parsing"
+READY = "ready"
+REVIEW = "review"
+REJECTED = "rejected"
+BUSY_STATUSES = (UPLOADED, PARSING)
+STATUSES = [
+    (UPLOADED, "waiting to be read"),
+    (PARSING, "being read"),
+    (READY, "ready"),
+    (REVIEW, "needs review"),
+    (REJECTED, "rejected"),
+]
 
 
 def _storage_dir(dataset: "Dataset") -> str:
@@ -18,20 +45,34 @@ def original_upload_to(dataset: "Dataset", filename: str) -> str:
     return f"{_storage_dir(dataset)}/original{Path(filename).suffix.lower()}"
 
 
-class DatasetRejected(Exception):
-    """The upload cannot be trained on; the message says why and where."""
+def validation_upload_to(dataset: "Dataset", filename: str) -> str:
+    return f"{_storage_dir(dataset)}/validation-original{Path(filename).suffix.lower()}"
 
-    def __init__(self, message: str, report=None):
+
+class DatasetRejected(Exception):
+    """An upload that cannot be read as a dataset at all; the message says why and where."""
+
+    def __init__(self, message: str, errors: list[dict] | None = None, field: str = "file"):
         super().__init__(message)
-        self.report = report
+        self.errors = errors or []
+        """Examples of unreadable rows: {"line", "column", "problem"}."""
+        self.field = field
+        """The upload form's field that holds the file."""
+
+
+class DatasetLocked(Exception):
+    """The dataset cannot change now: a job uses it, or it is being read."""
 
 
 class Dataset(models.Model):
     TASKS = tasks.choices()
+    STATUSES = STATUSES
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     name = models.CharField(max_length=200)
     task = models.CharField(max_length=20, choices=TASKS, default="sft")
+    status = models.CharField(max_length=20, choices=STATUSES, default=UPLOADED)
+    message = models.TextField(blank=True, help_text="Why the dataset was rejected, written for the user.")
     storage_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     original_name = models.CharField(max_length=255)
     original = models.FileField(upload_to=original_upload_to, max_length=500)
@@ -39,12 +80,18 @@ class Dataset(models.Model):
     format = models.CharField(max_length=20)
     chat_format = models.CharField(max_length=20, blank=True)
     columns = models.JSONField(default=list)
+    user_mapping = models.JSONField(null=True, blank=True, help_text="The user's column choice; null: detect.")
     mapping = models.JSONField(default=dict)
     rows_total = models.IntegerField(default=0)
     rows_ok = models.IntegerField(default=0)
     error_counts = models.JSONField(default=dict)
     errors = models.JSONField(default=list)
     preview_rows = models.JSONField(default=list)
+    validation = models.FileField(upload_to=validation_upload_to, max_length=500, blank=True)
+    validation_name = models.CharField(max_length=255, blank=True)
+    validation_size_bytes = models.BigIntegerField(default=0)
+    validation_report = models.JSONField(default=dict, blank=True)
+    """What reading the validation file found: format, rows_total, rows_ok, error_counts, errors, fatal."""
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -53,57 +100,284 @@ class Dataset(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    # Files ------------------------------------------------------------------------------
     @property
     def rows_path(self) -> Path:
         """The normalised rows (canonical JSONL) that training reads."""
         return Path(settings.MEDIA_ROOT) / _storage_dir(self) / "rows.jsonl"
 
     @property
+    def validation_rows_path(self) -> Path:
+        """The normalised rows of the uploaded validation file, when there is one."""
+        return Path(settings.MEDIA_ROOT) / _storage_dir(self) / "validation.jsonl"
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation)
+
+    def delete_files(self) -> None:
+        self.original.delete(save=False)
+        self.validation.delete(save=False)
+        for path in (self.rows_path, self.validation_rows_path):
+            path.unlink(missing_ok=True)
+            Path(f"{path}.partial").unlink(missing_ok=True)
+        folder = self.rows_path.parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+    # Rows -------------------------------------------------------------------------------
+    @property
     def rows_rejected(self) -> int:
         return self.rows_total - self.rows_ok
 
-    @classmethod
-    def from_upload(cls, owner, task: str, name: str, upload: File) -> "Dataset":
-        """Store, parse and check an upload; keep it only if it can be trained on.
+    @property
+    def validation_rows_ok(self) -> int:
+        return self.validation_report.get("rows_ok", 0)
 
-        Raises DatasetRejected (and keeps nothing) when the file or its rows are unusable.
-        """
-        dataset = cls(owner=owner, task=task, original_name=upload.name[:255], name=name or upload.name[:200],
-                      size_bytes=upload.size)
-        dataset.original.save(upload.name, upload, save=False)
-        dataset.rows_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            report = parse_dataset(dataset.original.path, upload.name, task=task, out_path=dataset.rows_path)
-            if not report.usable:
-                raise DatasetRejected(report.fatal or _no_usable_rows(report), report)
-            problems = tasks.problems(task, dataset.rows_path)
-            if problems:
-                raise DatasetRejected(" ".join(problems), report)
-        except BaseException:
-            dataset.delete_files()
-            raise
-        dataset.format, dataset.chat_format = report.format, report.chat_format or ""
-        dataset.columns, dataset.mapping = report.columns, report.mapping
-        dataset.rows_total, dataset.rows_ok = report.rows_total, report.rows_ok
-        dataset.error_counts = report.error_counts
-        dataset.errors = [{"line": e.line, "column": e.column, "problem": e.problem} for e in report.errors]
-        dataset.preview_rows = report.preview
-        dataset.save()
-        return dataset
+    @property
+    def validation_rows_rejected(self) -> int:
+        return self.validation_report.get("rows_total", 0) - self.validation_rows_ok
+
+    @property
+    def fields(self) -> dict[str, list[str]]:
+        """The task's canonical fields: {"required": [...], "optional": [...]}."""
+        return TASK_FIELDS[self.task]
+
+    def held_out_rows(self, fraction: float) -> int:
+        """About how many rows a job holds out for validation at `fraction` (the recipes' seeded
+        split: at least one row, at least one left to train; classification splits by label and
+        reranking by query, so theirs can differ by a few rows)."""
+        if fraction <= 0 or self.rows_ok < 2:
+            return 0
+        return min(max(1, round(fraction * self.rows_ok)), self.rows_ok - 1)
+
+    # Status -----------------------------------------------------------------------------
+    @property
+    def is_busy(self) -> bool:
+        return self.status in BUSY_STATUSES
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == READY
+
+    @property
+    def in_use(self) -> bool:
+        return self.job_set.exists()
 
     def active_jobs(self):
         from webapp.jobs.models import Job
 
         return self.job_set.filter(state__in=Job.ACTIVE_STATES)
 
-    def delete_files(self) -> None:
+    def check_can_change(self) -> None:
+        """Raise DatasetLocked, with the reason, unless the user may change the dataset now."""
+        if self.in_use:
+            raise DatasetLocked(
+                "A job has used this dataset, so it can no longer change. Upload a new dataset instead."
+            )
+        if self.is_busy:
+            raise DatasetLocked("The dataset is being read; wait until it is done.")
+
+    def accept_dropped_rows(self) -> bool:
+        """The user chose to train on the usable rows and drop the rejected ones."""
+        return Dataset.objects.filter(id=self.id, status=REVIEW).update(status=READY) == 1
+
+    # Uploads ----------------------------------------------------------------------------
+    @classmethod
+    def from_upload(cls, owner, task: str, name: str, upload: File, validation: File | None = None) -> "Dataset":
+        """Store an upload (and an optional validation file) and read it: now when small, on the
+        "cpu" queue when large.
+
+        Raises DatasetRejected, keeping nothing, when a file read now cannot be read as a
+        dataset at all (binary, empty, broken from its first rows). Every other problem is kept
+        on the dataset's page, where the user can change the mapping or replace the file.
+        """
+        dataset = cls(owner=owner, task=task, original_name=upload.name[:255], name=name or upload.name[:200])
+        dataset._store_original(upload)
+        if validation is not None:
+            dataset._store_validation(validation)
+        dataset.save()
+        dataset.request_parse()
+        unreadable = dataset.unreadable_file() if dataset.status == REJECTED else None
+        if unreadable:
+            errors = dataset.errors if unreadable == "file" else dataset.validation_report.get("errors", [])
+            dataset.delete_files()
+            dataset.delete()
+            raise DatasetRejected(dataset.message, errors, field=unreadable)
+        return dataset
+
+    def unreadable_file(self) -> str | None:
+        """The upload field ("file", "validation_file") whose file yielded no columns at all, so
+        that no mapping can make anything of it; None when both could be read."""
+        if not self.columns:
+            return "file"
+        if self.validation_report and not self.validation_report.get("columns"):
+            return "validation_file"
+        return None
+
+    def replace_file(self, upload: File) -> None:
+        """A corrected file in place of the original; read again with the same mapping."""
+        self.check_can_change()
         self.original.delete(save=False)
-        self.rows_path.unlink(missing_ok=True)
-        if self.rows_path.parent.is_dir() and not any(self.rows_path.parent.iterdir()):
-            self.rows_path.parent.rmdir()
+        self.original_name = upload.name[:255]
+        self._store_original(upload)
+        self.save()
+        self.request_parse()
+
+    def set_validation_file(self, upload: File) -> None:
+        self.check_can_change()
+        self.validation.delete(save=False)
+        self._store_validation(upload)
+        self.save()
+        self.request_parse()
+
+    def remove_validation_file(self) -> None:
+        self.check_can_change()
+        self.validation.delete(save=False)
+        self.validation_rows_path.unlink(missing_ok=True)
+        self.validation_name, self.validation_size_bytes, self.validation_report = "", 0, {}
+        self.save()
+        self.request_parse()
+
+    def set_mapping(self, mapping: dict[str, str] | None) -> None:
+        """Read the file again with the user's mapping (canonical field -> column); None detects."""
+        self.check_can_change()
+        self.user_mapping = mapping
+        self.save(update_fields=["user_mapping"])
+        self.request_parse()
+
+    def _store_original(self, upload: File) -> None:
+        self.size_bytes = upload.size
+        self.original.save(upload.name, upload, save=False)
+
+    def _store_validation(self, upload: File) -> None:
+        self.validation_name, self.validation_size_bytes = upload.name[:255], upload.size
+        self.validation.save(upload.name, upload, save=False)
+
+    # Reading ----------------------------------------------------------------------------
+    def request_parse(self) -> None:
+        """Read the files now when they are small, else queue the read on the "cpu" queue."""
+        if self.size_bytes + self.validation_size_bytes <= settings.INLINE_PARSE_BYTES:
+            self.status = PARSING
+            Dataset.objects.filter(id=self.id).update(status=PARSING)
+            self.parse()
+            return
+        from webapp.datasets.background import parse_dataset_task
+
+        Dataset.objects.filter(id=self.id).update(status=UPLOADED)
+        self.status = UPLOADED
+        transaction.on_commit(lambda: parse_dataset_task.apply_async(args=[self.id], queue="cpu"))
+
+    def claim_parse(self) -> bool:
+        """The background reader takes a dataset that waits to be read (or whose reader died)."""
+        return Dataset.objects.filter(id=self.id, status__in=BUSY_STATUSES).update(status=PARSING) == 1
+
+    def parse(self) -> None:
+        """Read, check and count the files with the current mapping; set the status.
+
+        Both the request (small files) and the background task (large ones) call this. The
+        result is stored only while the dataset is still being read, so a dataset deleted
+        meanwhile is never brought back.
+        """
+        self.rows_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            result = self._read_files()
+        except Exception:
+            log.exception("dataset %s: reading failed", self.id)
+            result = {
+                "status": REJECTED,
+                "message": "Reading the file failed unexpectedly. Upload it again; if it "
+                "keeps failing, ask the administrator to look at the server log.",
+            }
+        for name, value in result.items():
+            setattr(self, name, value)
+        if not Dataset.objects.filter(id=self.id, status=PARSING).update(**result):
+            log.info("dataset %s changed while it was read; its result is dropped", self.id)
+            if not Dataset.objects.filter(id=self.id).exists():
+                self.delete_files()
+
+    def _read_files(self) -> dict:
+        report = parse_dataset(
+            self.original.path, self.original_name, task=self.task, mapping=self.user_mapping, out_path=self.rows_path
+        )
+        result = {
+            "format": report.format,
+            "chat_format": report.chat_format or "",
+            "columns": report.columns,
+            "mapping": report.mapping,
+            "rows_total": report.rows_total,
+            "rows_ok": report.rows_ok,
+            "error_counts": report.error_counts,
+            "errors": [_error_dict(e) for e in report.errors],
+            "preview_rows": report.preview,
+            "validation_report": {},
+            "message": "",
+        }
+        problem = self._rows_problem(report)
+        validation = self._read_validation(report) if self.has_validation and not problem else {}
+        result["validation_report"] = validation
+        problem = problem or _validation_problem(validation)
+        dropped = report.rows_total - report.rows_ok + validation.get("rows_total", 0) - validation.get("rows_ok", 0)
+        if problem:
+            self.rows_path.unlink(missing_ok=True)
+            result.update(status=REJECTED, message=problem)
+        else:
+            result["status"] = REVIEW if dropped else READY
+        return result
+
+    def _rows_problem(self, report: ParseReport) -> str:
+        if report.fatal:
+            return report.fatal
+        if not report.rows_ok:
+            return _no_usable_rows(report)
+        return " ".join(tasks.problems(self.task, self.rows_path))
+
+    def _read_validation(self, main: ParseReport) -> dict:
+        """The validation file, read like the training file: a chat format is detected again,
+        any other file must have the columns of the training file's mapping."""
+        mapping = None if main.chat_format else main.mapping
+        report = parse_dataset(
+            self.validation.path,
+            self.validation_name,
+            task=self.task,
+            mapping=mapping,
+            out_path=self.validation_rows_path,
+        )
+        if report.chat_format != main.chat_format and not report.fatal:
+            report.fatal = (
+                f"The validation file is in {report.chat_format or 'plain columns'} format but the training file is "
+                f"in {main.chat_format or 'plain columns'} format; upload them in the same format."
+            )
+        return {
+            "format": report.format,
+            "columns": report.columns,
+            "rows_total": report.rows_total,
+            "rows_ok": report.rows_ok,
+            "error_counts": report.error_counts,
+            "errors": [_error_dict(e) for e in report.errors],
+            "fatal": report.fatal or "",
+        }
 
 
-def _no_usable_rows(report) -> str:
+def _error_dict(error) -> dict:
+    return {"line": error.line, "column": error.column, "problem": error.problem}
+
+
+def _no_usable_rows(report: ParseReport) -> str:
     first = report.errors[0] if report.errors else None
     where = f" First problem: line {first.line}, {first.column or 'row'}: {first.problem}." if first else ""
     return f"None of the {report.rows_total} rows can be used.{where}"
+
+
+def _validation_problem(validation: dict) -> str:
+    if not validation:
+        return ""
+    if validation["fatal"]:
+        return f"Validation file: {validation['fatal']}"
+    if not validation["rows_ok"]:
+        first = validation["errors"][0] if validation["errors"] else None
+        where = (
+            f" First problem: line {first['line']}, {first['column'] or 'row'}: {first['problem']}." if first else ""
+        )
+        return f"Validation file: none of its {validation['rows_total']} rows can be used.{where}"
+    return ""

@@ -1,17 +1,22 @@
+import dataclasses
+import functools
 import json
 
 from django.conf import settings
 from django.contrib import messages
 from django.core.files.base import ContentFile
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
-from webapp.datasets.forms import UploadForm
-from webapp.datasets.models import Dataset, DatasetRejected
+from webapp.datasets.forms import FileForm, MappingForm, UploadForm
+from webapp.datasets.models import REJECTED, REVIEW, Dataset, DatasetLocked, DatasetRejected
 from webapp.datasets.tasks import TASKS, sample_rows
+from worker.spec import TrainSpec
+
+DEFAULT_VALIDATION_FRACTION = next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "validation_fraction")
 
 
 def _datasets_for_user(user):
@@ -39,23 +44,28 @@ def upload(request: HttpRequest) -> HttpResponse:
 
 
 def _store_and_parse(request: HttpRequest, form: UploadForm) -> Dataset | None:
-    """Keep the upload only if it yields usable rows; otherwise explain why on the form."""
+    """Keep the upload unless it cannot be read as a dataset at all; then explain why on the form."""
+    data = form.cleaned_data
     try:
-        dataset = Dataset.from_upload(
-            request.user, form.cleaned_data["task"], form.cleaned_data["name"], form.cleaned_data["file"]
-        )
+        dataset = Dataset.from_upload(request.user, data["task"], data["name"], data["file"], data["validation_file"])
     except DatasetRejected as rejected:
-        form.add_error("file", str(rejected))
-        form.report = rejected.report
+        form.add_error(rejected.field, str(rejected))
+        form.rejected_rows = rejected.errors
         return None
-    if dataset.rows_rejected:
-        messages.warning(request, f"{dataset.rows_rejected} of {dataset.rows_total} rows were rejected; see below.")
+    _say_status(request, dataset)
     return dataset
+
+
+def _say_status(request: HttpRequest, dataset: Dataset) -> None:
+    if dataset.status == REVIEW:
+        messages.warning(request, "Some rows were rejected; choose below whether to train on the rest.")
+    elif dataset.status == REJECTED:
+        messages.error(request, "This file cannot be trained on as it is; see below what to change.")
 
 
 @require_POST
 def use_sample(request: HttpRequest, task: str) -> HttpResponse:
-    """"Try with sample data": the project's sample dataset for `task`, then the new-job form."""
+    """ "Try with sample data": the project's sample dataset for `task`, then the new-job form."""
     if task not in TASKS:
         raise Http404("No such task.")
     content = "".join(json.dumps(row) + "\n" for row in sample_rows(task)).encode()
@@ -65,8 +75,97 @@ def use_sample(request: HttpRequest, task: str) -> HttpResponse:
 
 
 def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    return _detail_page(request, _get_dataset_for_user(request, dataset_id))
+
+
+def _detail_page(request: HttpRequest, dataset: Dataset, status: int = 200, **forms) -> HttpResponse:
+    context = {
+        "dataset": dataset,
+        "jobs": dataset.job_set.all(),
+        "mapping_form": forms.get("mapping_form") or MappingForm(dataset=dataset),
+        "replace_form": forms.get("replace_form") or FileForm(auto_id="id_replace_%s"),
+        "validation_form": forms.get("validation_form") or FileForm(auto_id="id_validation_%s"),
+        "validation_fraction": DEFAULT_VALIDATION_FRACTION,
+        "held_out_rows": dataset.held_out_rows(DEFAULT_VALIDATION_FRACTION),
+    }
+    return render(request, "datasets/detail.html", context, status=status)
+
+
+@require_GET
+def dataset_status(request: HttpRequest, dataset_id: int) -> JsonResponse:
+    """What the dataset page polls while the file is being read."""
     dataset = _get_dataset_for_user(request, dataset_id)
-    return render(request, "datasets/detail.html", {"dataset": dataset, "jobs": dataset.job_set.all()})
+    return JsonResponse({"status": dataset.status, "label": dataset.get_status_display(), "busy": dataset.is_busy})
+
+
+def _changing_dataset(view):
+    """For views that change a dataset: the user's dataset, unless a job or a running read locks it."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, dataset_id: int) -> HttpResponse:
+        dataset = _get_dataset_for_user(request, dataset_id)
+        try:
+            dataset.check_can_change()
+            return view(request, dataset)
+        except DatasetLocked as locked:
+            messages.error(request, str(locked))
+            return redirect("dataset", dataset.id)
+
+    return wrapper
+
+
+@require_POST
+@_changing_dataset
+def change_mapping(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    if "detect" in request.POST:
+        dataset.set_mapping(None)
+        return _read_again(request, dataset)
+    form = MappingForm(request.POST, dataset=dataset)
+    if not form.is_valid():
+        return _detail_page(request, dataset, status=400, mapping_form=form)
+    dataset.set_mapping(form.mapping())
+    return _read_again(request, dataset)
+
+
+@require_POST
+@_changing_dataset
+def replace_file(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    form = FileForm(request.POST, request.FILES, auto_id="id_replace_%s")
+    if not form.is_valid():
+        return _detail_page(request, dataset, status=400, replace_form=form)
+    dataset.replace_file(form.cleaned_data["file"])
+    return _read_again(request, dataset)
+
+
+@require_POST
+@_changing_dataset
+def add_validation(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    form = FileForm(request.POST, request.FILES, auto_id="id_validation_%s")
+    if not form.is_valid():
+        return _detail_page(request, dataset, status=400, validation_form=form)
+    dataset.set_validation_file(form.cleaned_data["file"])
+    return _read_again(request, dataset)
+
+
+@require_POST
+@_changing_dataset
+def remove_validation(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    dataset.remove_validation_file()
+    return _read_again(request, dataset)
+
+
+def _read_again(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    _say_status(request, dataset)
+    return redirect("dataset", dataset.id)
+
+
+@require_POST
+def accept_rows(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    """The user trains on the usable rows: the rejected ones are dropped and the dataset is ready."""
+    dataset = _get_dataset_for_user(request, dataset_id)
+    if dataset.accept_dropped_rows():
+        messages.info(request, f"Ready: jobs train on the {dataset.rows_ok} usable rows.")
+    return redirect("dataset", dataset.id)
 
 
 @require_POST

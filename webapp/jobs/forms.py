@@ -6,7 +6,7 @@ checked by TrainSpec itself, and its complaint is shown on the field it names.
 
 from django import forms
 
-from webapp.datasets.models import Dataset
+from webapp.datasets.models import READY, Dataset
 from webapp.datasets.tasks import TASKS
 from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
 from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
@@ -50,13 +50,14 @@ def _base_model_choices() -> list[tuple[str, str]]:
 
 class DatasetChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, dataset):
-        return f"{dataset.name} · {TASKS[dataset.task].name} · {dataset.rows_ok} rows"
+        validation = f" + {dataset.validation_rows_ok} validation rows" if dataset.has_validation else ""
+        return f"{dataset.name} · {TASKS[dataset.task].name} · {dataset.rows_ok} rows{validation}"
 
 
 class JobForm(forms.Form):
     name = forms.CharField(max_length=200, required=False, help_text="Optional; named after the dataset if empty.")
     dataset = DatasetChoiceField(queryset=Dataset.objects.none(), empty_label=None,
-                                 help_text="The dataset decides the task.")
+                                 help_text="The dataset decides the task. Only datasets that are ready are listed.")
     base_model = forms.ChoiceField(choices=_base_model_choices, initial=DEFAULT_BASE_MODEL)
     custom_base_model = forms.CharField(required=False, label="Model directory or Hub id")
     method = forms.ChoiceField(choices=METHODS, initial="lora", widget=forms.RadioSelect)
@@ -76,7 +77,9 @@ class JobForm(forms.Form):
     )
     batch_size = forms.IntegerField(initial=_DEFAULTS.batch_size)
     max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS.max_seq_length)
-    validation_fraction = forms.FloatField(initial=_DEFAULTS.validation_fraction)
+    validation_fraction = forms.FloatField(
+        initial=_DEFAULTS.validation_fraction, help_text="Ignored when the dataset has its own validation file."
+    )
     dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta, required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
     dpo_sft_weight = forms.FloatField(
@@ -87,7 +90,7 @@ class JobForm(forms.Form):
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["dataset"].queryset = Dataset.objects.filter(owner=user)
+        self.fields["dataset"].queryset = Dataset.objects.filter(owner=user, status=READY)
 
     def clean(self):
         data = super().clean()
@@ -109,6 +112,7 @@ class JobForm(forms.Form):
                 values[dpo_field] = getattr(_DEFAULTS, dpo_field)
         if base in CATALOG and CATALOG[base].kind == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
+        values["validation_path"] = str(dataset.validation_rows_path) if dataset.has_validation else ""
         try:
             self.spec = TrainSpec(base_model=base, dataset_path="", output_dir="", task=dataset.task, **values)
         except SpecError as exc:

@@ -41,8 +41,9 @@ def new_job(request: HttpRequest) -> HttpResponse:
             job.enqueue()
         return redirect(job)
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
+    with_validation = [d.id for d in form.fields["dataset"].queryset if d.has_validation]
     context = {"form": form, "catalog": CATALOG.values(), "tasks": TASKS.values(), "dataset_tasks": datasets,
-               "suggested": SUGGESTED}
+               "dataset_validation": with_validation, "suggested": SUGGESTED}
     return render(request, "jobs/new.html", context)
 
 

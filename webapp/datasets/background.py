@@ -1,0 +1,23 @@
+"""The dataset work that runs on the "cpu" Celery queue: reading a large upload."""
+
+import logging
+
+from celery import shared_task
+
+from webapp.datasets.models import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="webapp.datasets.parse_dataset", acks_late=True, ignore_result=True)
+def parse_dataset_task(dataset_id: int) -> None:
+    """Read a dataset that waits to be read; a deleted one, or one already read, is left alone."""
+    dataset = Dataset.objects.filter(id=dataset_id).first()
+    if dataset is None or not dataset.claim_parse():
+        log.info("dataset %s no longer waits to be read; nothing to do", dataset_id)
+        return
+    dataset.refresh_from_db()
+    dataset.parse()
+    log.info(
+        "dataset %s read: %s, %s of %s rows usable", dataset_id, dataset.status, dataset.rows_ok, dataset.rows_total
+    )
