@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.model_fixtures import TINY_BERT, write_jsonl
+from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import classify as classify_sample
 from webapp.datasets.samples import pair as pair_sample
 from worker.errors import Cancelled, UserError
@@ -402,6 +403,25 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_bert_dir, group_
         classify.run(make_spec(tiny_bert_dir, group_jsonl, tmp_path / "out", method="full"), reporter)
     assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
     assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.parametrize(("method", "task"), [("full", "classify"), ("lora", "classify"), ("full", "pair")])
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
+    method, task, wide_bert_dir, group_jsonl, tmp_path
+):
+    data = group_jsonl if task == "classify" else write_jsonl(tmp_path / "pairs.jsonl", both_fruit_rows())
+    settings = dict(
+        task=task, method=method, max_steps=12, checkpoint_every=5, eval_every=5, lora_target_modules=["all-linear"]
+    )
+    spec = make_spec(wide_bert_dir, data, tmp_path / "resumed", **settings)
+    first, second, result = interrupt_and_resume(classify.run, spec, stop_after=7)
+    assert_resumed(first, second, checkpoint=5, total=12)
+    uninterrupted = train(make_spec(wide_bert_dir, data, tmp_path / "once", **settings))
+    assert_same_losses(second, uninterrupted["events"], after=5)
+    assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"])
+    expected = baseline(first)
+    assert result["metrics_before"] == {k: v for k, v in expected.items() if k != "confusion"}
+    assert result["confusion_before"] == expected["confusion"]
 
 
 # Parts ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.model_fixtures import number_word, write_jsonl
+from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.recipes import dpo
@@ -230,6 +231,23 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, small
     assert not (tmp_path / "out" / "final").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
+    method, tiny_llama_dir, small_jsonl, tmp_path
+):
+    settings = dict(method=method, max_steps=6, batch_size=4, checkpoint_every=3, eval_every=3, dpo_sft_weight=0)
+    if method == "full":
+        settings["learning_rate"] = 5e-3
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "resumed", **settings)
+    first, second, result = interrupt_and_resume(dpo.run, spec, stop_after=4)
+    assert_resumed(first, second, checkpoint=3, total=6)
+    uninterrupted = train(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "once", **settings))
+    assert_same_losses(second, uninterrupted["events"], after=3)
+    # The rewards are measured against the reference scores kept from the first attempt.
+    assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"], rel=1e-4)
+    assert result["metrics_before"] == baseline(first)
+
+
 def test_it_refuses_a_base_without_a_chat_template(tiny_llama_dir, small_jsonl, tmp_path):
     plain = shutil.copytree(tiny_llama_dir, tmp_path / "plain-llama")
     (plain / "chat_template.jinja").unlink()
@@ -284,3 +302,8 @@ def test_preference_accuracy_compares_the_mean_log_probability_per_token():
     assert metrics["reward_accuracy"] == 1.0
     assert metrics["reward_margin"] == pytest.approx(margins.mean().item())
     assert metrics["eval_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item())
+
+
+def test_it_refuses_an_encoder_base_in_words_about_preference_tuning(tiny_bert_dir, small_jsonl, tmp_path):
+    with pytest.raises(UserError, match="cannot do preference tuning: it is not a text-generating"):
+        dpo.run(make_spec(tiny_bert_dir, small_jsonl, tmp_path / "out"), Reporter())

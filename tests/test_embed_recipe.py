@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.model_fixtures import write_jsonl
+from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import embed as sample
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
@@ -186,6 +187,19 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_bert_dir, tag_js
     assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
     assert not (tmp_path / "out" / "final").exists()
     assert "exporting" not in [event.get("state") for event in reporter.events]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(method, tiny_bert_dir, tag_jsonl, tmp_path):
+    settings = dict(method=method, max_steps=12, checkpoint_every=5, eval_every=5, lora_target_modules=["all-linear"])
+    spec = make_spec(tiny_bert_dir, tag_jsonl, tmp_path / "resumed", **settings)
+    first, second, result = interrupt_and_resume(embed.run, spec, stop_after=7)
+    assert_resumed(first, second, checkpoint=5, total=12)
+    uninterrupted = train(make_spec(tiny_bert_dir, tag_jsonl, tmp_path / "once", **settings))
+    assert_same_losses(second, uninterrupted["events"], after=5)
+    assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"])
+    assert result["metrics_before"] == baseline(first)
+    assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
 
 
 # Metrics -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.model_fixtures import write_jsonl
+from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import rerank as sample
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
@@ -184,7 +185,7 @@ def test_head_trains_only_the_scoring_head(tiny_bert_dir, marker_jsonl, tmp_path
 def test_it_names_the_models_layers_when_a_lora_target_does_not_exist(tiny_bert_dir, marker_jsonl, tmp_path):
     spec = make_spec(tiny_bert_dir, marker_jsonl, tmp_path, method="lora", lora_target_modules=["q_proj", "value"])
     model = rerank.load_cross_encoder(spec)
-    with pytest.raises(UserError, match=r"cannot adapt q_proj: .* layers are classifier, dense, key, query, value"):
+    with pytest.raises(UserError, match=r"cannot adapt q_proj: .* layers are dense, key, query, value"):
         rerank.apply_method(model, spec)
     spec.lora_target_modules = ["self.query", "value"]  # peft's suffix matching
     rerank.apply_method(model, spec)
@@ -211,6 +212,21 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_bert_dir, marker
     assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
     assert not (tmp_path / "out" / "final").exists()
     assert "exporting" not in [event.get("state") for event in reporter.events]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
+    method, tiny_bert_dir, marker_jsonl, tmp_path
+):
+    settings = dict(method=method, max_steps=12, checkpoint_every=5, eval_every=5, lora_target_modules=["all-linear"])
+    spec = make_spec(tiny_bert_dir, marker_jsonl, tmp_path / "resumed", **settings)
+    first, second, result = interrupt_and_resume(rerank.run, spec, stop_after=7)
+    assert_resumed(first, second, checkpoint=5, total=12)
+    uninterrupted = train(make_spec(tiny_bert_dir, marker_jsonl, tmp_path / "once", **settings))
+    assert_same_losses(second, uninterrupted["events"], after=5)
+    assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"])
+    assert result["metrics_before"] == baseline(first)
+    assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
 
 
 # Metrics -----------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ the data position) under the job's output folder. After each save we sign the fo
 HMAC, keyed by the server's SECRET_KEY, over the SHA-256 of every file. A requeued job resumes
 from the newest folder whose signature checks out, so a file planted in the output folder is
 never loaded (Trainer's resume reads pickled optimizer and RNG state). Old checkpoints are
-pruned: the last one and the one with the best validation loss stay.
+pruned: the last one and the one with the best held-out score stay.
+
+A resumed job keeps the step-0 baseline its first attempt measured (``baseline.json``): the
+untouched model is gone by then, and its numbers are already on the job page.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = "specialist-signature.json"
 PREFIX = "checkpoint-"
+BASELINE = "baseline.json"
 
 
 def _key() -> bytes:
@@ -39,21 +44,22 @@ def _manifest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def _mac(manifest: dict[str, str], eval_loss: float | None) -> str:
-    payload = json.dumps({"files": manifest, "eval_loss": eval_loss}, sort_keys=True).encode()
+def _mac(manifest: dict[str, str], score: float | None) -> str:
+    payload = json.dumps({"files": manifest, "score": score}, sort_keys=True).encode()
     return hmac.new(_key(), payload, hashlib.sha256).hexdigest()
 
 
-def sign(folder: Path, eval_loss: float | None) -> None:
+def sign(folder: Path, score: float | None) -> None:
+    """Sign a checkpoint folder; `score` is its held-out score, lower is better (None: not evaluated)."""
     manifest = _manifest(folder)
-    record = {"files": manifest, "eval_loss": eval_loss, "hmac": _mac(manifest, eval_loss)}
+    record = {"files": manifest, "score": score, "hmac": _mac(manifest, score)}
     (folder / SIGNATURE).write_text(json.dumps(record, indent=1))
 
 
 def is_signed(folder: Path) -> bool:
     try:
         record = json.loads((folder / SIGNATURE).read_text())
-        expected = _mac(_manifest(folder), record["eval_loss"])
+        expected = _mac(_manifest(folder), record["score"])
     except (OSError, ValueError, KeyError):
         return False
     return hmac.compare_digest(record.get("hmac", ""), expected) and record["files"] == _manifest(folder)
@@ -61,8 +67,8 @@ def is_signed(folder: Path) -> bool:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """The checkpoint folders of a job, oldest first."""
-    found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
@@ -74,20 +80,20 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def _eval_loss(folder: Path) -> float | None:
+def _score(folder: Path) -> float | None:
     try:
-        return json.loads((folder / SIGNATURE).read_text())["eval_loss"]
+        return json.loads((folder / SIGNATURE).read_text())["score"]
     except (OSError, ValueError, KeyError):
         return None
 
 
 def prune(output_dir: Path) -> None:
-    """Keep the newest checkpoint and the one with the lowest validation loss."""
+    """Keep the newest checkpoint and the one with the best (lowest) held-out score."""
     folders = [f for f in checkpoints(output_dir) if is_signed(f)]
     if len(folders) <= 1:
         return
     keep = {folders[-1]}
-    scored = [(loss, f) for f in folders if (loss := _eval_loss(f)) is not None]
+    scored = [(score, f) for f in folders if (score := _score(f)) is not None]
     if scored:
         keep.add(min(scored, key=lambda pair: pair[0])[1])
     for folder in folders:
@@ -95,18 +101,58 @@ def prune(output_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-class Checkpointing(TrainerCallback):
-    """Saves on the step schedule and at least every spec.checkpoint_minutes; signs and prunes."""
+def resume_point(spec: TrainSpec, reporter: Reporter) -> tuple[str | None, Any]:
+    """(the checkpoint to resume from, the baseline the first attempt stored), or (None, None)
+    to start from scratch: a job resumes only when it has both."""
+    checkpoint = latest_checkpoint(Path(spec.output_dir))
+    baseline = Path(spec.output_dir) / BASELINE
+    if checkpoint is None or not baseline.is_file():
+        return None, None
+    reporter.log(f"Resuming from the checkpoint at step {checkpoint.rsplit('-', 1)[1]}.")
+    return checkpoint, json.loads(baseline.read_text())
 
-    def __init__(self, spec: TrainSpec, reporter: Reporter):
+
+def keep_baseline(spec: TrainSpec, baseline: Any) -> None:
+    """Store the step-0 baseline (JSON) for a resumed attempt."""
+    path = Path(spec.output_dir) / BASELINE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baseline))
+
+
+class AdapterResume:
+    """Mixin for sentence-transformers' trainers, whose resume rebuilds the model from the
+    checkpoint folder and copies its weights over: with LoRA the rebuilt model's parameter names
+    differ from the peft-wrapped one's. Load the adapter weights in place instead."""
+
+    def _load_from_checkpoint(self, checkpoint_path: str, *args, **kwargs) -> None:
+        network = self.model[0].model
+        if not hasattr(network, "peft_config"):
+            return super()._load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(Path(checkpoint_path) / "adapter_model.safetensors")
+        loaded = set_peft_model_state_dict(network, weights)
+        if loaded.unexpected_keys:
+            raise RuntimeError(
+                f"{checkpoint_path} holds adapter weights this model lacks: {loaded.unexpected_keys[:3]}"
+            )
+        return None
+
+
+class Checkpointing(TrainerCallback):
+    """Saves on the step schedule and at least every spec.checkpoint_minutes; signs and prunes.
+
+    The best checkpoint is judged by `best_by`, a value of the recipe's latest eval event during
+    training (lower is better unless `higher_is_better`).
+    """
+
+    def __init__(self, spec: TrainSpec, reporter: Reporter, best_by: str = "eval_loss", higher_is_better: bool = False):
         self.spec = spec
         self.reporter = reporter
+        self.best_by = best_by
+        self.sign = -1.0 if higher_is_better else 1.0
         self.last_save = time.monotonic()
-        self.eval_loss: float | None = None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and "eval_loss" in metrics:
-            self.eval_loss = float(metrics["eval_loss"])
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.last_save >= self.spec.checkpoint_minutes * 60:
@@ -116,6 +162,13 @@ class Checkpointing(TrainerCallback):
         self.last_save = time.monotonic()
         folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
         if folder.is_dir():
-            sign(folder, self.eval_loss)
+            sign(folder, self.score(state.global_step))
             prune(Path(args.output_dir))
             self.reporter.log(f"Checkpoint saved at step {state.global_step}.", step=state.global_step)
+
+    def score(self, step: int) -> float | None:
+        """The checkpoint's held-out score (lower is better): from the latest evaluation during training."""
+        for event in reversed(self.reporter.events):
+            if event["kind"] == "eval" and 0 < event["step"] <= step and self.best_by in event:
+                return self.sign * float(event[self.best_by])
+        return None

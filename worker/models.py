@@ -29,6 +29,7 @@ from worker.spec import ALL_LINEAR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from worker.spec import TrainSpec
@@ -85,6 +86,9 @@ def prepare_catalog() -> dict[str, str]:
     return {key: resolve_base(key) for key in CATALOG}
 
 
+GENERATIVE_TASK_NAMES = {"sft": "instruction tuning", "dpo": "preference tuning"}
+
+
 def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model of `spec` as a causal LM in fp32, and its tokenizer (with a pad token)."""
     import torch
@@ -95,7 +99,7 @@ def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenize
     architectures = config.architectures or []
     if not any(arch.endswith(CAUSAL_LM_ARCHITECTURES) for arch in architectures):
         raise UserError(
-            f"{spec.base_model} cannot do instruction tuning: it is not a text-generating "
+            f"{spec.base_model} cannot do {GENERATIVE_TASK_NAMES.get(spec.task, spec.task)}: it is not a text-generating "
             f"(causal language) model ({', '.join(architectures) or config.model_type}). "
             "Choose a causal LM such as smollm2-135m-instruct."
         )
@@ -185,18 +189,10 @@ def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
         for name in heads:
             getattr(model, name).requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     task_type = PEFT_TASK_TYPES.get(spec.task, "CAUSAL_LM")
-    config = LoraConfig(
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=_lora_targets(model, spec),
-        use_dora=spec.use_dora,
-        task_type=task_type,
-        modules_to_save=task_head_names(model) if task_type == "SEQ_CLS" else None,
-    )
+    config = lora_config(spec, model, task_type, task_head_names(model) if task_type == "SEQ_CLS" else None)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -215,7 +211,23 @@ def task_head_names(model: PreTrainedModel) -> list[str]:
     return heads
 
 
-def _lora_targets(model: PreTrainedModel, spec: TrainSpec) -> str | list[str]:
+def lora_config(spec: TrainSpec, model: torch.nn.Module, task_type: str, modules_to_save: list[str] | None = None):
+    """peft's LoraConfig for spec on `model` (any recipe's network: a transformers model, or the
+    encoder inside a sentence-transformers model); a UserError if a target layer is missing."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=_lora_targets(model, spec),
+        use_dora=spec.use_dora,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def _lora_targets(model: torch.nn.Module, spec: TrainSpec) -> str | list[str]:
     """spec.lora_target_modules as peft takes them; names the model lacks are a UserError that
     lists the layers it does have."""
     from torch import nn

@@ -37,6 +37,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
+from worker.checkpoints import Checkpointing, keep_baseline, resume_point
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_sequence_classifier
@@ -75,19 +76,23 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         args=training_arguments(spec),
         train_dataset=train_examples,
         data_collator=collate,
-        callbacks=[progress],
+        callbacks=[progress, Checkpointing(spec, reporter)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
 
-    # The untouched model on the held-out rows, then train.
-    before, confusion_before = {}, None
-    if eval_examples:
-        before, confusion_before, _ = evaluate()
-        reporter.eval(0, baseline=True, **before, confusion=confusion_before)
+    # The untouched model on the held-out rows (a resumed job keeps the one it measured first), then train.
+    resume_from, baseline = resume_point(spec, reporter)
+    if resume_from is None:
+        before, confusion_before = evaluate()[:2] if eval_examples else ({}, None)
+        keep_baseline(spec, {"metrics": before, "confusion": confusion_before})
+        if eval_examples:
+            reporter.eval(0, baseline=True, **before, confusion=confusion_before)
+        else:
+            reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
     else:
-        reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
+        before, confusion_before = baseline["metrics"], baseline["confusion"]
     _raise_if_stopped(reporter)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
     # Training wrapped the model's forward in bf16 autocast; the final metrics and predictions
     # are those of the plain fp32 model that is exported.
@@ -160,7 +165,8 @@ def training_arguments(spec: TrainSpec) -> TrainingArguments:
         num_train_epochs=spec.epochs,
         logging_steps=1,
         eval_strategy="no",  # the callback evaluates: accuracy and friends, not only the loss
-        save_strategy="no",
+        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
+        save_steps=spec.checkpoint_every,
         report_to="none",
         activation_checkpointing=False,
         dataloader_num_workers=0,

@@ -41,6 +41,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
 from worker.artifacts import export
+from worker.checkpoints import Checkpointing, keep_baseline, resume_point
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm
@@ -75,6 +76,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         args=dpo_arguments(spec),
         train_dataset=datasets.Dataset.from_list([conversation(row) for row in train_rows]),
         processing_class=tokenizer,
+        callbacks=[Checkpointing(spec, reporter)],
     )
     if "ref" in getattr(model, "peft_config", {}):
         # TRL keeps a copy of a given adapter as the reference; ours is freshly initialised (it adds
@@ -82,13 +84,20 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         model.delete_adapter("ref")
     trainer.remove_callback(PrinterCallback)
 
-    # The untouched model on the held-out pairs. It is also the reference, so its scores are kept.
-    reference_scores = score_pairs(model, eval_pairs, spec.max_seq_length)
-    metrics_before = preference_metrics(reference_scores, reference_scores, spec.dpo_beta) if eval_pairs else {}
+    # The untouched model on the held-out pairs. It is also the reference, so its scores are kept
+    # (with the baseline, for a resumed job: by then the model has moved).
     sample_pairs = [row for row, _ in eval_pairs[:SAMPLE_COUNT]]
-    replies_before = generate_replies(model, tokenizer, [prompt_messages(row) for row in sample_pairs])
-    if eval_pairs:
-        reporter.eval(0, baseline=True, **metrics_before)
+    resume_from, baseline = resume_point(spec, reporter)
+    if resume_from is None:
+        reference_scores = score_pairs(model, eval_pairs, spec.max_seq_length)
+        metrics_before = preference_metrics(reference_scores, reference_scores, spec.dpo_beta) if eval_pairs else {}
+        replies_before = generate_replies(model, tokenizer, [prompt_messages(row) for row in sample_pairs])
+        keep_baseline(spec, [metrics_before, replies_before, reference_scores.tolist()])
+        if eval_pairs:
+            reporter.eval(0, baseline=True, **metrics_before)
+    else:
+        metrics_before, replies_before, reference = baseline
+        reference_scores = torch.tensor(reference).view(-1, 2, 2)
 
     def evaluate() -> dict[str, float]:
         return preference_metrics(score_pairs(model, eval_pairs, spec.max_seq_length), reference_scores, spec.dpo_beta)
@@ -98,7 +107,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
 
     # Train, then evaluate once more on the held-out pairs.
     _raise_if_stopped(reporter)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
     step = trainer.state.global_step
     metrics_after, samples, predictions = {}, [], []
@@ -165,7 +174,8 @@ def dpo_arguments(spec: TrainSpec) -> DPOConfig:
         num_train_epochs=spec.epochs,
         logging_steps=1,
         eval_strategy="no",  # the recipe evaluates held-out pairs itself (see ReportPreferenceProgress)
-        save_strategy="no",
+        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
+        save_steps=spec.checkpoint_every,
         report_to="none",
         activation_checkpointing=False,  # DPOConfig turns it on by default: slower, and not needed here
         dataloader_num_workers=0,

@@ -43,10 +43,12 @@ from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
+from worker.checkpoints import AdapterResume, Checkpointing, keep_baseline, resume_point
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
+from worker.models import lora_config
 from worker.params import census
-from worker.recipes.rerank import ReportProgress, lora_config
+from worker.recipes.rerank import ReportProgress
 from worker.recipes.sft import bf16_supported, split_rows
 from worker.spec import TrainSpec
 
@@ -64,22 +66,27 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     reporter.params(census(model, spec))
     queries, corpus, relevant = retrieval_task(held_out)
     evaluate = (lambda: retrieval_metrics(relevant, search(model, queries, corpus))) if queries else None
-    metrics_before = evaluate() if evaluate else {}
-    if evaluate:
-        reporter.eval(0, baseline=True, **metrics_before)
     progress = ReportProgress(reporter, evaluate, spec.eval_every)
-    trainer = SentenceTransformerTrainer(
+    trainer = EmbeddingTrainer(
         model=model,
         args=training_arguments(spec),
         train_dataset=training_dataset(train_rows, spec.seed),
         loss=MultipleNegativesRankingLoss(model),
-        callbacks=[progress],
+        callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
 
+    # The untouched model on the held-out queries (a resumed job keeps the one it measured first).
+    resume_from, metrics_before = resume_point(spec, reporter)
+    if resume_from is None:
+        metrics_before = evaluate() if evaluate else {}
+        keep_baseline(spec, metrics_before)
+        if evaluate:
+            reporter.eval(0, baseline=True, **metrics_before)
+
     # Train, then search the held-out corpus once more.
     _raise_if_stopped(reporter)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
     # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
     # evaluation and the artifact see the model as a user runs it, in full precision.
@@ -108,6 +115,10 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     return {**result, "artifact_dir": str(artifact_dir)}
 
 
+class EmbeddingTrainer(AdapterResume, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer that resumes a LoRA model's checkpoint (see AdapterResume)."""
+
+
 def training_arguments(spec: TrainSpec) -> SentenceTransformerTrainingArguments:
     return SentenceTransformerTrainingArguments(
         output_dir=spec.output_dir,
@@ -119,7 +130,8 @@ def training_arguments(spec: TrainSpec) -> SentenceTransformerTrainingArguments:
         num_train_epochs=spec.epochs,
         logging_steps=1,
         eval_strategy="no",  # the callback searches the held-out corpus itself
-        save_strategy="no",
+        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
+        save_steps=spec.checkpoint_every,
         report_to="none",
         dataloader_num_workers=0,
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate would be a false in-batch negative

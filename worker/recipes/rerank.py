@@ -38,11 +38,13 @@ from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
+from worker.checkpoints import AdapterResume, Checkpointing, keep_baseline, resume_point
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
+from worker.models import lora_config
 from worker.params import census
 from worker.recipes.sft import bf16_supported, split_rows
-from worker.spec import ALL_LINEAR, TrainSpec
+from worker.spec import TrainSpec
 
 PRIMARY_METRIC = "ndcg@10"
 CUTOFF = 10  # the @10 of the metrics: how deep a user looks into a ranking
@@ -57,24 +59,29 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     apply_method(model, spec)
     reporter.params(census(model, spec))
     evaluate = (lambda: ranking_metrics(held_out, predict(model, held_out))) if held_out else None
-    metrics_before = evaluate() if evaluate else {}
-    if evaluate:
-        reporter.eval(0, baseline=True, **metrics_before)
     progress = ReportProgress(reporter, evaluate, spec.eval_every)
-    trainer = CrossEncoderTrainer(
+    trainer = RerankTrainer(
         model=model,
         args=training_arguments(spec),
         train_dataset=train_lists,
         # All pairs of a batch in one forward pass (by default it takes batch_size pairs at a
         # time, which is slower and saves no memory: every chunk waits for the backward pass).
         loss=ListNetLoss(model, mini_batch_size=-1),
-        callbacks=[progress],
+        callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
 
+    # The untouched model on the held-out queries (a resumed job keeps the one it measured first).
+    resume_from, metrics_before = resume_point(spec, reporter)
+    if resume_from is None:
+        metrics_before = evaluate() if evaluate else {}
+        keep_baseline(spec, metrics_before)
+        if evaluate:
+            reporter.eval(0, baseline=True, **metrics_before)
+
     # Train, then rank the held-out queries once more.
     _raise_if_stopped(reporter)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
     # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
     # evaluation and the artifact see the model as a user runs it, in full precision.
@@ -101,6 +108,10 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     artifact_dir = export(model, spec, result, Path(spec.output_dir) / "final")
     reporter.artifact(str(artifact_dir), method=spec.method, **result)
     return {**result, "artifact_dir": str(artifact_dir)}
+
+
+class RerankTrainer(AdapterResume, CrossEncoderTrainer):
+    """CrossEncoderTrainer that resumes a LoRA model's checkpoint (see AdapterResume)."""
 
 
 class ReportProgress(TrainerCallback):
@@ -146,7 +157,8 @@ def training_arguments(spec: TrainSpec) -> CrossEncoderTrainingArguments:
         num_train_epochs=spec.epochs,
         logging_steps=1,
         eval_strategy="no",  # the callback ranks the held-out queries itself
-        save_strategy="no",
+        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
+        save_steps=spec.checkpoint_every,
         report_to="none",
         dataloader_num_workers=0,
         seed=spec.seed,
@@ -201,31 +213,6 @@ def freeze_all_but_head(model: PreTrainedModel) -> None:
     for parameter in model.parameters():
         if id(parameter) not in encoder:
             parameter.requires_grad_(True)
-
-
-def lora_config(spec: TrainSpec, model: torch.nn.Module, task_type: str):
-    """A LoraConfig for spec; a UserError naming the model's linear layers if a name is not one."""
-    from peft import LoraConfig
-
-    targets = list(spec.lora_target_modules)
-    names = [name for name, _ in model.named_modules()]
-    # peft matches a target against the end of a module's dotted name ("query", "self.query").
-    missing = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith(f".{t}") for n in names)]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(
-            f"LoRA cannot adapt {', '.join(missing)}: {spec.base_model} has no such layer. Its linear "
-            f"layers are {', '.join(linear)} (or choose {ALL_LINEAR})."
-        )
-    return LoraConfig(
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        # peft expands "all-linear" only when it is given as the bare string.
-        target_modules=ALL_LINEAR if ALL_LINEAR in targets else targets,
-        use_dora=spec.use_dora,
-        task_type=task_type,
-    )
 
 
 def predict(model: CrossEncoder, rows: list[dict]) -> list[float]:
