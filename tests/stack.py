@@ -127,13 +127,15 @@ class Stack:
     # Looking inside -----------------------------------------------------------------------
     def job(self, job_id: int) -> dict:
         """The job row and its event history, read straight from the stack's database."""
-        row_sql = "SELECT state, message, attempts, worker_id FROM jobs_job WHERE id = {p}"
+        row_sql = "SELECT state, message, attempts, worker_id, result FROM jobs_job WHERE id = {p}"
         events_sql = "SELECT seq, data FROM jobs_jobevent WHERE job_id = {p} ORDER BY seq"
         with self._database() as (connection, p):
-            state, message, attempts, worker_id = connection.execute(row_sql.format(p=p), (job_id,)).fetchone()
+            state, message, attempts, worker_id, result = connection.execute(row_sql.format(p=p), (job_id,)).fetchone()
             rows = connection.execute(events_sql.format(p=p), (job_id,)).fetchall()
         events = [{**(json.loads(data) if isinstance(data, str) else data), "seq": seq} for seq, data in rows]
-        return {"state": state, "message": message, "attempts": attempts, "worker_id": worker_id, "events": events}
+        result = json.loads(result) if isinstance(result, str) else result
+        return {"state": state, "message": message, "attempts": attempts, "worker_id": worker_id, "result": result,
+                "events": events}
 
     @contextlib.contextmanager
     def _database(self):
