@@ -1,0 +1,176 @@
+"""The quality report (webapp/datasets/quality.py) on small crafted rows with known answers,
+checked against the worker's own tokenization and splits."""
+
+import pytest
+
+from tests.model_fixtures import write_jsonl
+from webapp.datasets import quality
+from webapp.datasets.quality import compute_report
+
+
+def problem(report: dict, key: str) -> dict:
+    return next(p for p in report["problems"] if p["key"] == key)
+
+
+def sft_rows() -> list[dict]:
+    rows = [{"instruction": f"Question number {n}?", "response": f"Answer {n}."} for n in range(20)]
+    rows[5] = dict(rows[4])  # an exact duplicate of row 5 (1-based)
+    rows[7]["system"] = "Be brief."
+    rows[8]["input"] = "Some context."
+    rows[9]["response"] = "word " * 80  # long: past a cutoff of 48
+    rows[10]["instruction"] = "long question " * 40  # the prompt alone fills 48 tokens
+    rows[11]["response"] = "  \n leading whitespace <|im_end|> typed as text"
+    return rows
+
+
+def test_sft_lengths_equal_the_workers_tokenization(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from worker.recipes.sft import tokenize_example
+
+    rows = sft_rows()
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 48)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    full = [len(tokenize_example(row, tokenizer, 10**6)["input_ids"]) for row in rows]
+    skipped = [n for n, row in enumerate(rows, 1) if tokenize_example(row, tokenizer, 48) is None]
+    counter = quality.TokenCounter(smollm2_dir, "sft", 48)
+    assert counter.lengths(rows)[0] == full
+    longer = [n for n, length in enumerate(full, 1) if length > 48]
+    assert report["tokens"]["truncated"] == problem(report, "truncated")["count"] == len(longer) >= 2
+    assert [e["row"] for e in problem(report, "truncated")["examples"]] == longer[:3]
+    assert report["tokens"]["max"] == max(full)
+    assert sum(report["tokens"]["counts"]) == 20
+    assert [e["row"] for e in problem(report, "no_reply")["examples"]] == skipped == [11]
+
+
+def test_sft_counts_duplicates_and_missing_optional_fields(tmp_path, smollm2_dir):
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", sft_rows()), "sft", smollm2_dir, 512)
+    duplicates = problem(report, "duplicates")
+    assert duplicates["count"] == 1 and duplicates["examples"][0] | {"text": ""} == {"row": 6, "same_as": 5, "text": ""}
+    assert problem(report, "empty_system")["count"] == 19
+    assert problem(report, "empty_input")["count"] == 19
+    assert report["tokens"]["truncated"] == 0 and report["labels"] is None
+
+
+def test_overlap_follows_the_workers_seeded_split(tmp_path, smollm2_dir):
+    from worker.recipes.sft import split_rows
+
+    rows = [{"instruction": f"q{n % 10}", "response": f"a{n}"} for n in range(40)]  # each prompt 4 times
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 64, seed=7)
+    train, held = split_rows(rows, 0.1, 7)
+    leaked = [row for row in held if any(row["instruction"] == t["instruction"] for t in train)]
+    assert report["split"] == {"kind": "seeded", "seed": 7, "fraction": 0.1, "train_rows": 36, "validation_rows": 4}
+    assert problem(report, "overlap")["count"] == len(leaked) == 4
+
+
+def test_an_uploaded_validation_file_replaces_the_split(tmp_path, smollm2_dir):
+    rows = [{"instruction": f"q{n}", "response": "a"} for n in range(10)]
+    validation = [{"instruction": "q3", "response": "other"}, {"instruction": "new", "response": "a"}]
+    report = compute_report(
+        write_jsonl(tmp_path / "rows.jsonl", rows),
+        "sft",
+        smollm2_dir,
+        64,
+        validation_path=write_jsonl(tmp_path / "validation.jsonl", validation),
+    )
+    assert report["split"] == {"kind": "file", "train_rows": 10, "validation_rows": 2}
+    overlap = problem(report, "overlap")
+    assert overlap["count"] == 1 and overlap["examples"][0]["row"] == 1 and "q3" in overlap["examples"][0]["text"]
+
+
+def test_dpo_pairs_measure_the_longer_answer_and_flag_same_answers(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from worker.recipes.dpo import tokenize_pair
+
+    rows = [{"prompt": f"Pick {n}", "chosen": "yes", "rejected": "no " * n} for n in range(12)]
+    rows[3]["rejected"] = " yes "  # the same answer once trimmed
+    rows[4]["prompt"] = "very long prompt " * 30
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "dpo", smollm2_dir, 40)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    pairs = [tokenize_pair(row, tokenizer) for row in rows]
+    longest = [len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs]
+    assert report["tokens"]["max"] == max(longest)
+    assert report["tokens"]["truncated"] == sum(length > 40 for length in longest)
+    assert [e["row"] for e in problem(report, "same_pair")["examples"]] == [4]
+    assert (
+        [e["row"] for e in problem(report, "no_reply")["examples"]]
+        == [n for n, p in enumerate(pairs, 1) if len(p["prompt"]) >= 40]
+        == [5]
+    )
+
+
+def test_classification_reports_label_balance_and_the_stratified_split(tmp_path, minilm_dir):
+    from transformers import AutoTokenizer
+
+    from worker.recipes.classify import stratified_split
+
+    rows = [{"text": f"message {n}", "label": ["spam", "ham ", "ham"][n % 3]} for n in range(30)]
+    rows.append({"text": "word " * 300, "label": "spam"})
+    rows.append({"text": "message 0", "label": "ham"})  # message 0 again, other label
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "classify", minilm_dir, 128)
+    assert report["labels"]["counts"] == [["ham", 21], ["spam", 11]]
+    assert report["cutoff"] == 128 and report["tokens"]["truncated"] == 1
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    assert report["tokens"]["max"] == len(tokenizer("word " * 300)["input_ids"])
+    trimmed = [row | {"label": row["label"].strip(), "n": n} for n, row in enumerate(rows)]
+    _, held = stratified_split(trimmed, 0.1, 42)
+    assert sorted(quality.stratified_positions(*_label_numbers(trimmed), 0.1, 42).tolist()) == sorted(
+        row["n"] for row in held
+    )
+    assert report["split"]["validation_rows"] == len(held)
+
+
+def _label_numbers(rows):
+    import numpy as np
+
+    names = sorted({row["label"] for row in rows})
+    return np.array([names.index(row["label"]) for row in rows]), names
+
+
+def test_the_encoder_cutoff_is_the_models_own_limit_when_lower(tmp_path, minilm_dir):
+    rows = [{"query": f"q{n}", "positive": "word " * 400} for n in range(4)]
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "embed", minilm_dir, 4096)
+    assert report["cutoff"] == 256  # sentence-transformers' max_seq_length for MiniLM
+    assert report["tokens"]["truncated"] == 4
+    assert problem(report, "empty_negative")["count"] == 4
+
+
+def test_reranking_flags_queries_without_a_relevant_document(tmp_path, minilm_dir):
+    from worker.recipes.rerank import split_by_query
+
+    rows = []
+    for q in range(12):
+        for d in range(3):
+            rows.append({"query": f"query {q}", "document": f"doc {q}-{d}", "relevance": float(d == 0 and q % 4 != 0)})
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "rerank", minilm_dir, 64)
+    no_relevant = problem(report, "no_relevant")
+    assert no_relevant["count"] == 3 and [e["row"] for e in no_relevant["examples"]] == [1, 13, 25]
+    assert report["labels"]["counts"] == [["0", 27], ["1", 9]]
+    _, held = split_by_query(rows, 0.1, 42)
+    assert report["split"]["validation_rows"] == len(held) == 3
+
+
+def test_embedding_overlap_is_by_query(tmp_path, minilm_dir):
+    rows = [{"query": f"q{n}", "positive": f"p{n}"} for n in range(20)]
+    validation = [
+        {"query": "q1", "positive": "else"},
+        {"query": "q2", "positive": "p2"},
+        {"query": "z", "positive": "p"},
+    ]
+    report = compute_report(
+        write_jsonl(tmp_path / "rows.jsonl", rows),
+        "embed",
+        minilm_dir,
+        64,
+        validation_path=write_jsonl(tmp_path / "v.jsonl", validation),
+    )
+    assert problem(report, "overlap")["count"] == 2
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 100])
+def test_split_positions_hold_out_what_split_rows_holds_out(count):
+    from worker.recipes.sft import split_rows
+
+    _, held = split_rows(list(range(count)), 0.2, 3)
+    assert sorted(quality.split_positions(count, 0.2, 3).tolist()) == held
