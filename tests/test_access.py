@@ -49,6 +49,7 @@ def test_the_walk_covers_every_object_url(objects):
     assert names == {
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
         "accept_dataset_rows", "replace_dataset_file", "add_validation_file", "remove_validation_file",
+        "dataset_quality",
     }
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.datasets import views
+from webapp.datasets import report_views, views
 
 urlpatterns = [
     path("datasets/", views.dataset_list, name="datasets"),
@@ -14,4 +14,5 @@ urlpatterns = [
     path("datasets/<int:dataset_id>/replace/", views.replace_file, name="replace_dataset_file"),
     path("datasets/<int:dataset_id>/validation/", views.add_validation, name="add_validation_file"),
     path("datasets/<int:dataset_id>/validation/remove/", views.remove_validation, name="remove_validation_file"),
+    path("datasets/<int:dataset_id>/quality/", report_views.dataset_quality, name="dataset_quality"),
 ]
