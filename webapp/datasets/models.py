@@ -131,6 +131,15 @@ class Dataset(models.Model):
         return self.rows_total - self.rows_ok
 
     @property
+    def error_summary(self) -> list[tuple[str, int]]:
+        """(kind, count) of the rejected rows, the most common first."""
+        return _most_common_first(self.error_counts)
+
+    @property
+    def validation_error_summary(self) -> list[tuple[str, int]]:
+        return _most_common_first(self.validation_report.get("error_counts", {}))
+
+    @property
     def validation_rows_ok(self) -> int:
         return self.validation_report.get("rows_ok", 0)
 
@@ -357,6 +366,10 @@ class Dataset(models.Model):
             "errors": [_error_dict(e) for e in report.errors],
             "fatal": report.fatal or "",
         }
+
+
+def _most_common_first(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _error_dict(error) -> dict:
