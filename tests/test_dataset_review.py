@@ -1,5 +1,7 @@
 """Some rows rejected: the dataset waits for the user to drop them or to upload a fixed file."""
 
+from pathlib import Path
+
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -50,7 +52,7 @@ def test_a_corrected_file_replaces_the_original_and_is_read_again(owner_client, 
     assert reply.status_code == 302
     assert (dataset.status, dataset.rows_ok, dataset.rows_total, dataset.errors) == ("ready", 3, 3, [])
     assert dataset.original_name == "fixed.jsonl" and dataset.size_bytes == len(FIXED)
-    assert open(dataset.original.path, "rb").read() == FIXED
+    assert Path(dataset.original.path).read_bytes() == FIXED
     # The old file is gone, not kept beside the new one.
     assert sorted(p.name for p in dataset.rows_path.parent.iterdir()) == ["original.jsonl", "rows.jsonl"]
 
