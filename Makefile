@@ -47,6 +47,7 @@ lint: install
 
 bench: install models
 	$(BIN)/python -m worker.bench
+	$(BIN)/python -m webapp.datasets.bench
 
 clean:
 	rm -rf $(VENV) var static/vendor
