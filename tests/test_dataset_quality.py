@@ -110,3 +110,13 @@ def test_a_cpu_worker_computes_the_report_and_the_page_serves_it(stack, tmp_path
     assert duplicates["count"] == 1 and duplicates["examples"][0]["same_as"] == 1
     assert "quality-problems" in reply["html"] and "tok loss" in reply["preflight_html"]
     assert http.get(url).json()["seconds"] == reply["seconds"]  # served from the kept JSON
+
+
+@pytest.mark.django_db
+def test_deleting_a_dataset_removes_its_kept_reports(owner, media_root):
+    dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl")
+    report = dataset.rows_path.parent / "quality" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text("{}")
+    dataset.delete_files()
+    assert not dataset.rows_path.parent.exists()

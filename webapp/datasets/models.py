@@ -9,6 +9,7 @@ job uses a dataset it never changes again.
 """
 
 import logging
+import shutil
 import uuid
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class Dataset(models.Model):
             path.unlink(missing_ok=True)
             Path(f"{path}.partial").unlink(missing_ok=True)
         folder = self.rows_path.parent
+        shutil.rmtree(folder / "quality", ignore_errors=True)  # quality reports (reports.py)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -129,6 +131,22 @@ class Dataset(models.Model):
     @property
     def rows_rejected(self) -> int:
         return self.rows_total - self.rows_ok
+
+    @property
+    def mapping_in_field_order(self) -> list[tuple[str, str]]:
+        """(field, column) in the task's field order (the database may keep JSON keys in any order)."""
+        names = self.fields["required"] + self.fields["optional"]
+        return [(name, self.mapping[name]) for name in names if name in self.mapping]
+
+    @property
+    def preview_columns(self) -> list[str]:
+        """The preview's fields: the task's, in their order."""
+        present = {name for row in self.preview_rows for name in row}
+        return [name for name in self.fields["required"] + self.fields["optional"] if name in present]
+
+    @property
+    def preview_table(self) -> list[list[str]]:
+        return [[row.get(name, "") for name in self.preview_columns] for row in self.preview_rows]
 
     @property
     def error_summary(self) -> list[tuple[str, int]]:
