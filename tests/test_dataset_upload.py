@@ -1,4 +1,7 @@
+import json
+
 import pytest
+import redis
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from webapp.datasets.models import Dataset
@@ -112,3 +115,23 @@ def test_every_task_has_sample_data_that_passes_its_checks(owner_client, media_r
     dataset = Dataset.objects.get()
     assert reply.status_code == 302 and reply.url == f"/jobs/new/?dataset={dataset.id}"
     assert dataset.task == task and dataset.rows_ok >= 100 and dataset.rows_rejected == 0
+
+
+def test_an_upload_above_the_inline_size_is_sent_to_the_cpu_queue_not_read_in_the_request(
+    owner_client, media_root, settings, django_capture_on_commit_callbacks
+):
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete("cpu", "train")
+    settings.INLINE_PARSE_BYTES = 100
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            reply = upload(owner_client, "big.jsonl", TWO_ROWS * 10)
+        dataset = Dataset.objects.get()
+        assert reply.status_code == 302 and dataset.status == "uploaded" and dataset.rows_total == 0
+        [message] = [json.loads(m)["headers"] for m in broker.lrange("cpu", 0, -1)]
+        assert message["task"] == "webapp.datasets.parse_dataset" and message["argsrepr"] == f"[{dataset.id}]"
+        assert broker.llen("train") == 0
+        assert "Waiting for a CPU worker" in owner_client.get(reply.url).content.decode()
+        assert owner_client.get(f"/datasets/{dataset.id}/status/").json()["busy"] is True
+    finally:
+        broker.delete("cpu", "train")

@@ -29,7 +29,8 @@ def test_the_ready_dataset_is_accepted(owner_client, owner, train_queue):
     assert reply.status_code == 302 and Job.objects.count() == 1
 
 
-def test_sample_data_lands_on_the_job_form_with_the_sample_chosen(owner_client, media_root):
+def test_sample_data_lands_on_the_job_form_with_the_sample_chosen(owner_client, media_root, settings):
+    settings.INLINE_PARSE_BYTES = 0  # larger uploads go to the worker; the sample is still read at once
     reply = owner_client.post("/datasets/samples/sft/")
     dataset = Dataset.objects.get()
     assert dataset.status == "ready" and reply.url == f"/jobs/new/?dataset={dataset.id}"

@@ -211,7 +211,9 @@ class Dataset(models.Model):
 
     # Uploads ----------------------------------------------------------------------------
     @classmethod
-    def from_upload(cls, owner, task: str, name: str, upload: File, validation: File | None = None) -> "Dataset":
+    def from_upload(
+        cls, owner, task: str, name: str, upload: File, validation: File | None = None, read_now: bool = False
+    ) -> "Dataset":
         """Store an upload (and an optional validation file) and read it: now when small, on the
         "cpu" queue when large.
 
@@ -224,7 +226,7 @@ class Dataset(models.Model):
         if validation is not None:
             dataset._store_validation(validation)
         dataset.save()
-        dataset.request_parse()
+        dataset.request_parse(now=read_now)
         unreadable = dataset.unreadable_file() if dataset.status == REJECTED else None
         if unreadable:
             errors = dataset.errors if unreadable == "file" else dataset.validation_report.get("errors", [])
@@ -282,9 +284,9 @@ class Dataset(models.Model):
         self.validation.save(upload.name, upload, save=False)
 
     # Reading ----------------------------------------------------------------------------
-    def request_parse(self) -> None:
-        """Read the files now when they are small, else queue the read on the "cpu" queue."""
-        if self.size_bytes + self.validation_size_bytes <= settings.INLINE_PARSE_BYTES:
+    def request_parse(self, now: bool = False) -> None:
+        """Read the files now when they are small (or `now`), else queue the read on the "cpu" queue."""
+        if now or self.size_bytes + self.validation_size_bytes <= settings.INLINE_PARSE_BYTES:
             self.status = PARSING
             Dataset.objects.filter(id=self.id).update(status=PARSING)
             self.parse()

@@ -70,7 +70,8 @@ def use_sample(request: HttpRequest, task: str) -> HttpResponse:
         raise Http404("No such task.")
     content = "".join(json.dumps(row) + "\n" for row in sample_rows(task)).encode()
     upload = ContentFile(content, name=f"sample-{task}.jsonl")
-    dataset = Dataset.from_upload(request.user, task, f"Sample: {TASKS[task].name}", upload)
+    # Read now whatever the inline limit: the new-job form offers only ready datasets.
+    dataset = Dataset.from_upload(request.user, task, f"Sample: {TASKS[task].name}", upload, read_now=True)
     return redirect(f"{reverse('new_job')}?dataset={dataset.id}")
 
 
