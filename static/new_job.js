@@ -38,7 +38,14 @@
     const headAllowed = ["classify", "pair", "rerank"].includes(t);
     headInput.closest("label, div").hidden = !headAllowed;
     if (!headAllowed && headInput.checked) form.querySelector("[name=method][value=lora]").checked = true;
-    document.getElementById("lora-fields").hidden = method() !== "lora";
+    // QLoRA is offered only while a GPU worker can run it, and only for the generative tasks.
+    const qloraInput = form.querySelector("[name=method][value=qlora]");
+    if (qloraInput) {
+      const qloraAllowed = ["sft", "dpo"].includes(t);
+      qloraInput.closest("label, div").hidden = !qloraAllowed;
+      if (!qloraAllowed && qloraInput.checked) form.querySelector("[name=method][value=lora]").checked = true;
+    }
+    document.getElementById("lora-fields").hidden = !["lora", "qlora"].includes(method());
     document.getElementById("custom-base").hidden = base.value !== "custom";
     document.getElementById("dpo-fields").hidden = t !== "dpo";
     const ownValidation = withValidation.includes(Number(field("dataset").value));

@@ -48,7 +48,7 @@ def artifact_name(spec: TrainSpec) -> str:
     """The download's name (without .zip), which is also the folder name inside the zip."""
     # Generative LoRA jobs hand over an adapter; everything else (merged classifiers,
     # rerankers, embedding models, full fine-tunes) a complete model.
-    kind = "adapter" if spec.method == "lora" and spec.task in ("sft", "dpo") else "model"
+    kind = "adapter" if spec.adapters and spec.task in ("sft", "dpo") else "model"
     return f"specialist-job-{spec.job_id}-{kind}" if spec.job_id else f"specialist-{kind}"
 
 
@@ -56,7 +56,7 @@ def export(model: Any, tokenizer: Any, spec: TrainSpec, metrics: dict[str, Any],
     """Write the artifact folder for a trained `model` (a PeftModel for LoRA) and return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if spec.method == "lora":
+    if spec.adapters:
         # adapter_config.json + adapter_model.safetensors; the base stays where it is.
         model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
         _point_adapter_at_base(out_dir / "adapter_config.json", spec)
@@ -124,7 +124,7 @@ def write_card_and_spec(out_dir: Path, spec: TrainSpec, metrics: dict[str, Any],
 def model_card(spec: TrainSpec, metrics: dict[str, Any], usage: str | None = None) -> str:
     """The README.md of an artifact. `usage` (markdown) replaces the causal-LM snippet."""
     base = base_reference(spec)
-    library = metrics.get("library") or ("peft" if spec.method == "lora" else "transformers")
+    library = metrics.get("library") or ("peft" if spec.adapters else "transformers")
     note = f"\n{BASE_NOTES[spec.base_model]}\n" if spec.base_model in BASE_NOTES else ""
     return f"""---
 base_model: {base}
@@ -156,10 +156,11 @@ by {TASK_NAMES.get(spec.task, spec.task)}.
 
 
 def _settings(spec: TrainSpec) -> list[tuple[str, Any]]:
-    method = {"lora": "DoRA" if spec.use_dora else "LoRA", "full": "full fine-tune",
+    lora = "DoRA" if spec.use_dora else "LoRA"
+    method = {"lora": lora, "qlora": f"Q{lora} (4-bit base)", "full": "full fine-tune",
               "head": "trained head on a frozen base"}[spec.method]
     rows: list[tuple[str, Any]] = [("Method", method)]
-    if spec.method == "lora":
+    if spec.adapters:
         rows += [
             ("LoRA rank r", spec.lora_r),
             ("LoRA alpha", spec.lora_alpha),
@@ -199,7 +200,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 def _usage(spec: TrainSpec, base: str) -> str:
     folder = artifact_name(spec)
-    if spec.method == "lora":
+    if spec.adapters:
         load = f"""from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -90,8 +90,7 @@ GENERATIVE_TASK_NAMES = {"sft": "instruction tuning", "dpo": "preference tuning"
 
 
 def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model of `spec` as a causal LM in fp32, and its tokenizer (with a pad token)."""
-    import torch
+    """The base model of `spec` as a causal LM (fp32; QLoRA: 4-bit), and its tokenizer (with a pad token)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_base(spec.base_model)
@@ -104,17 +103,68 @@ def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenize
             "Choose a causal LM such as smollm2-135m-instruct."
         )
     try:
-        # fp32 master weights: the optimizer updates stay exact; autocast does the bf16 math.
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch.float32,
             use_safetensors=True,
             trust_remote_code=False,
-            attn_implementation="sdpa",
+            attn_implementation=attention_implementation(spec),
+            **_causal_lm_weights(spec),
         )
     except OSError as exc:
         raise UserError(f"Could not load {spec.base_model}: {exc}") from exc
     return model, _load_tokenizer(spec, path)
+
+
+EAGER_ATTENTION_LIMIT = 8 * 512**2
+"""Largest batch_size × max_seq_length² trained with eager attention on a CPU (see below)."""
+
+
+def attention_implementation(spec: TrainSpec) -> str:
+    """SDPA on CUDA (flash-attention kernels in bf16). On a CPU, eager attention (matmul + softmax):
+    torch's CPU flash-attention backward is slow in bf16, and eager steps measured 18–25 % faster
+    (docs/performance.md). Eager keeps every attention matrix for the backward pass, so beyond
+    EAGER_ATTENTION_LIMIT (8 rows of 512 tokens: ~3.5 GiB more for SmolLM2) memory wins: SDPA."""
+    import torch
+
+    if torch.cuda.is_available() or spec.batch_size * spec.max_seq_length**2 > EAGER_ATTENTION_LIMIT:
+        return "sdpa"
+    return "eager"
+
+
+def qlora_problem() -> str:
+    """Why this machine cannot train QLoRA, or "" when it can (CUDA and bitsandbytes)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "QLoRA needs a CUDA GPU: this worker has none. Choose LoRA."
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "QLoRA needs the bitsandbytes package on the worker (requirements-cuda.txt). Choose LoRA."
+    return ""
+
+
+def _causal_lm_weights(spec: TrainSpec) -> dict:
+    """from_pretrained's precision arguments. fp32 master weights (the optimizer updates stay exact;
+    autocast does the bf16 math), except QLoRA: the base frozen in 4-bit NF4 on the GPU, bf16 compute."""
+    import torch
+
+    if spec.method != "qlora":
+        return {"dtype": torch.float32}
+    problem = qlora_problem()
+    if problem:
+        raise UserError(problem)
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {
+        "dtype": torch.bfloat16,
+        "quantization_config": quantization,
+        "device_map": {"": torch.cuda.current_device()},
+    }
 
 
 def load_sequence_classifier(spec: TrainSpec, labels: list[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -179,6 +229,7 @@ def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
     full: every weight. head: only the task head (see task_head_names); the base stays frozen.
     lora: adapters (DoRA if spec.use_dora) on spec.lora_target_modules of the frozen base; a
     sequence classifier's head is new, so it is trained in full and saved with the adapters.
+    qlora: the same on a 4-bit base, prepared by peft (norms in fp32, input gradients on).
     """
     if spec.method == "full":
         model.requires_grad_(True)
@@ -189,8 +240,14 @@ def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
         for name in heads:
             getattr(model, name).requires_grad_(True)
         return model
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if spec.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     task_type = PEFT_TASK_TYPES.get(spec.task, "CAUSAL_LM")
     config = lora_config(spec, model, task_type, task_head_names(model) if task_type == "SEQ_CLS" else None)
     try:

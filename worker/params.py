@@ -31,7 +31,7 @@ def census(model: nn.Module, spec: TrainSpec) -> dict[str, Any]:
         "trainable": trainable,
         "frozen": total - trainable,
         "trainable_pct": round(100 * trainable / total, 4) if total else 0.0,
-        "matrices": (_lora_rows(model) if spec.method == "lora" else []) + _full_rows(model),
+        "matrices": (_lora_rows(model) if spec.adapters else []) + _full_rows(model),
     }
 
 

@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASKS = ("sft", "classify", "pair", "rerank", "embed", "dpo")
-METHODS = ("lora", "full", "head")
-# Which methods make sense for which task: a trained head needs a task head to train.
+METHODS = ("lora", "qlora", "full", "head")
+ADAPTER_METHODS = ("lora", "qlora")
+"""Methods that train LoRA adapters on a frozen base (qlora: the base loaded in 4 bits)."""
+# Which methods make sense for which task: a trained head needs a task head to train; a
+# 4-bit base (QLoRA, bitsandbytes on CUDA) is offered for the generative tasks.
 TASK_METHODS = {
-    "sft": ("lora", "full"),
-    "dpo": ("lora", "full"),
+    "sft": ("lora", "qlora", "full"),
+    "dpo": ("lora", "qlora", "full"),
     "classify": ("lora", "full", "head"),
     "pair": ("lora", "full", "head"),
     "rerank": ("lora", "full", "head"),
@@ -49,7 +52,8 @@ class TrainSpec:
     task: str = "sft"
     """Task family; selects the recipe in worker/recipes."""
     method: str = "lora"
-    """lora: low-rank adapters on a frozen base; full: every weight; head: only the task head."""
+    """lora: low-rank adapters on a frozen base; qlora: the same on a base quantised to 4 bits
+    (NF4, CUDA with bitsandbytes only); full: every weight; head: only the task head."""
     lora_r: int = 16
     """LoRA rank: the inner dimension of the A·B update."""
     lora_alpha: int = 32
@@ -74,6 +78,9 @@ class TrainSpec:
     """Stop after this many optimizer steps; None trains for `epochs`."""
     batch_size: int = 8
     """Rows per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory (bigger
+    models or batches fit), about a third more time per step."""
     max_seq_length: int = 512
     """Tokens per row after the chat template; longer rows are truncated."""
     validation_fraction: float = 0.1
@@ -108,7 +115,7 @@ class TrainSpec:
         _at_least("lora_alpha", self.lora_alpha, 1)
         if not 0 <= self.lora_dropout < 1:
             raise SpecError("lora_dropout", "must be at least 0 and below 1")
-        if self.method == "lora":
+        if self.method in ADAPTER_METHODS:
             if not self.lora_target_modules:
                 raise SpecError("lora_target_modules", "choose at least one layer to adapt")
             odd = [name for name in self.lora_target_modules if not _MODULE_NAME.fullmatch(name)]
@@ -134,6 +141,13 @@ class TrainSpec:
         _at_least("checkpoint_every", self.checkpoint_every, 1)
         if not self.checkpoint_minutes > 0:
             raise SpecError("checkpoint_minutes", "must be greater than 0")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise SpecError("gradient_checkpointing", "must be true or false")
+
+    @property
+    def adapters(self) -> bool:
+        """Whether this job trains LoRA adapters (and its artifact is an adapter for sft/dpo)."""
+        return self.method in ADAPTER_METHODS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

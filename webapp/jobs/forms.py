@@ -8,6 +8,7 @@ from django import forms
 
 from webapp.datasets.models import READY, Dataset
 from webapp.datasets.tasks import TASKS
+from webapp.jobs.workers import live_capabilities, supported
 from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
 from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
 
@@ -15,20 +16,23 @@ CUSTOM = "custom"
 SPEC_FIELDS = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
-    "dpo_sft_weight",
+    "dpo_sft_weight", "gradient_checkpointing",
 )
 _DEFAULTS = TrainSpec(base_model=DEFAULT_BASE_MODEL, dataset_path="", output_dir="")
 METHODS = [
     ("lora", "LoRA: train small adapters, base frozen"),
+    ("qlora", "QLoRA: LoRA on a base loaded in 4 bits (less GPU memory)"),
     ("full", "Full fine-tune: train every weight"),
     ("head", "Trained head: the whole base frozen, only the task head learns"),
 ]
 # Starting points that learn on the sample data of each task; the form suggests them when the
 # task or method changes (new_job.js), and a user's own value always wins.
 SUGGESTED = {
-    "sft": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 2e-3, "full": 5e-5, "max_steps": 30,
+    "sft": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 2e-3, "qlora": 2e-3, "full": 5e-5,
+            "max_steps": 30,
             "batch_size": 8, "max_seq_length": 512},
-    "dpo": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 5e-4, "full": 5e-6, "max_steps": 30,
+    "dpo": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 5e-4, "qlora": 5e-4, "full": 5e-6,
+            "max_steps": 30,
             "batch_size": 8, "max_seq_length": 512},
     # MiniLM is small (22M): a full fine-tune is quick and learns the sample tasks fastest.
     "classify": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "head": 5e-3,
@@ -41,6 +45,14 @@ SUGGESTED = {
     "embed": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "max_steps": 30,
               "batch_size": 16, "max_seq_length": 128},
 }
+
+
+# Settings that only some workers can run: offered while a live worker reports the feature.
+GATED = {
+    "qlora": "QLoRA needs a training worker with a CUDA GPU and the bitsandbytes package",
+    "gradient_checkpointing": "Gradient checkpointing needs a training worker that reports support for it",
+}
+GATED_CHOICES = (("qlora", "method", "qlora"), ("gradient_checkpointing", "gradient_checkpointing", True))
 
 
 def _base_model_choices() -> list[tuple[str, str]]:
@@ -76,6 +88,9 @@ class JobForm(forms.Form):
         required=False, initial=_DEFAULTS.max_steps, help_text="Stops training here; empty to train all epochs."
     )
     batch_size = forms.IntegerField(initial=_DEFAULTS.batch_size)
+    gradient_checkpointing = forms.BooleanField(
+        required=False, help_text="Recompute activations instead of keeping them: less memory, about a third slower.",
+    )
     max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS.max_seq_length)
     validation_fraction = forms.FloatField(
         initial=_DEFAULTS.validation_fraction, help_text="Ignored when the dataset has its own validation file."
@@ -91,6 +106,12 @@ class JobForm(forms.Form):
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = Dataset.objects.filter(owner=user, status=READY)
+        # What the running training workers can do: the page offers only that (see worker.capabilities).
+        workers = live_capabilities()
+        self.offers = {feature: supported(feature, workers) for feature in GATED}
+        self.devices = sorted({worker.get("device", "?") for worker in workers})
+        if not self.offers["qlora"]:
+            self.fields["method"].widget.choices = [c for c in METHODS if c[0] != "qlora"]
 
     def clean(self):
         data = super().clean()
@@ -106,6 +127,11 @@ class JobForm(forms.Form):
                                        f"{TASKS[dataset.task].name.lower()} needs a {' or '.join(TASKS[dataset.task].base_kinds)} model.")
         if self.errors or dataset is None:
             return data
+        for feature, field_name, wanted in GATED_CHOICES:
+            if data.get(field_name) == wanted and not self.offers[feature]:
+                self.add_error(field_name, self._unsupported(feature))
+        if self.errors:
+            return data
         values = {f: data.get(f) for f in SPEC_FIELDS}
         for dpo_field in ("dpo_beta", "dpo_sft_weight"):
             if values[dpo_field] is None:
@@ -118,6 +144,10 @@ class JobForm(forms.Form):
         except SpecError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data
+
+    def _unsupported(self, feature: str) -> str:
+        running = f"the running ones have: {', '.join(self.devices)}" if self.devices else "none is running"
+        return f"{GATED[feature]}; {running}. Choose another setting, or start such a worker."
 
     @staticmethod
     def initial_from(job) -> dict:

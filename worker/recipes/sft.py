@@ -6,7 +6,12 @@ setup → train → save, on transformers' Trainer.
   with the base model's chat template ("input", extra context, follows the instruction in the
   user turn). The loss is on the response only (its tokens and the end-of-turn token): every
   prompt token is labelled -100.
-- Batches are padded to their longest row, and rows of similar length are batched together.
+- Batches are padded to their longest row, and rows of similar length are batched together
+  (worker.batching: length-sorted chunks, cut into batches, the batches shuffled; seeded).
+- Logits are computed only where the loss reads them (the positions before a response token):
+  the output layer and its log-softmax over the whole vocabulary are a large share of a small
+  model's step, and most positions are prompt or padding.
+- Tokenised rows are cached between jobs on the same file and tokenizer (worker.token_cache).
 - Master weights stay fp32; the forward and backward passes run under bf16 autocast where the
   hardware has bf16 arithmetic (CUDA, or CPUs with AVX512-BF16 / AMX).
 - Held out: eval_loss and perplexity of the untouched model (step 0, the baseline), every
@@ -28,7 +33,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from worker import token_cache
 from worker.artifacts import export
+from worker.batching import LengthGroupedBatches
 from worker.checkpoints import Checkpointing, latest_checkpoint
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
@@ -39,6 +46,7 @@ from worker.spec import TrainSpec
 IGNORE_INDEX = -100  # label value the loss skips
 SAMPLE_COUNT = 3  # held-out instructions answered before and after training
 SAMPLE_NEW_TOKENS = 48
+TOKENIZE_VERSION = "1"  # part of the token cache's key: change it when tokenize_example changes
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
@@ -50,12 +58,13 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     progress = ReportProgress(reporter)
-    trainer = Trainer(
+    trainer = LengthGroupedTrainer(
         model=model,
         args=training_arguments(spec, evaluate=bool(eval_rows)),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
+        compute_loss_func=response_loss,
         callbacks=[progress, Checkpointing(spec, reporter)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
@@ -103,6 +112,27 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(samples, indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
     return {**metrics, **summary, "samples": samples, "artifact_dir": str(artifact_dir)}
+
+
+class LengthGroupedTrainer(Trainer):
+    """The Trainer, drawing its training batches from worker.batching.LengthGroupedBatches."""
+
+    def _get_train_sampler(self, train_dataset=None) -> LengthGroupedBatches:
+        rows = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedBatches([len(row["input_ids"]) for row in rows], self.args.train_batch_size, self.args.seed)
+
+
+def response_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on the response tokens, from the logits pad_batch asked for.
+
+    pad_batch's `logits_to_keep` mask selects position i of a row when token i + 1 is labelled;
+    the model returns those logits flattened in row-major order, which is the order of the
+    labels picked here. The same value as the model's own loss, without the other positions.
+    """
+    targets = labels[:, 1:]
+    targets = targets[targets != IGNORE_INDEX]
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device), reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel()))
 
 
 def held_out_metrics(trainer: Trainer) -> dict[str, float]:
@@ -173,11 +203,14 @@ def training_arguments(spec: TrainSpec, evaluate: bool) -> TrainingArguments:
         save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
         save_steps=spec.checkpoint_every,
         report_to="none",
-        activation_checkpointing=False,
+        # Off by default: recomputing the forward pass costs about a third of a step; on for
+        # large models on small GPUs (memory for time).
+        activation_checkpointing=spec.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # works with a frozen embedding (LoRA)
         dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
         label_names=["labels"],
+        prediction_loss_only=True,  # the held-out metrics need the loss only, not every logit
         seed=spec.seed,
         data_seed=spec.seed,
         bf16=bf16_supported(),
@@ -207,10 +240,17 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             f"{spec.base_model} has no chat template, so it cannot be instruction-tuned here. "
             "Choose an instruction (chat) model such as smollm2-135m-instruct."
         )
-    rows = read_rows(Path(spec.dataset_path))
-    train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
-    train_rows = tokenize_rows(train, tokenizer, spec.max_seq_length, reporter, "training")
-    eval_rows = tokenize_rows(held_out, tokenizer, spec.max_seq_length, reporter, "validation")
+    examples = tokenize_file(Path(spec.dataset_path), tokenizer, spec.max_seq_length, reporter)
+    if spec.validation_path:
+        train = examples
+        held = tokenize_file(
+            Path(spec.validation_path), tokenizer, spec.max_seq_length, reporter, "the validation file"
+        )
+    else:
+        train, held = split_rows(examples, spec.validation_fraction, spec.seed)
+    train_rows = kept_examples(train, spec.max_seq_length, reporter, "training")
+    eval_rows = kept_examples(held, spec.max_seq_length, reporter, "validation")
+    held_out = [row for row, _ in held]
     if not train_rows:
         raise UserError(
             f"No training row fits in max_seq_length={spec.max_seq_length} tokens with room for "
@@ -218,6 +258,33 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
         )
     reporter.log(f"{len(train_rows)} training rows, {len(eval_rows)} validation rows.")
     return train_rows, eval_rows, held_out
+
+
+def tokenize_file(path: Path, tokenizer, max_length: int, reporter: Reporter, name: str = "") -> list[tuple[dict, Any]]:
+    """(row, tokenize_example(row)) for the rows of a JSONL file; the tokens come from the token
+    cache when this file was tokenised before with this tokenizer and max_length."""
+    try:
+        rows = read_rows(path)
+    except UserError as exc:
+        if not name:
+            raise
+        raise UserError(f"In {name}: {exc}") from exc
+    key = token_cache.cache_key(path, tokenizer, max_length, TOKENIZE_VERSION)
+    examples, hit = token_cache.cached(key, lambda: [tokenize_example(row, tokenizer, max_length) for row in rows])
+    if hit:
+        reporter.log(f"Tokenised rows of {name or 'the dataset'} reused from an earlier job.")
+    return list(zip(rows, examples, strict=True))
+
+
+def kept_examples(pairs: list[tuple[dict, dict | None]], max_length: int, reporter: Reporter, split: str) -> list[dict]:
+    """The tokenised rows of (row, example) pairs that kept a response token after truncation."""
+    kept = [example for _, example in pairs if example is not None]
+    if len(kept) < len(pairs):
+        reporter.log(
+            f"Skipped {len(pairs) - len(kept)} of {len(pairs)} {split} rows: after truncation to "
+            f"{max_length} tokens no response token was left."
+        )
+    return kept
 
 
 def read_rows(path: Path, fields: tuple[str, ...] = ("instruction", "response")) -> list[dict[str, str]]:
@@ -253,17 +320,6 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     )
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_length: int, reporter: Reporter, split: str) -> list[dict]:
-    examples = [tokenize_example(row, tokenizer, max_length) for row in rows]
-    kept = [example for example in examples if example is not None]
-    if len(kept) < len(rows):
-        reporter.log(
-            f"Skipped {len(rows) - len(kept)} of {len(rows)} {split} rows: after truncation to "
-            f"{max_length} tokens no response token was left."
-        )
-    return kept
-
-
 def tokenize_example(row: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int]] | None:
     """input_ids and labels for one row (labels -100 on the prompt); None if no response fits."""
     messages = prompt_messages(row)
@@ -293,16 +349,22 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row of the batch; padding is masked from attention and loss."""
+    """Pad to the longest row of the batch; padding is masked from attention and loss.
+
+    logits_to_keep marks the positions whose next token is labelled: the only logits the loss
+    reads (see response_loss).
+    """
     width = max(len(f["input_ids"]) for f in features)
 
     def padded(values: list[int], fill: int) -> list[int]:
         return values + [fill] * (width - len(values))
 
+    labels = torch.tensor([padded(f["labels"], IGNORE_INDEX) for f in features])
     return {
         "input_ids": torch.tensor([padded(f["input_ids"], pad_id) for f in features]),
         "attention_mask": torch.tensor([padded([1] * len(f["input_ids"]), 0) for f in features]),
-        "labels": torch.tensor([padded(f["labels"], IGNORE_INDEX) for f in features]),
+        "labels": labels,
+        "logits_to_keep": torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False),
     }
 
 
