@@ -28,6 +28,7 @@
     const badge = document.getElementById("state");
     badge.textContent = ev.state;
     badge.className = "state state-" + ev.state;
+    if (ev.state !== "queued") document.getElementById("waiting").classList.add("hidden");
     const message = document.getElementById("message");
     if (ev.state === "failed" || ev.state === "cancelled") {
       message.textContent = ev.message || message.textContent;

@@ -39,8 +39,8 @@ def metric_steps(events: list[dict]) -> list[int]:
 
 def recorded(first: list[dict], second: list[dict]) -> list[dict]:
     """What the job's history holds: the worker drops replayed steps (worker.tasks.JobRunner.deliver)."""
-    until = max(event["step"] for event in first if event["kind"] in ("metric", "eval"))
-    return first + [e for e in second if e["kind"] not in ("metric", "eval") or e["step"] > until]
+    until = {kind: max(e["step"] for e in first if e["kind"] == kind) for kind in ("metric", "eval")}
+    return first + [e for e in second if e["kind"] not in until or e["step"] > until[e["kind"]]]
 
 
 def assert_resumed(first: list[dict], second: list[dict], checkpoint: int, total: int) -> None:

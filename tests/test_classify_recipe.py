@@ -424,6 +424,29 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
     assert result["confusion_before"] == expected["confusion"]
 
 
+def test_an_uploaded_validation_file_is_the_held_out_set(tiny_bert_dir, tmp_path):
+    rows = group_rows(150)
+    data, validation = (
+        write_jsonl(tmp_path / "train.jsonl", rows[:120]),
+        write_jsonl(tmp_path / "val.jsonl", rows[120:]),
+    )
+    spec = make_spec(tiny_bert_dir, data, tmp_path / "out", method="full", max_steps=2, validation_path=str(validation))
+    run = train(spec)  # validation_fraction 0.2 is ignored: every dataset row trains
+    assert any(e.get("message", "").startswith("120 training rows, 30 validation rows") for e in run["events"])
+    predictions = json.loads((tmp_path / "out" / "eval_predictions.json").read_text())
+    assert [p["text"] for p in predictions] == [row["text"] for row in rows[120:]]
+
+
+def test_a_validation_label_that_no_training_row_has_is_refused(tiny_bert_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", group_rows(60))
+    validation = write_jsonl(
+        tmp_path / "val.jsonl", [{"text": "apple", "label": "fruit"}, {"text": "oak", "label": "tree"}]
+    )
+    spec = make_spec(tiny_bert_dir, data, tmp_path / "out", method="full", validation_path=str(validation))
+    with pytest.raises(UserError, match=r"Row 2 of the validation file has the label 'tree', which no training row"):
+        classify.run(spec, Reporter())
+
+
 # Parts ------------------------------------------------------------------------------------------
 
 

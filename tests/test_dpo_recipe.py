@@ -248,6 +248,24 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
     assert result["metrics_before"] == baseline(first)
 
 
+def test_an_uploaded_validation_file_is_the_held_out_set(tiny_llama_dir, tmp_path):
+    rows = preference_rows(24)
+    data, validation = write_jsonl(tmp_path / "train.jsonl", rows[:20]), write_jsonl(tmp_path / "val.jsonl", rows[20:])
+    spec = make_spec(tiny_llama_dir, data, tmp_path / "out", max_steps=1, validation_path=str(validation))
+    run = train(spec)  # validation_fraction 0.25 is ignored: every dataset pair trains
+    assert any(e.get("message", "").startswith("20 training pairs, 4 validation pairs") for e in run["events"])
+    predictions = json.loads((tmp_path / "out" / "eval_predictions.json").read_text())
+    assert [p["prompt"] for p in predictions] == [row["prompt"] for row in rows[20:]]
+
+
+def test_a_malformed_validation_file_is_named_as_such(tiny_llama_dir, small_jsonl, tmp_path):
+    validation = tmp_path / "val.jsonl"
+    validation.write_text('{"prompt": "p", "chosen": "c"}\n')
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_path=str(validation))
+    with pytest.raises(UserError, match="In the validation file: Line 1 .* needs text fields prompt, chosen and rejected"):
+        dpo.run(spec, Reporter())
+
+
 def test_it_refuses_a_base_without_a_chat_template(tiny_llama_dir, small_jsonl, tmp_path):
     plain = shutil.copytree(tiny_llama_dir, tmp_path / "plain-llama")
     (plain / "chat_template.jinja").unlink()

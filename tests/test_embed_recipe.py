@@ -202,6 +202,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(meth
     assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
 
 
+def test_an_uploaded_validation_file_is_the_held_out_set(tiny_bert_dir, tmp_path):
+    rows = tag_rows()
+    data, validation = (
+        write_jsonl(tmp_path / "train.jsonl", rows[:100]),
+        write_jsonl(tmp_path / "val.jsonl", rows[100:]),
+    )
+    spec = make_spec(tiny_bert_dir, data, tmp_path / "out", max_steps=2, validation_path=str(validation))
+    run = train(spec)  # validation_fraction 0.25 is ignored: every dataset row trains
+    trained, held = ({row["query"] for row in part} for part in (rows[:100], rows[100:]))
+    expected = f"{len(trained)} training queries (100 rows), {len(held)} held-out queries (20 rows)"
+    assert any(e.get("message", "").startswith(expected) for e in run["events"])
+    predictions = json.loads((tmp_path / "out" / "eval_predictions.json").read_text())
+    assert [q["query"] for q in predictions["queries"]] == list(dict.fromkeys(row["query"] for row in rows[100:]))
+
+
 # Metrics -----------------------------------------------------------------------------------------
 
 

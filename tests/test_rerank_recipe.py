@@ -229,6 +229,30 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
     assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
 
 
+def test_an_uploaded_validation_file_is_the_held_out_set_ranked_by_query(tiny_bert_dir, tmp_path):
+    rows = marker_rows(queries=30)
+    data, validation = (
+        write_jsonl(tmp_path / "train.jsonl", rows[:250]),
+        write_jsonl(tmp_path / "val.jsonl", rows[250:]),
+    )
+    spec = make_spec(tiny_bert_dir, data, tmp_path / "out", max_steps=2, validation_path=str(validation))
+    run = train(spec)  # validation_fraction 0.25 is ignored: every dataset query trains
+    assert any(
+        e.get("message", "").startswith("25 training queries (250 rows), 5 held-out queries (50 rows)")
+        for e in run["events"]
+    )
+    predictions = json.loads((tmp_path / "out" / "eval_predictions.json").read_text())
+    assert [(p["query"], p["document"]) for p in predictions] == [(r["query"], r["document"]) for r in rows[250:]]
+    assert set(evals(run["events"])[-1]) >= {"ndcg@10", "mrr@10"}
+
+
+def test_a_validation_file_without_a_relevant_document_is_refused(tiny_bert_dir, marker_jsonl, tmp_path):
+    validation = write_jsonl(tmp_path / "val.jsonl", [{"query": "q", "document": "d", "relevance": 0}])
+    spec = make_spec(tiny_bert_dir, marker_jsonl, tmp_path / "out", validation_path=str(validation))
+    with pytest.raises(UserError, match="No document in the validation file has a relevance above 0"):
+        rerank.run(spec, Reporter())
+
+
 # Metrics -----------------------------------------------------------------------------------------
 
 

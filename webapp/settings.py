@@ -147,9 +147,17 @@ JOB_HEARTBEAT_SECONDS = envint("SPECIALIST_HEARTBEAT_SECONDS", 2)
 JOB_LEASE_SECONDS = envint("SPECIALIST_LEASE_SECONDS", 60)
 # ...at most this many attempts in all, then it fails with the reason.
 JOB_MAX_ATTEMPTS = envint("SPECIALIST_MAX_ATTEMPTS", 3)
+# A queued job whose id never reached the broker (it was down) is sent at the reaper's next run;
+# one still unclaimed this long after it was sent is sent again (the broker may have lost it).
+JOB_RESEND_SECONDS = envint("SPECIALIST_RESEND_SECONDS", 600)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {
         "task": "worker.tasks.reap_stale_jobs",
+        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
+    "resend-queued-jobs": {
+        "task": "worker.tasks.resend_queued_jobs",
         "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
         "options": {"queue": "cpu", "expires": 60},
     },

@@ -101,6 +101,13 @@ def prune(output_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def discard(output_dir: Path) -> None:
+    """Delete a finished job's checkpoints and stored baseline: it never resumes."""
+    for folder in checkpoints(output_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    (Path(output_dir) / BASELINE).unlink(missing_ok=True)
+
+
 def resume_point(spec: TrainSpec, reporter: Reporter) -> tuple[str | None, Any]:
     """(the checkpoint to resume from, the baseline the first attempt stored), or (None, None)
     to start from scratch: a job resumes only when it has both."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import models, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -60,6 +61,7 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     worker_id = models.CharField(max_length=200, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True, help_text="When the job's id last reached the queue.")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     attempts = models.IntegerField(default=0)
     event_seq = models.IntegerField(default=0)
@@ -130,10 +132,44 @@ class Job(models.Model):
 
     def enqueue(self) -> None:
         """Send the job's id to the train queue once the current transaction commits."""
+        transaction.on_commit(self.send)
+
+    def send(self) -> bool:
+        """Put the job's id on the train queue; False if the broker (Redis) is unreachable.
+
+        The job then stays queued, and the page says it waits for the queue: `resend_queued`
+        (periodic) sends it again. A second message for one job is harmless: only one claim wins.
+        """
+        from kombu.exceptions import OperationalError
+
         from webapp.celery import app
 
-        # By name: the web side never imports the worker's torch code.
-        transaction.on_commit(lambda: app.send_task("worker.tasks.train_job", args=[self.id], queue="train"))
+        try:
+            # By name: the web side never imports the worker's torch code. Few retries: the page
+            # must not hang while the broker is down, and the periodic resend tries again.
+            app.send_task("worker.tasks.train_job", args=[self.id], queue="train", retry_policy={"max_retries": 1})
+        except (OperationalError, OSError) as exc:
+            log.warning("job %s: the queue is unreachable (%s); it will be sent again", self.id, exc)
+            Job.objects.filter(id=self.id, state=QUEUED).update(sent_at=None)
+            self.sent_at = None
+            return False
+        self.sent_at = timezone.now()
+        Job.objects.filter(id=self.id).update(sent_at=self.sent_at)
+        return True
+
+    @property
+    def waits_for_queue(self) -> bool:
+        """Queued, but its id never reached the queue (the broker was down): it is sent when it is back."""
+        return self.state == QUEUED and self.sent_at is None
+
+    @classmethod
+    def resend_queued(cls, unclaimed_for: timedelta) -> int:
+        """Send the queued jobs whose id never reached the queue (the broker was down), and again
+        those still unclaimed `unclaimed_for` after they were sent (the broker may have lost the
+        message in a restart); how many reached the queue."""
+        stale = timezone.now() - unclaimed_for
+        waiting = cls.objects.filter(state=QUEUED).filter(Q(sent_at__isnull=True) | Q(sent_at__lt=stale))
+        return sum(job.send() for job in waiting)
 
     def reap(self, stale_before) -> bool:
         """Requeue a job whose worker stopped renewing its lease, or fail it after too many tries."""
@@ -185,6 +221,12 @@ class Job(models.Model):
             self.total_steps = event.get("total_steps", self.total_steps)
             if "loss" in event:
                 self.last_loss = event["loss"]
+
+    def recorded_steps(self) -> dict[str, int]:
+        """The latest recorded step of each kind of step event ("metric", "eval": 0 is the
+        baseline); a kind with no event is absent."""
+        latest = self.events.filter(kind__in=("metric", "eval")).values("kind").annotate(last=models.Max("step"))
+        return {row["kind"]: row["last"] for row in latest}
 
     def history(self) -> list[dict[str, Any]]:
         return [e.payload for e in self.events.order_by("seq")]

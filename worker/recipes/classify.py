@@ -55,9 +55,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     # Setup: data, base model with a new head, method.
     reporter.state("preparing")
     set_seed(spec.seed)
-    rows = read_rows(Path(spec.dataset_path), FIELDS[spec.task])
-    labels = label_names(rows)
-    train_rows, held_out = stratified_split(rows, spec.validation_fraction, spec.seed)
+    train_rows, held_out, labels = prepare_rows(spec)
     reporter.log(
         f"{len(train_rows)} training rows, {len(held_out)} validation rows; {len(labels)} labels: {', '.join(labels)}."
     )
@@ -184,8 +182,26 @@ def training_arguments(spec: TrainSpec) -> TrainingArguments:
 # Data -----------------------------------------------------------------------------------------
 
 
-def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    """The dataset's rows with their `fields` (all text); labels trimmed of surrounding spaces."""
+def prepare_rows(spec: TrainSpec) -> tuple[list[dict], list[dict], list[str]]:
+    """(training rows, held-out rows, label names): the held-out rows are the uploaded validation
+    file's when there is one, else a stratified share of the dataset."""
+    rows = read_rows(Path(spec.dataset_path), FIELDS[spec.task])
+    labels = label_names(rows)
+    if not spec.validation_path:
+        return *stratified_split(rows, spec.validation_fraction, spec.seed), labels
+    held_out = read_rows(Path(spec.validation_path), FIELDS[spec.task], "the validation file")
+    for number, row in enumerate(held_out, start=1):
+        if row["label"] not in labels:
+            raise UserError(
+                f"Row {number} of the validation file has the label {row['label']!r}, which no training row has; "
+                f"the model can only learn the training labels ({', '.join(labels)}). Fix the label or add "
+                "training rows with it."
+            )
+    return rows, held_out, labels
+
+
+def read_rows(path: Path, fields: tuple[str, ...], source: str = "the dataset") -> list[dict[str, str]]:
+    """The rows of `path` with their `fields` (all text); labels trimmed of surrounding spaces."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -193,12 +209,12 @@ def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of the dataset is not valid JSON: {exc.msg}.") from exc
+            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
         if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in fields):
-            raise UserError(f"Line {number} of the dataset needs text fields {', '.join(fields)}.")
+            raise UserError(f"Line {number} of {source} needs text fields {', '.join(fields)}.")
         rows.append({name: row[name] for name in fields} | {"label": row["label"].strip()})
     if not rows:
-        raise UserError("The dataset has no rows.")
+        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
     return rows
 
 

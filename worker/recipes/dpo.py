@@ -205,7 +205,10 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             "Choose an instruction (chat) model such as smollm2-135m-instruct."
         )
     rows = read_rows(Path(spec.dataset_path), FIELDS)
-    train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
+    if spec.validation_path:
+        train, held_out = rows, validation_rows(Path(spec.validation_path))
+    else:
+        train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
     train_rows = [row for row, _ in tokenize_pairs(train, tokenizer, spec.max_seq_length, reporter, "training")]
     eval_pairs = tokenize_pairs(held_out, tokenizer, spec.max_seq_length, reporter, "validation")
     if not train_rows:
@@ -215,6 +218,14 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
         )
     reporter.log(f"{len(train_rows)} training pairs, {len(eval_pairs)} validation pairs.")
     return train_rows, eval_pairs
+
+
+def validation_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the uploaded validation file (its problems named as the validation file's)."""
+    try:
+        return read_rows(path, FIELDS)
+    except UserError as exc:
+        raise UserError(f"In the validation file: {exc}") from exc
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, reporter: Reporter, split: str) -> list[tuple]:

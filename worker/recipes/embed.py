@@ -269,14 +269,16 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[list[dict], list[
     rows = read_rows(Path(spec.dataset_path))
     if len(rows) < 2:
         raise UserError("The dataset needs at least 2 rows: the other rows' documents are the negatives.")
-    queries = list(dict.fromkeys(row["query"] for row in rows))
-    _, held = split_rows(queries, spec.validation_fraction, spec.seed)
-    held = set(held)
-    train = [row for row in rows if row["query"] not in held]
-    held_out = [row for row in rows if row["query"] in held]
+    if spec.validation_path:
+        train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
+    else:
+        queries = list(dict.fromkeys(row["query"] for row in rows))
+        _, held = split_rows(queries, spec.validation_fraction, spec.seed)
+        train = [row for row in rows if row["query"] not in set(held)]
+        held_out = [row for row in rows if row["query"] in set(held)]
     reporter.log(
-        f"{len(queries) - len(held)} training queries ({len(train)} rows), "
-        f"{len(held)} held-out queries ({len(held_out)} rows)."
+        f"{len({row['query'] for row in train})} training queries ({len(train)} rows), "
+        f"{len({row['query'] for row in held_out})} held-out queries ({len(held_out)} rows)."
     )
     return train, held_out
 
@@ -299,7 +301,7 @@ def borrowed_negative(row: dict, rows: list[dict], rng: random.Random) -> str:
     return other["positive"]
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path, source: str = "the dataset") -> list[dict[str, str]]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -307,14 +309,14 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of the dataset is not valid JSON: {exc.msg}.") from exc
+            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
         if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("query", "positive")):
-            raise UserError(f"Line {number} of the dataset needs text fields query and positive.")
+            raise UserError(f"Line {number} of {source} needs text fields query and positive.")
         if not isinstance(row.get("negative", ""), str):
-            raise UserError(f"Line {number}: negative must be text.")
+            raise UserError(f"Line {number} of {source}: negative must be text.")
         rows.append({key: row[key] for key in ("query", "positive", "negative") if row.get(key)})
     if not rows:
-        raise UserError("The dataset has no rows.")
+        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
     return rows
 
 

@@ -289,7 +289,15 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[Dataset, list[dic
             "No document has a relevance above 0, so there is nothing to rank first. Mark the "
             "documents that answer each query with relevance 1 (or 1-3 for graded relevance)."
         )
-    train, held_out = split_by_query(rows, spec.validation_fraction, spec.seed)
+    if spec.validation_path:
+        train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
+        if not any(row["relevance"] > 0 for row in held_out):
+            raise UserError(
+                "No document in the validation file has a relevance above 0, so no ranking can be scored. "
+                "Mark the documents that answer each query with relevance 1 (or 1-3 for graded relevance)."
+            )
+    else:
+        train, held_out = split_by_query(rows, spec.validation_fraction, spec.seed)
     lists = query_lists(train)
     if not lists:
         raise UserError(
@@ -338,7 +346,7 @@ def split_by_query(rows: list[dict], fraction: float, seed: int) -> tuple[list[d
     return [row for row in rows if row["query"] not in held], [row for row in rows if row["query"] in held]
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, source: str = "the dataset") -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -346,15 +354,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of the dataset is not valid JSON: {exc.msg}.") from exc
+            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
         if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("query", "document")):
-            raise UserError(f"Line {number} of the dataset needs text fields query and document.")
+            raise UserError(f"Line {number} of {source} needs text fields query and document.")
         relevance = row.get("relevance")
         if isinstance(relevance, bool) or not isinstance(relevance, int | float) or not 0 <= relevance < math.inf:
-            raise UserError(f"Line {number}: relevance must be a number of at least 0 (got {relevance!r}).")
+            raise UserError(f"Line {number} of {source}: relevance must be a number of at least 0 (got {relevance!r}).")
         rows.append({"query": row["query"], "document": row["document"], "relevance": float(relevance)})
     if not rows:
-        raise UserError("The dataset has no rows.")
+        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
     return rows
 
 
