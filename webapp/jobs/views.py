@@ -4,6 +4,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from webapp.datasets.models import Dataset
 from webapp.datasets.tasks import TASKS
 from webapp.jobs.forms import SUGGESTED, JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
@@ -26,6 +27,10 @@ def home(request: HttpRequest) -> HttpResponse:
 
 def new_job(request: HttpRequest) -> HttpResponse:
     initial = {"dataset": request.GET.get("dataset")}
+    chosen = _chosen_dataset(request)
+    if chosen is not None and not chosen.is_ready:
+        messages.error(request, f"{chosen.name} is {chosen.get_status_display()}: it can be trained on once it is ready.")
+        return redirect("dataset", chosen.id)
     if request.GET.get("from"):
         # Retry / clone: the settings of an earlier job, prefilled.
         initial = JobForm.initial_from(_get_job_for_user(request, request.GET["from"]))
@@ -45,6 +50,12 @@ def new_job(request: HttpRequest) -> HttpResponse:
     context = {"form": form, "catalog": CATALOG.values(), "tasks": TASKS.values(), "dataset_tasks": datasets,
                "dataset_validation": with_validation, "suggested": SUGGESTED}
     return render(request, "jobs/new.html", context)
+
+
+def _chosen_dataset(request: HttpRequest) -> Dataset | None:
+    """The user's dataset named by ?dataset= (the "Train on this dataset" link), if any."""
+    dataset_id = request.GET.get("dataset", "")
+    return Dataset.objects.filter(owner=request.user, id=dataset_id).first() if dataset_id.isdigit() else None
 
 
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
