@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.model_fixtures import write_jsonl
 from tests.stack import PASSWORD
+from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow
 playwright = pytest.importorskip("playwright.sync_api")
@@ -32,16 +34,20 @@ def chart_steps(page) -> list[float]:
     return page.evaluate("() => Array.from(document.getElementById('loss-chart').data[0].x)")
 
 
-def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir, sft_jsonl, tmp_path):
-    stack.create_user("erin")
+def signed_in_page(stack, browser, username: str):
+    stack.create_user(username)
     page = browser.new_page(accept_downloads=True)
     page.set_default_timeout(60_000)
-
     page.goto(f"{stack.base_url}/")
-    page.fill("input[name=username]", "erin")
+    page.fill("input[name=username]", username)
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_url(f"{stack.base_url}/")
+    return page
+
+
+def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir, sft_jsonl, tmp_path):
+    page = signed_in_page(stack, browser, "erin")
 
     # Upload by dropping the file on the drop zone.
     page.goto(f"{stack.base_url}/datasets/upload/")
@@ -92,3 +98,40 @@ def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir,
     target = tmp_path / "adapter.zip"
     download.value.save_as(target)
     assert "adapter_model.safetensors" in {Path(n).name for n in zipfile.ZipFile(target).namelist()}
+
+
+def test_a_classifier_ends_with_a_before_after_table_and_a_confusion_heatmap(stack, browser, tiny_bert_dir, tmp_path):
+    page = signed_in_page(stack, browser, "fran")
+    http = stack.session("fran")
+    dataset_id = stack.upload_dataset(http, write_jsonl(tmp_path / "groups.jsonl", group_rows()), task="classify")
+    job_id = stack.submit_job(http, dataset_id, tiny_bert_dir, method="full", learning_rate=2e-2, max_steps=30,
+                              batch_size=16, max_seq_length=32)
+    page.goto(f"{stack.base_url}/jobs/{job_id}/")
+    job = stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=400)
+    assert job["state"] == "succeeded", (job["message"], stack.log_tail("worker"))
+    page.wait_for_function("() => document.getElementById('state').textContent === 'succeeded'")
+    result = job["result"]
+
+    # The table compares the untouched base (step 0) with the fine-tuned model, metric by metric.
+    page.wait_for_selector("#comparison:not(.hidden)")
+    table = page.eval_on_selector_all(
+        "#comparison tbody tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.textContent))"
+    )
+    by_metric = {name: (before, after, change) for name, before, after, change in table}
+    assert {"accuracy", "macro_f1"} <= set(by_metric)
+    before, after, change = by_metric["accuracy"]
+    assert float(before) == pytest.approx(result["metrics_before"]["accuracy"], abs=1e-4)
+    assert float(after) == pytest.approx(result["metrics_after"]["accuracy"], abs=1e-4)
+    assert float(change) == pytest.approx(float(after) - float(before), abs=2e-4) and float(change) > 0.3
+
+    # The confusion matrix after training, drawn as a Plotly heatmap with the label names.
+    page.wait_for_selector("#confusion:not(.hidden)")
+    assert "after training" in page.text_content("#confusion h2")
+    heatmap = page.evaluate(
+        "() => { const t = document.querySelector('#confusion .plot').data[0]; return {type: t.type, z: t.z, x: t.x}; }"
+    )
+    assert heatmap == {"type": "heatmap", **{"z": result["confusion_after"]["matrix"],
+                                             "x": result["confusion_after"]["labels"]}}
+    assert page.locator("#confusion .plot svg").count() > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "classifier.png"), full_page=True)
