@@ -6,7 +6,7 @@
   const history = JSON.parse(document.getElementById("job-history").textContent);
   const chart = document.getElementById("loss-chart");
   const FINAL = ["succeeded", "failed", "cancelled"];
-  const state = { lastSeq: 0, trainPoints: 0, evalPoints: 0, firstMetric: null, source: null };
+  const state = { lastSeq: 0, trainPoints: 0, evalPoints: 0, firstMetric: null, lastStep: 0, source: null };
   window.specialistJob = state;
 
   const fmt = (n) => Number(n).toLocaleString("en-US");
@@ -36,7 +36,9 @@
     }
     if (ev.state === "succeeded") {
       document.getElementById("download").classList.remove("hidden");
-      setProgress(1, 1, null);
+      const steps = state.lastStep || 0;
+      setProgress(steps || 1, steps || 1, null);
+      document.getElementById("progress-text").textContent = `done · ${steps} steps`;
     }
     if (FINAL.includes(ev.state)) {
       document.querySelectorAll(".actions form").forEach((f) => f.remove());
@@ -53,7 +55,7 @@
     bar.max = total || 1;
     bar.value = step;
     document.getElementById("progress-text").textContent = `step ${step} / ${total || "?"}`;
-    document.getElementById("eta").textContent = eta == null ? "" : `about ${formatDuration(eta)} left`;
+    document.getElementById("eta").textContent = eta == null ? "" : `· about ${formatDuration(eta)} left`;
   }
 
   function formatDuration(seconds) {
@@ -67,6 +69,7 @@
       Plotly.extendTraces(chart, { x: [[ev.step]], y: [[ev.loss]] }, [0]);
       state.trainPoints += 1;
     }
+    state.lastStep = ev.step;
     if (state.firstMetric === null) state.firstMetric = ev;
     const done = ev.step - state.firstMetric.step;
     const perStep = done > 0 ? (ev.t - state.firstMetric.t) / done : null;
@@ -143,7 +146,7 @@
     panel.classList.remove("hidden");
     panel.querySelector("h2").textContent = `Confusion matrix (${when})`;
     Plotly.newPlot(panel.querySelector(".plot"), [{
-      type: "heatmap", z: confusion.matrix, x: confusion.labels, y: confusion.labels, colorscale: "Blues",
+      type: "heatmap", z: confusion.matrix, x: confusion.labels, y: confusion.labels, colorscale: "Blues", reversescale: true,
       hovertemplate: "true %{y}<br>predicted %{x}<br>%{z} rows<extra></extra>",
     }], { margin: { t: 10, r: 10, b: 60, l: 90 }, height: 320, xaxis: { title: { text: "predicted" } },
           yaxis: { title: { text: "true" }, autorange: "reversed" } }, { displaylogo: false, responsive: true });
