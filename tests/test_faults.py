@@ -1,8 +1,10 @@
 """Fault injection with real processes: duplicate deliveries, cancels across restarts, jobs
-that fail, and Redis going away mid-training. One stack on a private redis-server."""
+that fail, a full disk, and Redis going away mid-training or before a job is queued. One stack
+on a private redis-server."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +15,10 @@ import celery
 import pytest
 import redis
 
+from tests.model_fixtures import write_jsonl
 from tests.sse_client import read_events
 from tests.stack import free_port, metric_steps, running_stack, states
+from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +99,29 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_a_new_worker(
     assert sum(1 for e in job["events"] if e["kind"] == "eval" and e.get("baseline")) == 1
     adapter = next((fault_stack.media_root / "jobs" / str(job_id) / "final").glob("adapter_model.safetensors"))
     assert adapter.stat().st_size > 0
+
+
+def test_a_killed_worker_s_classifier_resumes_from_its_checkpoint_and_reports_each_step_once(
+    fault_stack, http, tiny_bert_dir, tmp_path
+):
+    dataset = fault_stack.upload_dataset(http, write_jsonl(tmp_path / "groups.jsonl", group_rows()), task="classify")
+    form = dict(method="full", learning_rate=2e-2, max_steps=600, batch_size=16, max_seq_length=32)
+    job_id = fault_stack.submit_job(http, dataset, tiny_bert_dir, **form)
+    fault_stack.wait_for(job_id, lambda j: len(metric_steps(j)) >= 55, what="past the checkpoint at step 50")
+    fault_stack.stop("worker", kill=True)
+    fault_stack.start_worker()
+    job = fault_stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed"), timeout=300, what="the end")
+    assert job["state"] == "succeeded", job["message"]
+    assert job["attempts"] == 2
+    assert metric_steps(job) == list(range(1, 601)), "a step was lost or reported twice"
+    eval_steps = [e["step"] for e in job["events"] if e["kind"] == "eval"]
+    assert eval_steps == sorted(set(eval_steps)), "an evaluation was reported twice"
+    assert sum(1 for e in job["events"] if e["kind"] == "eval" and e.get("baseline")) == 1
+    resumed = [e["message"] for e in job["events"] if e.get("message", "").startswith("Resuming from the checkpoint")]
+    assert len(resumed) == 1 and int(re.search(r"step (\d+)", resumed[0]).group(1)) % 50 == 0
+    job_dir = fault_stack.media_root / "jobs" / str(job_id)
+    assert (job_dir / "final" / "model.safetensors").is_file()
+    assert not list(job_dir.glob("checkpoint-*")), "a finished job keeps no checkpoints"
 
 
 def test_a_message_delivered_twice_to_two_workers_trains_once(fault_stack, http, dataset_id, tiny_llama_dir):
@@ -187,3 +214,50 @@ def test_redis_restarting_mid_training_loses_no_event(fault_stack, http, dataset
     job = fault_stack.wait_for(job_id, lambda j: j["state"] == "succeeded", timeout=60, what="succeeded")
     assert metric_steps(job) == list(range(1, 151))
     assert received == job["events"], "the live page missed or repeated events across the Redis restart"
+
+
+def test_a_job_that_fills_the_disk_fails_with_a_clear_message_and_nothing_else_is_lost(
+    fault_stack, http, dataset_id, tiny_llama_dir
+):
+    earlier = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=4)
+    assert fault_stack.wait_for(earlier, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+    fault_stack.stop("worker")  # the next job waits in the queue while its folder becomes a small disk
+    full = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, method="full", max_steps=4)
+    after = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=4)
+    job_dir = fault_stack.media_root / "jobs" / str(full)
+    job_dir.mkdir(parents=True)
+    # A full fine-tune's checkpoint (weights and optimizer state, about 40 MB) cannot fit in 16 MB.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(job_dir)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        fault_stack.start_worker()
+        job = fault_stack.wait_for(full, lambda j: j["state"] in ("succeeded", "failed"), timeout=300)
+        assert job["state"] == "failed"
+        assert "disk is full" in job["message"] and "Free space" in job["message"], job["message"]
+        assert "Traceback" not in job["message"]
+        assert fault_stack.wait_for(after, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+        assert shutil.disk_usage(job_dir).free > 15 * 1024**2, "the failed job's partial checkpoint was left behind"
+    finally:
+        subprocess.run(["umount", str(job_dir)], check=True)
+    for job_id in (earlier, after):
+        download = http.get(f"{fault_stack.base_url}/jobs/{job_id}/download/")
+        assert download.status_code == 200 and len(download.content) > 0
+    assert http.get(f"{fault_stack.base_url}/jobs/{full}/").status_code == 200
+
+
+def test_a_job_created_while_redis_is_down_waits_and_runs_when_it_is_back(
+    fault_stack, http, dataset_id, tiny_llama_dir, private_redis
+):
+    private_redis.stop()
+    try:
+        job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=6)
+        page = http.get(f"{fault_stack.base_url}/jobs/{job_id}/").text
+        assert "Waiting for the queue" in page and 'id="waiting"' in page
+        assert 'class="flash warning hidden" id="waiting"' not in page
+        assert fault_stack.job(job_id)["state"] == "queued"
+    finally:
+        private_redis.start()
+    job = fault_stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed"), timeout=240, what="the end")
+    assert job["state"] == "succeeded", job["message"]
+    assert job["attempts"] == 1 and metric_steps(job) == list(range(1, 7))
+    assert 'class="flash warning hidden" id="waiting"' in http.get(f"{fault_stack.base_url}/jobs/{job_id}/").text
