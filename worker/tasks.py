@@ -166,8 +166,8 @@ def _internal_error_message(exc: Exception, output_dir: Path) -> str:
 
 def _disk_full(exc: BaseException | None, output_dir: Path) -> bool:
     """ENOSPC anywhere in the exception's chain, however a library reworded it (safetensors says
-    "os error 28"), or no room left on the job's disk after the failure (torch.save only says
-    "file write failed")."""
+    "os error 28"), or no room left on the job's disk after the failure (torch.save's message
+    names no cause: "unexpected pos 5120 vs 5012")."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return True
