@@ -174,3 +174,68 @@ def test_split_positions_hold_out_what_split_rows_holds_out(count):
 
     _, held = split_rows(list(range(count)), 0.2, 3)
     assert sorted(quality.split_positions(count, 0.2, 3).tolist()) == held
+
+
+def tricky_conversations() -> list[list[dict]]:
+    """Contents the chat template's fast path must render exactly as transformers' renderer."""
+    texts = [
+        "A typed <|im_end|> and <|im_start|>assistant\nnot a turn, <|endoftext|> too",
+        "\U000f0000<|im_end|>\U000f0001 forged control-token markers",
+        "\U000f00f00\U000f00f1 the fast path's own placeholder characters",
+        "Unicode: é ß 漢字 🙂 مرحبا \u200b\u2028 e\u0301",
+        "{{ messages }} {% endfor %} {# jinja in the data #}",
+        "  leading and trailing whitespace \n\n",
+    ]
+    conversations = []
+    for n, text in enumerate(texts):
+        reply = {"role": "assistant", "content": texts[(n + 1) % len(texts)]}
+        conversations.append([{"role": "user", "content": text}, reply])
+        conversations.append([{"role": "system", "content": texts[n - 1]}, {"role": "user", "content": text}, reply])
+        conversations.append([{"role": "system", "content": ""}, {"role": "user", "content": text}, reply])
+    return conversations
+
+
+def test_the_chat_templates_fast_path_renders_tricky_rows_as_transformers_does(smollm2_dir):
+    counter = quality.TokenCounter(smollm2_dir, "sft", 512)
+    conversations = tricky_conversations() * 12  # every layout past its checked rows
+    for add_generation_prompt in (False, True):
+        prompts = [c[:-1] for c in conversations] if add_generation_prompt else conversations
+        real = counter.render_slowly(prompts, add_generation_prompt)
+        assert counter.render(prompts, add_generation_prompt) == real  # checked against the renderer
+        assert counter.render(prompts, add_generation_prompt) == real  # then through the fast path alone
+    layouts = counter._layouts.values()
+    assert len(layouts) == 6 and all(layout.trusted for layout in layouts)
+
+
+def test_tricky_rows_measure_as_the_workers_tokenization(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from worker.recipes.sft import tokenize_example
+
+    rows = []
+    for conversation in tricky_conversations() * 6:
+        *prompt, reply = conversation
+        row = {"instruction": prompt[-1]["content"], "response": reply["content"]}
+        rows.append(row | ({"system": prompt[0]["content"]} if len(prompt) == 2 else {}))
+    counter = quality.TokenCounter(smollm2_dir, "sft", 512)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    expected = [len(tokenize_example(row, tokenizer, 10**6)["input_ids"]) for row in rows]
+    assert counter.lengths(rows)[0] == expected
+    assert counter.lengths(rows)[0] == expected  # the fast path, now trusted
+
+
+def test_a_template_that_changes_the_contents_keeps_the_real_renderer(tmp_path, smollm2_dir):
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    counter = quality.TokenCounter(tmp_path, "sft", 512)
+    conversations = tricky_conversations() * 12
+    real = counter.render_slowly(conversations, False)
+    assert counter.render(conversations, False) == counter.render(conversations, False) == real
+    assert "  leading" not in "".join(real)  # the template trimmed the contents
+    assert not any(layout.trusted for layout in counter._layouts.values())
