@@ -1,8 +1,9 @@
-"""`python -m webapp.datasets.bench [--rows N]`: dataset reading and quality statistics at scale.
+"""`python -m webapp.datasets.bench [--rows N] [--rounds R]`: dataset reading and quality statistics at scale.
 
-Generates a deterministic instruction dataset (JSON Lines, about 300 bytes a row; 1,000,000 rows
-by default, about 300 MB, kept in var/bench/ for later runs), then measures, each phase in a
-fresh process whose peak memory (max RSS) is read when it ends:
+Generates a deterministic instruction dataset (JSON Lines, about 360 bytes a row; 1,000,000 rows
+by default, about 360 MB, kept in var/bench/ for later runs), then measures, each phase in a
+fresh process whose peak memory (max RSS) is read when it ends, in R rounds (2 by default) of
+parse, tokenizer, stats:
 
 - parse: parsing.parse_dataset reading and validating the upload into canonical rows (rows/s);
 - stats: quality.compute_report on those rows with SmolLM2's tokenizer through its chat template,
@@ -12,7 +13,9 @@ fresh process whose peak memory (max RSS) is read when it ends:
   half of this speed.
 
 Goals: parse + validate >= 50,000 rows/s; stats >= 50% of the tokenizer's speed; every phase
-under 500 MB whatever the file size.
+under 500 MB whatever the file size. On a shared machine one phase can meet a busier minute than
+another, so each phase's best round counts, and the ratio is also given per round, where the
+tokenizer and the stats ran back to back; the load average is printed as each phase starts and ends.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ VOCABULARY = (
     "summer colour language history science picture journey weather company problem reason moment "
     "simple quick careful bright quiet heavy early honest modern ancient narrow gentle useful strange"
 )
-PHASES = ("parse", "stats", "tokenizer")
+PHASES = ("parse", "tokenizer", "stats")
 
 
 def generate(path: Path, rows: int) -> None:
@@ -129,6 +132,7 @@ def measure(phase: str, source: Path, rows_path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows-path", type=Path, help=argparse.SUPPRESS)
@@ -142,30 +146,45 @@ def main() -> None:
         generate(source, args.rows)
         print(f"generated {source} in {time.perf_counter() - started:.0f} s")
     rows_path = BENCH_DIR / f"rows-{args.rows}.jsonl"
-    print(
-        f"{args.rows:,} rows, {source.stat().st_size / 1e6:.0f} MB; load average {os.getloadavg()[0]:.2f} "
-        f"on {os.cpu_count()} CPUs"
-    )
+    print(f"{args.rows:,} rows, {source.stat().st_size / 1e6:.0f} MB; {_load()} on {os.cpu_count()} CPUs")
+    rounds = [run_round(n, source, rows_path) for n in range(1, args.rounds + 1)]
+    report(rounds)
+
+
+def run_round(number: int, source: Path, rows_path: Path) -> dict[str, dict]:
     results = {}
     for phase in PHASES:
-        results[phase] = measure(phase, source, rows_path)
-        r = results[phase]
+        load_before = os.getloadavg()[0]
+        r = results[phase] = measure(phase, source, rows_path)
         print(
-            f"{phase:10s} {r['rows_per_s']:>10,.0f} rows/s  {r['seconds']:7.1f} s  peak {r['peak_mb']:5.0f} MB  "
-            f"load {os.getloadavg()[0]:.2f}"
+            f"round {number} {phase:10s} {r['rows_per_s']:>10,.0f} rows/s  {r['seconds']:7.1f} s  "
+            f"peak {r['peak_mb']:5.0f} MB  load {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
         )
     ratio = results["stats"]["rows_per_s"] / results["tokenizer"]["rows_per_s"]
+    print(f"round {number} stats at {ratio:.0%} of the tokenizer's batch speed measured just before")
+    return results
+
+
+def report(rounds: list[dict[str, dict]]) -> None:
+    best = {phase: max((r[phase] for r in rounds), key=lambda result: result["rows_per_s"]) for phase in PHASES}
+    ratio = best["stats"]["rows_per_s"] / best["tokenizer"]["rows_per_s"]
     print(
-        f"stats: {results['stats']['truncated']:,} rows past {MAX_LENGTH} tokens, median "
-        f"{results['stats']['p50_tokens']} tokens; stats run at {ratio:.0%} of the tokenizer's batch speed"
+        f"best of {len(rounds)}: parse {best['parse']['rows_per_s']:,.0f} rows/s, tokenizer "
+        f"{best['tokenizer']['rows_per_s']:,.0f} rows/s, stats {best['stats']['rows_per_s']:,.0f} rows/s "
+        f"({ratio:.0%} of the tokenizer); {best['stats']['truncated']:,} rows past {MAX_LENGTH} tokens, median "
+        f"{best['stats']['p50_tokens']} tokens; {_load()}"
     )
     goals = {
-        "parse + validate >= 50,000 rows/s": results["parse"]["rows_per_s"] >= 50_000,
+        "parse + validate >= 50,000 rows/s": best["parse"]["rows_per_s"] >= 50_000,
         "stats >= 50% of the tokenizer's batch speed": ratio >= 0.5,
-        "every phase under 500 MB": all(r["peak_mb"] < 500 for r in results.values()),
+        "every phase under 500 MB": all(r[phase]["peak_mb"] < 500 for r in rounds for phase in PHASES),
     }
     for goal, met in goals.items():
         print(f"{'met ' if met else 'MISSED'} {goal}")
+
+
+def _load() -> str:
+    return "load average " + " / ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1 / 5 / 15 min)"
 
 
 if __name__ == "__main__":
