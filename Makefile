@@ -45,8 +45,11 @@ test: install models chromium
 lint: install
 	$(BIN)/ruff check manage.py webapp worker tests
 
+# Training speed against a hand-written baseline, then the service path (queue, SSE) on the real
+# stack (flushes Redis database 13, or SPECIALIST_BENCH_REDIS), then dataset parsing.
 bench: install models
 	$(BIN)/python -m worker.bench
+	$(BIN)/python -m worker.bench_service
 	$(BIN)/python -m webapp.datasets.bench
 
 clean:

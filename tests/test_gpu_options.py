@@ -1,9 +1,13 @@
 """The GPU-side options of a TrainSpec (QLoRA, gradient checkpointing) and how the worker chooses
 its attention and precision; the parts that run without a GPU."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from tests.stack import REPO
 from worker.errors import UserError
 from worker.models import attention_implementation, load_causal_lm, qlora_problem
 from worker.spec import SpecError, TrainSpec
@@ -63,3 +67,10 @@ def test_a_cpu_uses_eager_attention_unless_the_attention_matrices_would_be_large
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_uses_sdpa_attention():
     assert attention_implementation(spec(batch_size=1, max_seq_length=64)) == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the GPU bench")
+def test_the_gpu_bench_on_a_machine_without_cuda_says_so_and_succeeds():
+    done = subprocess.run([sys.executable, "-m", "worker.bench", "--cuda"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "No CUDA device" in done.stdout

@@ -6,11 +6,13 @@ instruction dataset four times, each in its own process (so each peak RSS is its
 - baseline: transformers Trainer (+ peft LoRA), fp32, every batch padded to MAX_LENGTH tokens;
 - app: worker.recipes.sft.run(spec, reporter), the code the Celery worker runs;
 
-for LoRA (r=8, alpha 16 on q_proj and v_proj) and for a full fine-tune. The app runs first and
+for LoRA (r=8, alpha 16 on q_proj and v_proj) and for a full fine-tune (``--cuda``: on the GPU,
+plus QLoRA against the same LoRA baseline). The app runs first and
 its batches are recorded as they are built; the baseline then replays exactly those batches, so
 both see the same rows in the same order and their losses compare step by step. The first
 warm-up steps are left out of the timing. Results go to stdout and var/bench/results.json;
-docs/performance.md says what the numbers mean.
+docs/performance.md says what the numbers mean. ``--cuda`` also appends them to that page, and
+on a machine without CUDA says so and exits 0.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ MAX_LENGTH = 256
 SEED = 42
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.05  # the dropout is TrainSpec's default
 LORA_TARGETS = ["q_proj", "v_proj"]
-LEARNING_RATES = {"lora": 2e-3, "full": 5e-5}
+LEARNING_RATES = {"lora": 2e-3, "qlora": 2e-3, "full": 5e-5}
 FINAL_LOSS_STEPS = 4
 """The final loss is the mean over this many last steps (one batch alone is a noisy measure)."""
 METHODS = ("lora", "full")
+CUDA_METHODS = ("lora", "full", "qlora")  # QLoRA's baseline is the fp32 LoRA script
 ROLES = ("app", "baseline")
+PERFORMANCE_DOC = REPO_ROOT / "docs" / "performance.md"
+# Both runs: OpenMP threads sleep instead of spinning while they wait (as `manage.py serve` starts the
+# training worker), so that other processes on a shared machine distort the comparison less.
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,7 @@ def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
     path = resolve_base(BASE_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
@@ -253,7 +260,7 @@ def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
         train_sampling_strategy="sequential",  # replays the app's batches in the app's order
         remove_unused_columns=False,
         seed=SEED,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # the device the app trains on
         disable_tqdm=True,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -296,6 +303,8 @@ def run_child(role: str, method: str, plan: Plan) -> None:
     if role == "app":
         (WORK_DIR / f"order-{method}.json").write_text(json.dumps(result.pop("batches")))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     (WORK_DIR / f"{role}-{method}.json").write_text(json.dumps(result))
 
 
@@ -304,7 +313,7 @@ def spawn(role: str, method: str, plan: Plan) -> dict[str, Any]:
     command += ["--warmup-steps", str(plan.warmup_steps), "--timed-steps", str(plan.timed_steps)]
     command += ["--threads", str(plan.threads)]
     quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
-    env = os.environ | quiet
+    env = CHILD_ENV | os.environ | quiet
     load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
     result = json.loads((WORK_DIR / f"{role}-{method}.json").read_text())
@@ -343,16 +352,26 @@ class FlopModel:
 
 
 def matmul_peak(dtype_name: str, size: int = 3072, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` square matmuls: this machine's practical matmul peak."""
+    """FLOP/s of the best of `repeats` square matmuls: this machine's practical matmul peak (on the
+    GPU when there is one: the device the app trains on)."""
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = size * 4 if device == "cuda" else size  # a GPU needs a bigger matmul to reach its peak
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     a @ b
     best = math.inf
     for _ in range(repeats):
+        _synchronize()
         started = time.perf_counter()
         a @ b
+        _synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def summarise(
@@ -382,6 +401,7 @@ def summarise(
         "executed_flop_per_s": executed / seconds,
         "executed_fraction_of_peak": executed / seconds / peaks[precision],
         "peak_rss_mib": run["peak_rss_mib"],
+        "peak_gpu_mib": run.get("peak_gpu_mib"),
         "final_loss": sum(losses[-FINAL_LOSS_STEPS:]) / len(losses[-FINAL_LOSS_STEPS:]),
         "losses": losses,
         "setup_s": run["setup_s"],
@@ -411,7 +431,7 @@ def compare(app: dict, baseline: dict, app_run: dict) -> dict[str, Any]:
 
 # Output --------------------------------------------------------------------------------------
 
-GOALS = {"lora": 4.0, "full": 3.0}
+GOALS = {"lora": 4.0, "qlora": 4.0, "full": 3.0}
 LOSS_GOAL = 0.05
 EMIT_GOAL = 0.01
 
@@ -425,6 +445,8 @@ def print_config(result: dict, plan: Plan) -> None:
         f"final loss {result['final_loss']:.4f}"
     )
     export = f", export {result['export_s']:.1f} s" if result["export_s"] is not None else ""
+    if result["peak_gpu_mib"] is not None:
+        print(f"  {'':<14} peak GPU memory {result['peak_gpu_mib'] / 1024:.2f} GiB")
     print(
         f"  {'':<14} {result['seconds_per_step']:.2f} s/step over {result['timed_steps']} timed steps; "
         f"job overhead: setup {result['setup_s']:.1f} s, warm-up {result['warmup_s']:.1f} s{export}; "
@@ -471,6 +493,7 @@ def environment() -> dict[str, Any]:
     )
     return {
         "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -508,13 +531,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run")
-    parser.add_argument("--only", choices=METHODS, help="benchmark one method only")
+    parser.add_argument("--only", choices=CUDA_METHODS, help="benchmark one method only")
+    parser.add_argument(
+        "--cuda", action="store_true", help="on the GPU (LoRA, full, QLoRA); append the numbers to docs/performance.md"
+    )
     parser.add_argument("--child", nargs=2, metavar=("ROLE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     plan = Plan(args.warmup_steps, args.timed_steps, args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     if args.child:
         run_child(*args.child, plan)
+        return 0
+    if args.cuda and not torch.cuda.is_available():
+        print("No CUDA device on this machine: nothing to benchmark on a GPU (the CPU bench is `make bench`).")
         return 0
 
     started = time.time()
@@ -529,19 +558,54 @@ def main(argv: list[str]) -> int:
         f"(mean {data['mean_tokens']:.1f}); {plan.steps} steps of {BATCH_SIZE} rows, the first "
         f"{plan.warmup_steps} untimed"
     )
-    for method in [args.only] if args.only else METHODS:
+    methods = [args.only] if args.only else CUDA_METHODS if args.cuda else METHODS
+    for method in methods:
         results[method] = benchmark(method, plan, peaks)
     results["wall_s"] = time.time() - started
     (WORK_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['wall_s'] / 60:.1f} minutes; results in {WORK_DIR / 'results.json'}")
+    if args.cuda:
+        append_to_doc(results, methods, " ".join(["python -m worker.bench", *argv]))
+        print(f"appended to {PERFORMANCE_DOC}")
     return 0
+
+
+def append_to_doc(results: dict[str, Any], methods: list[str], command: str) -> None:
+    """A dated section of the GPU numbers at the end of docs/performance.md."""
+    env = results["environment"]
+    lines = [
+        "",
+        f"## GPU run: {env['gpu']}, {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"`{command}`; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; matmul peak "
+        f"fp32 {results['matmul_peak_flop_per_s']['fp32'] / 1e12:.1f}, bf16 "
+        f"{results['matmul_peak_flop_per_s']['bf16'] / 1e12:.1f} TFLOP/s.",
+        "",
+        "| config | precision | real tokens/s | s/step | padding | useful TFLOP/s, % of peak | peak GPU memory "
+        "| final loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        for role in ("baseline", "app"):
+            r = results[method][role]
+            lines.append(
+                f"| {r['config']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['seconds_per_step']:.3f} | "
+                f"{r['padding_fraction']:.0%} | {r['useful_flop_per_s'] / 1e12:.2f}, {r['useful_fraction_of_peak']:.0%} | "
+                f"{(r['peak_gpu_mib'] or 0) / 1024:.2f} GiB | {r['final_loss']:.3f} |"
+            )
+    lines += ["", "| app ÷ baseline | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    comparisons = [results[method]["comparison"] for method in methods]
+    lines.append("| real tokens/s | " + " | ".join(f"{c['tokens_per_s_ratio']:.2f}×" for c in comparisons) + " |")
+    lines.append("| final loss gap | " + " | ".join(f"{c['final_loss_gap']:.1%}" for c in comparisons) + " |")
+    with PERFORMANCE_DOC.open("a") as doc:
+        doc.write("\n".join(lines) + "\n")
 
 
 def measure_peaks(plan: Plan) -> dict[str, float]:
     torch.set_num_threads(plan.threads)
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     print(
-        f"matmul peak ({plan.threads} threads, 3072², best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"matmul peak ({plan.threads} threads, best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
     )
     return peaks

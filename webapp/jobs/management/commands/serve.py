@@ -40,16 +40,33 @@ class Command(BaseCommand):
         python = sys.executable
         children.append(subprocess.Popen([python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]))
         if not no_worker:
-            children.append(subprocess.Popen(train_worker_command(python)))
+            children.append(subprocess.Popen(train_worker_command(python), env=train_worker_env()))
             children.append(subprocess.Popen(cpu_worker_command(python, settings.VAR_DIR)))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
         supervise(children)
 
 
 def train_worker_command(python: str, name: str = "train") -> list[str]:
-    """One training job at a time; the solo pool keeps imported libraries warm between jobs."""
+    """One training job at a time; the solo pool keeps imported libraries warm between jobs.
+
+    worker.capabilities publishes what the worker can run (CUDA, QLoRA, ...) for the new-job form,
+    and imports torch and the recipes when the worker starts rather than when its first job does.
+    """
     return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "train", "--pool", "solo", "--concurrency", "1",
-            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+            "-n", f"{name}@%h", "-I", "worker.capabilities", "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle"]
+
+
+TRAIN_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""torch's OpenMP threads sleep while they wait instead of spinning. On a machine shared with
+other processes (the web server, a dataset upload, other services), spinning threads wait for
+descheduled ones: a LoRA step measured 20-36 s with spinning, 5-7 s with PASSIVE, on 2 cores at a
+load of 5-7 (docs/performance.md). Set before torch is imported, so it goes in the environment."""
+
+
+def train_worker_env() -> dict[str, str]:
+    """The training worker's environment: TRAIN_WORKER_ENV unless the environment says otherwise."""
+    return TRAIN_WORKER_ENV | dict(os.environ)
 
 
 def cpu_worker_command(python: str, var_dir: Path) -> list[str]:
