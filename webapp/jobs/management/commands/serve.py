@@ -3,7 +3,10 @@
 Makes sure Redis answers (starting a private redis-server if none listens and the binary
 exists), then runs the ASGI web server, a training worker, and a CPU worker that also runs the
 scheduler (the reaper of jobs whose worker died) side by side.
-Ctrl-C (or SIGTERM) stops all of them; if one of them dies, the others are stopped too.
+Ctrl-C (or SIGTERM) stops all of them. A worker that dies (killed, out of memory, a Redis
+outage that crashes Celery) is started again, with a growing pause if it keeps dying; its job is
+resumed from its checkpoint by the reaper. If the web server or our redis-server dies, everything
+stops: without them nothing works.
 """
 
 from __future__ import annotations
@@ -33,17 +36,18 @@ class Command(BaseCommand):
 
     def handle(self, *args, host, port, no_worker, **options):
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
-        children: list[subprocess.Popen] = []
+        children: list[Child] = []
         redis_server = ensure_redis(settings.REDIS_URL, self.stdout)
         if redis_server is not None:
-            children.append(redis_server)
+            children.append(Child("redis", redis_server.args, process=redis_server))
         python = sys.executable
-        children.append(subprocess.Popen([python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]))
+        web = [python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]
+        children.append(Child("web", web))
         if not no_worker:
-            children.append(subprocess.Popen(train_worker_command(python), env=train_worker_env()))
-            children.append(subprocess.Popen(cpu_worker_command(python, settings.VAR_DIR)))
+            children.append(Child("train worker", train_worker_command(python), env=train_worker_env(), restart=True))
+            children.append(Child("cpu worker", cpu_worker_command(python, settings.VAR_DIR), restart=True))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
-        supervise(children)
+        supervise(children, self.stderr)
 
 
 def train_worker_command(python: str, name: str = "train") -> list[str]:
@@ -110,7 +114,40 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def supervise(children: list[subprocess.Popen]) -> None:
+class Child:
+    """One process `serve` runs; a restartable one comes back, after a pause, when it dies."""
+
+    FIRST_PAUSE, LONGEST_PAUSE, STEADY_SECONDS = 1.0, 30.0, 60.0
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None, restart: bool = False,
+                 process: subprocess.Popen | None = None):
+        self.name, self.command, self.env, self.restart = name, command, env, restart
+        self.pause, self.restart_at = self.FIRST_PAUSE, 0.0
+        self.started_at = time.monotonic()
+        self.process: subprocess.Popen | None = process or subprocess.Popen(command, env=env)
+
+    def check(self, out) -> bool:
+        """False when this child is gone for good; a restartable one is started again."""
+        now = time.monotonic()
+        if self.process is None:
+            if now >= self.restart_at:
+                self.started_at, self.process = now, subprocess.Popen(self.command, env=self.env)
+            return True
+        code = self.process.poll()
+        if code is None:
+            return True
+        if not self.restart:
+            out.write(f"The {self.name} stopped (exit code {code}); stopping everything.")
+            return False
+        if now - self.started_at > self.STEADY_SECONDS:
+            self.pause = self.FIRST_PAUSE  # it had been running fine: a one-off crash
+        out.write(f"The {self.name} stopped (exit code {code}); starting it again in {self.pause:.0f} s.")
+        self.process, self.restart_at = None, now + self.pause
+        self.pause = min(self.pause * 2, self.LONGEST_PAUSE)
+        return True
+
+
+def supervise(children: list[Child], out) -> None:
     stopping = False
 
     def stop(signum, frame):
@@ -119,14 +156,15 @@ def supervise(children: list[subprocess.Popen]) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(child.poll() is None for child in children):
+    while not stopping and all(child.check(out) for child in children):
         time.sleep(0.2)
-    for child in reversed(children):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+    processes = [child.process for child in reversed(children) if child.process is not None]
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 20
-    for child in reversed(children):
+    for process in processes:
         try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
+            process.kill()
