@@ -90,6 +90,15 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         "timeout": 30, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE",
     }
     VAR_DIR.mkdir(parents=True, exist_ok=True)
+elif DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # One pool per process instead of one connection per thread: under ASGI every request runs in
+    # a thread of its own, and a burst of requests (200 pages opening a job's live stream at once)
+    # would otherwise open more connections than PostgreSQL allows (100) and fail; with a pool
+    # they wait their turn. The pool keeps the connections, so none is kept per request.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": envint("SPECIALIST_DB_POOL_SIZE", 16), "timeout": 60,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -223,6 +223,7 @@ def streamed_job(stack: Stack, http, dataset_id: int, clients: int) -> dict[str,
         "events": len(expected),
         "clients_with_every_event_in_order": len(complete),
         "client_errors": sorted({f.error for f in followers if f.error}),
+        "web_errors": [line for line in stack.log_tail("web", 400).splitlines() if "Error" in line][-10:],
         "latency_p50_s": _percentile(live, 0.50),
         "latency_p95_s": _percentile(live, 0.95),
         "latency_max_s": max(live, default=float("nan")),
@@ -278,7 +279,7 @@ def report(results: dict[str, Any]) -> None:
         f"{loss:+.1%} (goal < {GOALS['throughput_loss']:.0%} slower: {verdict(loss < GOALS['throughput_loss'])})"
     )
     if many["client_errors"]:
-        print(f"    client errors: {many['client_errors']}")
+        print(f"    client errors: {many['client_errors']}; the web server's log: {many['web_errors']}")
     print(f"    load average during the jobs: {one['load_average']} (1 client), {many['load_average']} (many)")
 
 

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
+from asgiref.sync import sync_to_async
+from django.db import connection
 from django.http import Http404, HttpRequest, StreamingHttpResponse
 
 from webapp.jobs import stream
@@ -52,17 +54,32 @@ def format_event(event: dict[str, Any]) -> str:
     return f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n"
 
 
+@sync_to_async
+def _release_database() -> None:
+    """Close this request's database connection until the stream needs it again.
+
+    A stream lives as long as its job, and Django keeps a request's connection open until the
+    response ends: 200 followers would hold 200 connections (PostgreSQL allows 100 by default).
+    The stream reads the database only to replay, fill a gap or poll while Redis is quiet.
+    """
+    connection.close()
+
+
 async def _from_database(job_id: int, after: int, before: int | None = None) -> list[dict[str, Any]]:
     rows = JobEvent.objects.filter(job_id=job_id, seq__gt=after)
     if before is not None:
         rows = rows.filter(seq__lt=before)
-    return [row.payload async for row in rows.order_by("seq")]
+    try:
+        return [row.payload async for row in rows.order_by("seq")]
+    finally:
+        await _release_database()
 
 
 async def follow(job_id: int, after: int) -> AsyncIterator[str]:
     last = after
     client = stream.async_client()
     idle = 0.0
+    await _release_database()  # the sign-in and job lookups of the request are done
     try:
         while True:
             events = await _next_events(client, job_id, last)
@@ -107,5 +124,8 @@ async def _next_events(client, job_id: int, last: int) -> list[dict[str, Any]]:
 
 
 async def _job_is_final_and_drained(job_id: int, last: int) -> bool:
-    job = await Job.objects.filter(id=job_id).only("state", "event_seq").afirst()
+    try:
+        job = await Job.objects.filter(id=job_id).only("state", "event_seq").afirst()
+    finally:
+        await _release_database()
     return job is None or (job.state in FINAL_STATES and job.event_seq <= last)
