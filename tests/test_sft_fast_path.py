@@ -80,3 +80,15 @@ def test_gradient_checkpointing_trains_the_same_as_keeping_activations(tiny_llam
     for method in ("lora", "full"):
         plain, checkpointed = losses(method=method), losses(method=method, gradient_checkpointing=True)
         assert len(plain) == 4 and checkpointed == pytest.approx(plain, rel=2e-3)
+
+
+def test_a_lora_jobs_replies_before_training_are_the_untouched_base_models(tiny_llama_dir, sft_jsonl, tmp_path,
+                                                                            token_cache_dir):
+    # The "before" replies of an adapter job are generated after training with the adapters off.
+    spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path / "job", validation_fraction=0.2, max_steps=6)
+    samples = sft.run(spec, Reporter())["samples"]
+    base, tokenizer = load_causal_lm(spec)
+    _, _, held_out = sft.prepare_data(spec, tokenizer, Reporter())
+    prompts = [sft.prompt_messages(row) for row in held_out[: sft.SAMPLE_COUNT]]
+    assert [sample["before"] for sample in samples] == sft.generate_replies(base, tokenizer, prompts)
+    assert [sample["before"] for sample in samples] != [sample["after"] for sample in samples]

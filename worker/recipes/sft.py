@@ -81,7 +81,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     else:
         resume_from = None
         metrics_before = held_out_metrics(trainer) if eval_rows else {}
-        replies_before = generate_replies(model, tokenizer, sample_prompts)
+        # Adapters leave the base untouched: its replies can wait until after training (switched
+        # off), so the first step comes sooner. A full fine-tune changes the base: reply now.
+        replies_before = [] if spec.adapters else generate_replies(model, tokenizer, sample_prompts)
         baseline_path.parent.mkdir(parents=True, exist_ok=True)
         baseline_path.write_text(json.dumps([metrics_before, replies_before]))
         if eval_rows:
@@ -97,6 +99,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         reporter.state("evaluating")
         metrics_after = held_out_metrics(trainer)
         replies_after = generate_replies(model, tokenizer, sample_prompts)
+        if spec.adapters:
+            with model.disable_adapter():
+                replies_before = generate_replies(model, tokenizer, sample_prompts)
         samples = [
             {"instruction": row["instruction"], "reference": row["response"], "before": before, "after": after}
             for row, before, after in zip(held_out, replies_before, replies_after, strict=False)
