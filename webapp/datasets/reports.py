@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from worker.spec import TrainSpec
 log = logging.getLogger(__name__)
 
 PENDING_SECONDS = 30 * 60
+_LOADING = threading.Lock()
+"""transformers' lazy imports are not thread-safe, and the cpu worker runs its tasks on threads:
+two reports started together failed with "cannot import name 'AutoTokenizer'" (and their pending
+markers then stood for half an hour). Importing, resolving the model and the pre-flight take
+turns; the statistics themselves run side by side."""
 MIN_LENGTH, MAX_LENGTH = 8, 32768
 PREFLIGHT_TASKS = ("sft", "dpo")
 
@@ -95,15 +101,17 @@ def quality_report_task(dataset_id: int, base_model: str, max_length: int) -> No
 
 def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str, Any]:
     """Compute the report (and the pre-flight for chat tasks) and keep it beside the dataset."""
-    from webapp.datasets.preflight import preflight_examples
-    from webapp.datasets.quality import compute_report
     from worker.errors import UserError
-    from worker.models import resolve_base
 
     path = report_path(dataset, base_model, max_length)
     validation = dataset.validation_rows_path if dataset.validation_rows_path.is_file() else None
     try:
-        model_dir = resolve_base(base_model)
+        with _LOADING:
+            from webapp.datasets.preflight import preflight_examples
+            from webapp.datasets.quality import compute_report
+            from worker.models import resolve_base
+
+            model_dir = resolve_base(base_model)
         report = compute_report(
             dataset.rows_path,
             dataset.task,
@@ -114,9 +122,10 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
             seed=_DEFAULT_SPEC["seed"],
         )
         if dataset.task in PREFLIGHT_TASKS:
-            report["preflight"] = preflight_examples(
-                dataset.rows_path, dataset.task, model_dir, max_length, report["longest_row"]
-            )
+            with _LOADING:  # it loads a transformers tokenizer
+                report["preflight"] = preflight_examples(
+                    dataset.rows_path, dataset.task, model_dir, max_length, report["longest_row"]
+                )
         report["state"] = "done"
     except (UserError, ValueError, OSError) as exc:
         report = {"state": "failed", "message": f"The report could not be computed: {exc}"}
