@@ -56,17 +56,20 @@
     const tokens = report.tokens;
     const width = tokens.bin_width;
     const x = tokens.counts.map((_, i) => i * width + width / 2);
-    const top = Math.max(1, ...tokens.counts);
+    // Hidden before drawing, so that Plotly measures the histogram at its final width.
+    document.getElementById("quality-labels").hidden = !report.labels;
+    // The cutoff is a layout shape over the whole plot height, labelled at its top.
     Plotly.newPlot("quality-lengths", [
       { type: "bar", x: x, y: tokens.counts, width: width * 0.95, name: "rows", marker: { color: "#2563eb" },
         hovertemplate: "%{y} rows of about %{x} tokens<extra></extra>" },
-      { type: "scatter", mode: "lines", x: [report.cutoff, report.cutoff], y: [0, top], name: `cutoff ${report.cutoff}`,
-        line: { color: "#dc2626", dash: "dash", width: 2 } },
     ], {
       margin: { t: 30, r: 10, b: 40, l: 50 }, height: 280, bargap: 0,
-      title: { text: "Tokens per row", font: { size: 14 } },
-      xaxis: { title: { text: "tokens" } }, yaxis: { title: { text: "rows" } }, showlegend: true,
-      legend: { orientation: "h", y: -0.25 },
+      title: { text: "Tokens per row", font: { size: 14 }, x: 0, xanchor: "left" },
+      xaxis: { title: { text: "tokens" } }, yaxis: { title: { text: "rows" } }, showlegend: false,
+      shapes: [{ type: "line", name: "cutoff", xref: "x", yref: "paper", x0: report.cutoff, x1: report.cutoff,
+        y0: 0, y1: 1, line: { color: "#dc2626", dash: "dash", width: 2 } }],
+      annotations: [{ xref: "x", yref: "paper", x: report.cutoff, y: 1, yanchor: "bottom", showarrow: false,
+        text: `cutoff ${report.cutoff}: ${tokens.truncated} row${tokens.truncated === 1 ? "" : "s"} cut`, font: { color: "#dc2626", size: 12 } }],
     }, { displaylogo: false, responsive: true });
     if (report.labels) {
       const labels = report.labels.counts;
