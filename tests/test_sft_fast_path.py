@@ -8,7 +8,7 @@ import torch
 
 from worker import token_cache
 from worker.events import Reporter
-from worker.models import load_causal_lm
+from worker.models import apply_method, load_causal_lm
 from worker.recipes import sft
 from worker.spec import TrainSpec
 
@@ -88,7 +88,28 @@ def test_a_lora_jobs_replies_before_training_are_the_untouched_base_models(tiny_
     spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path / "job", validation_fraction=0.2, max_steps=6)
     samples = sft.run(spec, Reporter())["samples"]
     base, tokenizer = load_causal_lm(spec)
+    if sft.bf16_supported():  # the job's frozen weights were stored in bf16 (the same matmuls)
+        sft.store_frozen_linears_in_bf16(base.requires_grad_(False))
     _, _, held_out = sft.prepare_data(spec, tokenizer, Reporter())
     prompts = [sft.prompt_messages(row) for row in held_out[: sft.SAMPLE_COUNT]]
     assert [sample["before"] for sample in samples] == sft.generate_replies(base, tokenizer, prompts)
     assert [sample["before"] for sample in samples] != [sample["after"] for sample in samples]
+
+
+def test_storing_the_frozen_linears_in_bf16_changes_no_number_under_autocast(tiny_llama_dir, sft_jsonl, tmp_path,
+                                                                              token_cache_dir):
+    spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path)
+    model, tokenizer = load_causal_lm(spec)
+    model = apply_method(model, spec)
+    batch = sft.pad_batch(sft.prepare_data(spec, tokenizer, Reporter())[0][:6], tokenizer.pad_token_id)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+
+    before = loss()
+    sft.store_frozen_linears_in_bf16(model)
+    stored = {p.dtype for n, p in model.named_parameters() if "base_layer" in n}
+    assert stored == {torch.bfloat16} and {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert loss() == before

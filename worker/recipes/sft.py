@@ -57,6 +57,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     train_rows, eval_rows, held_out = prepare_data(spec, tokenizer, reporter)
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
+    if spec.adapters and bf16_supported():
+        store_frozen_linears_in_bf16(model)
     progress = ReportProgress(reporter)
     trainer = LengthGroupedTrainer(
         model=model,
@@ -138,6 +140,21 @@ def response_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tenso
     targets = targets[targets != IGNORE_INDEX]
     loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device), reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel()))
+
+
+def store_frozen_linears_in_bf16(model: torch.nn.Module) -> None:
+    """Keep the frozen linear weights in bf16 (an adapter job's base; not the trained adapters).
+
+    Under bf16 autocast every matmul reads them in bf16 anyway, but autocast re-casts a frozen
+    fp32 weight at every forward pass: a fifth of a LoRA step on a CPU. Stored in bf16 they are
+    cast once, to the same values: the same numbers, half their memory. The output layer is left
+    alone: it shares its weight with the input embedding, which feeds the fp32 residual stream.
+    """
+    output = model.get_output_embeddings()
+    for module in model.modules():
+        frozen = isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
+        if frozen and module is not output and module.weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
 
 
 def held_out_metrics(trainer: Trainer) -> dict[str, float]:
@@ -391,9 +408,13 @@ def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]
     was_training = model.training
     model.eval()
     # On a CPU, decoding a few rows a token at a time is bound by reading the weights, and
-    # autocast re-casts every fp32 weight to bf16 at every token: fp32 decodes 2.3× faster.
+    # autocast re-casts every fp32 weight to bf16 at every token: fp32 decodes 2.3× faster,
+    # unless the weights are stored in bf16 already (store_frozen_linears_in_bf16).
+    stored_bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.autocast(
-        model.device.type, dtype=torch.bfloat16, enabled=bf16_supported() and model.device.type != "cpu"
+        model.device.type,
+        dtype=torch.bfloat16,
+        enabled=bf16_supported() and (model.device.type != "cpu" or stored_bf16),
     ):
         output = model.generate(
             input_ids=input_ids,
