@@ -48,10 +48,13 @@ class Stack:
         return self.processes[name]
 
     def start_cpu_worker(self) -> subprocess.Popen:
-        """The CPU worker with the scheduler inside: it runs the reaper."""
+        """The CPU worker with the scheduler inside: it runs the reaper (one per stack: tests that
+        share a stack share it)."""
         from webapp.jobs.management.commands.serve import cpu_worker_command
 
-        self.processes["cpu"] = self._spawn("cpu", cpu_worker_command(sys.executable, self.logs))
+        running = self.processes.get("cpu")
+        if running is None or running.poll() is not None:
+            self.processes["cpu"] = self._spawn("cpu", cpu_worker_command(sys.executable, self.logs))
         return self.processes["cpu"]
 
     def stop(self, name: str, kill: bool = False) -> None:

@@ -28,8 +28,7 @@ def sft_lines() -> list[str]:
 
 
 def test_review_train_on_the_usable_rows_and_read_the_quality_report(stack, browser, tmp_path):  # noqa: F811
-    if "cpu" not in stack.processes:  # the quality report is computed on the cpu queue
-        stack.start_cpu_worker()
+    stack.start_cpu_worker()  # the quality report is computed on the cpu queue
     upload = tmp_path / "arithmetic.jsonl"
     upload.write_text("\n".join(sft_lines()) + "\n")
     page = signed_in_page(stack, browser, "gwen")
