@@ -47,8 +47,7 @@ BASE_MODEL = "smollm2-135m-instruct"
 BATCH_SIZE = 8
 MAX_LENGTH = 256
 SEED = 42
-LORA_R, LORA_ALPHA = 8, 16
-BASELINE_LORA_DROPOUT = 0.05  # what peft's examples use; the app keeps TrainSpec's default (0)
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.05  # the dropout is TrainSpec's default
 LORA_TARGETS = ["q_proj", "v_proj"]
 LEARNING_RATES = {"lora": 2e-3, "qlora": 2e-3, "full": 5e-5}
 FINAL_LOSS_STEPS = 4
@@ -191,6 +190,7 @@ def run_app(method: str, plan: Plan) -> dict[str, Any]:
             method=method,
             lora_r=LORA_R,
             lora_alpha=LORA_ALPHA,
+            lora_dropout=LORA_DROPOUT,
             lora_target_modules=LORA_TARGETS,
             learning_rate=LEARNING_RATES[method],
             max_steps=plan.steps,
@@ -235,7 +235,7 @@ def run_baseline(method: str, plan: Plan) -> dict[str, Any]:
         config = LoraConfig(
             r=LORA_R,
             lora_alpha=LORA_ALPHA,
-            lora_dropout=BASELINE_LORA_DROPOUT,
+            lora_dropout=LORA_DROPOUT,
             target_modules=LORA_TARGETS,
             task_type="CAUSAL_LM",
         )

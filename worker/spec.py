@@ -58,10 +58,8 @@ class TrainSpec:
     """LoRA rank: the inner dimension of the A·B update."""
     lora_alpha: int = 32
     """LoRA scale numerator; the update is scaled by alpha / r."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input. Off by default: on a CPU its random masks cost ~10 % of a LoRA
-    step, and the short jobs measured learn as well without it (docs/performance.md). Worth
-    raising for many epochs over a small dataset."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get adapters (module names, or "all-linear"); all of them learns far
     faster than q,v alone."""
