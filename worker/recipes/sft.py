@@ -36,7 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from worker import token_cache
 from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
-from worker.checkpoints import Checkpointing, latest_checkpoint
+from worker.checkpoints import Checkpointing, keep_baseline, resume_point
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm
@@ -75,19 +75,15 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     # A job requeued after its worker died resumes from its last checkpoint and keeps the
     # baseline it measured the first time.
     sample_prompts = [prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
-    resume_from = latest_checkpoint(Path(spec.output_dir))
-    baseline_path = Path(spec.output_dir) / "baseline.json"
-    if resume_from and baseline_path.is_file():
-        metrics_before, replies_before = json.loads(baseline_path.read_text())
-        reporter.log(f"Resuming from the checkpoint at step {resume_from.rsplit('-', 1)[1]}.")
+    resume_from, baseline = resume_point(spec, reporter)
+    if resume_from is not None:
+        metrics_before, replies_before = baseline
     else:
-        resume_from = None
         metrics_before = held_out_metrics(trainer) if eval_rows else {}
         # Adapters leave the base untouched: its replies can wait until after training (switched
         # off), so the first step comes sooner. A full fine-tune changes the base: reply now.
         replies_before = [] if spec.adapters else generate_replies(model, tokenizer, sample_prompts)
-        baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        baseline_path.write_text(json.dumps([metrics_before, replies_before]))
+        keep_baseline(spec, [metrics_before, replies_before])
         if eval_rows:
             reporter.eval(0, baseline=True, **metrics_before)
 
