@@ -33,7 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from worker import token_cache
+from worker import microbatches, token_cache
 from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
 from worker.checkpoints import Checkpointing, keep_baseline, resume_point
@@ -59,6 +59,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     reporter.params(census(model, spec))
     if spec.adapters and bf16_supported():
         store_frozen_linears_in_bf16(model)
+    microbatches.use_micro_batch_dropout(model)
     progress = ReportProgress(reporter)
     trainer = LengthGroupedTrainer(
         model=model,
@@ -118,11 +119,39 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
 
 
 class LengthGroupedTrainer(Trainer):
-    """The Trainer, drawing its training batches from worker.batching.LengthGroupedBatches."""
+    """The Trainer, drawing its training batches from worker.batching.LengthGroupedBatches, and
+    running each batch as one micro-batch per CPU core (worker.microbatches; whole on a GPU)."""
 
     def _get_train_sampler(self, train_dataset=None) -> LengthGroupedBatches:
         rows = train_dataset if train_dataset is not None else self.train_dataset
         return LengthGroupedBatches([len(row["input_ids"]) for row in rows], self.args.train_batch_size, self.args.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        parts, threads_each = microbatches.plan(len(inputs["input_ids"]), self.args.device)
+        if parts == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Each micro-batch's loss is divided by the whole batch's token count (response_loss):
+        # their gradients add up to the batch's, and so do the losses.
+        total = labelled_tokens(inputs["labels"]) if num_items_in_batch is None else num_items_in_batch
+        step = partial(super().training_step, model, num_items_in_batch=total)
+        return sum(microbatches.run(step, microbatches.split(inputs, parts), threads_each))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        parts, threads_each = microbatches.plan(len(inputs["input_ids"]), self.args.device)
+        if parts == 1 or not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The batch's loss is its mean over labelled tokens: the micro-batches' means, weighted by
+        # their token counts.
+        micro = microbatches.split(inputs, parts)
+        step = partial(super().prediction_step, model, prediction_loss_only=True, ignore_keys=ignore_keys)
+        losses = [loss for loss, _, _ in microbatches.run(step, micro, threads_each)]
+        counts = [labelled_tokens(batch["labels"]) for batch in micro]
+        return sum(loss * count for loss, count in zip(losses, counts, strict=True)) / sum(counts), None, None
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many next-token targets a batch's labels hold (what response_loss averages over)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def response_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
