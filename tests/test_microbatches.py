@@ -2,6 +2,7 @@
 and a job gives the same numbers every time it runs, dropout and resumes included."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -61,6 +62,21 @@ def test_a_cpu_with_several_threads_gets_one_micro_batch_per_thread(threads):
     assert microbatches.plan(2, torch.device("cpu")) == (2, 3)
     threads(1)
     assert microbatches.plan(8, torch.device("cpu")) == (1, 1)
+
+
+def test_a_failing_micro_batch_is_raised_once_the_others_have_finished():
+    finished = []
+
+    def step(batch):
+        if batch["rows"][0] == 0:
+            raise torch.OutOfMemoryError("simulated")
+        time.sleep(0.2)
+        finished.append(threading.current_thread().name)
+        return 1
+
+    with pytest.raises(torch.OutOfMemoryError):
+        microbatches.run(step, [{"rows": torch.tensor([0])}, {"rows": torch.tensor([1])}], threads_each=1)
+    assert len(finished) == 1 and finished[0].startswith("micro-batch")
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 
 A small model's step on a CPU is thousands of modest operations (matmuls of a few hundred rows,
 norms, activations, attention on ~100 tokens). Spread over two cores each of them gains little:
-a 2-core LoRA step ran only 1.07–1.35× faster than on one core, while big matmuls gain 1.9×.
-Cut the batch into one micro-batch per core instead, and run each micro-batch's forward and
-backward pass on a thread of its own with one core's worth of torch threads: every operation
-runs at its single-core speed and both cores stay busy (a LoRA step of 8 rows on 2 cores:
-−26 % in docs/performance.md).
+a bf16 LoRA step of SmolLM2 ran 1.07× faster on two cores than on one, where large matmuls gain
+1.9×. Cut the batch into one micro-batch per core instead, and run each micro-batch's forward
+and backward pass on a thread of its own with one core's worth of torch threads: every operation
+runs at its single-core speed and all cores stay busy (the bench's LoRA step on 2 cores: 5.13 →
+3.79 s, docs/performance.md).
 
 The gradients are the batch's: each micro-batch's loss is its summed token losses divided by
 the token count of the whole batch, and autograd adds the micro-batches' parameter gradients
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ def run(step: Callable[[Batch], T], micro_batches: Sequence[Batch], threads_each
     main_threads = torch.get_num_threads()
     try:
         futures = [pool.submit(_seeded, step, batch, seed) for batch, seed in zip(micro_batches, seeds, strict=True)]
+        wait(futures)  # when one fails (out of memory, say), the others still finish before it is raised
         return [future.result() for future in futures]
     finally:
         # The pool's threads each set one core's worth of torch threads; restore the process-wide
