@@ -84,8 +84,9 @@ def test_it_reports_states_params_metrics_and_evals_in_order(lora_run):
     assert [event["step"] for event in evals] == [0, 8, 16, 24]  # baseline, periodic, and once at the end
     assert evals[0]["baseline"] is True and evals[-1]["final"] is True
     assert not {"baseline", "final"} & set(evals[1]) and not {"baseline", "final"} & set(evals[2])
-    assert kinds.index("params") < kinds.index("eval") < kinds.index("metric")
-    assert events[kinds.index("eval") + 1]["state"] == "training"
+    # An adapter job measures its baseline (the base, adapters off) right after its first step.
+    assert kinds.index("params") < kinds.index("metric") == kinds.index("eval") - 1
+    assert events[kinds.index("metric")]["step"] == 1
     assert evals[-1]["eval_loss"] == lora_run["result"]["eval_loss"]
     assert evals[-1]["perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item())
     params = next(event for event in events if event["kind"] == "params")
@@ -100,6 +101,17 @@ def test_it_reports_the_untouched_model_as_the_baseline_and_the_final_eval_after
     assert result["metrics_after"] == {key: evals[-1][key] for key in ("eval_loss", "perplexity")}
     assert result["metrics_after"]["eval_loss"] < result["metrics_before"]["eval_loss"] - 2
     assert result["metrics_before"]["perplexity"] == pytest.approx(math.exp(result["metrics_before"]["eval_loss"]))
+
+
+def test_a_lora_jobs_baseline_after_its_first_step_is_the_untouched_models(lora_run, full_run):
+    # A full fine-tune measures the untouched model before its first step; the LoRA job after
+    # it, with the adapters off: the same held-out rows give the same loss.
+    def baseline(run):
+        return next(e for e in run["events"] if e["kind"] == "eval" and e.get("baseline"))["eval_loss"]
+
+    assert baseline(lora_run) == pytest.approx(baseline(full_run), rel=1e-5)
+    kinds = [event["kind"] for event in full_run["events"]]
+    assert kinds.index("eval") < kinds.index("metric")
 
 
 def test_it_answers_held_out_instructions_before_and_after_training(lora_run):

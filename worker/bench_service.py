@@ -258,7 +258,7 @@ def report(results: dict[str, Any]) -> None:
         print(
             f"(a) {name.replace('_', ' ')}: submit → first step {a['submit_to_first_step_s']:.1f} s "
             f"(goal < {GOALS['first_step_s']:g} s: {verdict(goal)}) = claim {a['submit_to_claim_s']:.1f} s + "
-            f"preparing {a['claim_to_training_s']:.1f} s (model, data, step-0 evaluation) + "
+            f"preparing {a['claim_to_training_s']:.1f} s (model, data, adapters; a LoRA job measures its step-0 baseline after step 1) + "
             f"step 1 {a['first_step_s']:.1f} s"
         )
     one, many = results["one_client"], results["many_clients"]

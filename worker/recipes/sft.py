@@ -14,8 +14,9 @@ setup → train → save, on transformers' Trainer.
 - Tokenised rows are cached between jobs on the same file and tokenizer (worker.token_cache).
 - Master weights stay fp32; the forward and backward passes run under bf16 autocast where the
   hardware has bf16 arithmetic (CUDA, or CPUs with AVX512-BF16 / AMX).
-- Held out: eval_loss and perplexity of the untouched model (step 0, the baseline), every
-  eval_every steps, and at the end; plus greedy replies to a few held-out instructions before
+- Held out: eval_loss and perplexity of the untouched model (step 0, the baseline; an adapter
+  job measures it with the adapters off once its first step is reported, so training starts
+  sooner), every eval_every steps, and at the end; plus greedy replies to a few held-out instructions before
   and after training (result["samples"], and the final eval event), so a person can read what
   changed.
 """
@@ -77,8 +78,16 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     # baseline it measured the first time.
     sample_prompts = [prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
     resume_from, baseline = resume_point(spec, reporter)
+    first_step_baseline = None
     if resume_from is not None:
         metrics_before, replies_before = baseline
+    elif spec.adapters and eval_rows:
+        # The untouched base is the network with its adapters switched off, however far they have
+        # trained: its held-out loss is measured once the first step is reported, so training
+        # starts a whole evaluation pass sooner.
+        first_step_baseline = BaselineAfterFirstStep(trainer, spec, reporter)
+        trainer.add_callback(first_step_baseline)
+        replies_before = []
     else:
         metrics_before = held_out_metrics(trainer) if eval_rows else {}
         # Adapters leave the base untouched: its replies can wait until after training (switched
@@ -92,6 +101,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     _raise_if_stopped(reporter)
     trainer.train(resume_from_checkpoint=resume_from)
     _raise_if_stopped(reporter)
+    if first_step_baseline is not None:
+        metrics_before = first_step_baseline.metrics
     step = trainer.state.global_step
     metrics_after, samples = {}, []
     if eval_rows:
@@ -185,6 +196,29 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> None:
 def held_out_metrics(trainer: Trainer) -> dict[str, float]:
     loss = trainer.evaluate()["eval_loss"]
     return {"eval_loss": loss, "perplexity": math.exp(loss)}
+
+
+class BaselineAfterFirstStep(TrainerCallback):
+    """An adapter job's step-0 baseline, measured with the adapters switched off right after the
+    first step's loss is reported (the baseline event, and the baseline kept for a resume).
+
+    Trainer.evaluate() would report an evaluation at step 1 to the callbacks (ReportProgress,
+    the checkpoints' scores); its evaluation loop alone gives the same eval_loss without that.
+    """
+
+    def __init__(self, trainer: Trainer, spec: TrainSpec, reporter: Reporter):
+        self.trainer, self.spec, self.reporter = trainer, spec, reporter
+        self.metrics: dict[str, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.metrics is not None or not logs or "loss" not in logs:
+            return
+        with self.trainer.model.disable_adapter():
+            output = self.trainer.evaluation_loop(self.trainer.get_eval_dataloader(), "Baseline", True)
+        loss = output.metrics["eval_loss"]
+        self.metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
+        keep_baseline(self.spec, [self.metrics, []])
+        self.reporter.eval(0, baseline=True, **self.metrics)
 
 
 class ReportProgress(TrainerCallback):
