@@ -16,9 +16,9 @@ setup → train → save, on transformers' Trainer.
   hardware has bf16 arithmetic (CUDA, or CPUs with AVX512-BF16 / AMX).
 - Held out: eval_loss and perplexity of the untouched model (step 0, the baseline; an adapter
   job measures it with the adapters off once its first step is reported, so training starts
-  sooner), every eval_every steps, and at the end; plus greedy replies to a few held-out instructions before
-  and after training (result["samples"], and the final eval event), so a person can read what
-  changed.
+  sooner), every eval_every steps, and at the end; plus greedy replies to a few held-out
+  instructions before and after training (result["samples"], and the final eval event), so a
+  person can read what changed.
 """
 
 from __future__ import annotations
@@ -194,7 +194,11 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> None:
 
 
 def held_out_metrics(trainer: Trainer) -> dict[str, float]:
-    loss = trainer.evaluate()["eval_loss"]
+    return loss_metrics(trainer.evaluate()["eval_loss"])
+
+
+def loss_metrics(loss: float) -> dict[str, float]:
+    """What an evaluation reports: the held-out loss and its perplexity."""
     return {"eval_loss": loss, "perplexity": math.exp(loss)}
 
 
@@ -215,8 +219,7 @@ class BaselineAfterFirstStep(TrainerCallback):
             return
         with self.trainer.model.disable_adapter():
             output = self.trainer.evaluation_loop(self.trainer.get_eval_dataloader(), "Baseline", True)
-        loss = output.metrics["eval_loss"]
-        self.metrics = {"eval_loss": loss, "perplexity": math.exp(loss)}
+        self.metrics = loss_metrics(output.metrics["eval_loss"])
         keep_baseline(self.spec, [self.metrics, []])
         self.reporter.eval(0, baseline=True, **self.metrics)
 
@@ -258,8 +261,7 @@ class ReportProgress(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self.training:
             return
-        loss = float(metrics["eval_loss"])
-        self.reporter.eval(state.global_step, eval_loss=loss, perplexity=math.exp(loss))
+        self.reporter.eval(state.global_step, **loss_metrics(float(metrics["eval_loss"])))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.reporter.stop_requested.is_set():
