@@ -1,15 +1,21 @@
 """Server-Sent Events: a job's events, live, resumable by sequence number.
 
 The client names the last event it has (the `Last-Event-ID` header on a reconnect, or
-`?after=` on the first connection of a page that drew the history itself). We replay from
-the database, then follow the Redis stream. Sequence numbers are gap-free per job, so a
-jump in the stream (Redis restarted, or lost a write) is filled from the database, and
-while Redis is away the database is polled: no event is lost or sent twice.
+`?after=` on the first connection of a page that drew the history itself). Every client of a
+job in this process shares one `JobFeed`: a single reader of the job's Redis stream that keeps
+the recent events, already formatted, and wakes its clients when more arrive. A client behind
+what the feed holds replays from the database first. Sequence numbers are gap-free per job, so
+a jump in the stream (Redis restarted, or lost a write) is filled from the database, and while
+Redis is away the database is polled: no event is lost or sent twice.
+
+One reader per job, not one per client: 200 people watching one job cost Redis one blocking
+read, and each event is serialised once (docs/performance.md, "200 clients").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
 KEEPALIVE_SECONDS = 15
+FEED_EVENTS = 2000  # kept per job for clients that fall behind; older ones come from the database
+END = "event: end\ndata: {}\n\n"
 
 
 async def job_events(request: HttpRequest, job_id: int) -> StreamingHttpResponse:
@@ -54,6 +62,150 @@ def format_event(event: dict[str, Any]) -> str:
     return f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n"
 
 
+def is_final(event: dict[str, Any]) -> bool:
+    return event["kind"] == "state" and event["state"] in FINAL_STATES
+
+
+# One client ------------------------------------------------------------------------------------
+
+
+async def follow(job_id: int, after: int) -> AsyncIterator[str]:
+    """The job's events after `after` as SSE text, then `end` once the job is final.
+
+    Events that are ready together go out as one chunk. If the feed fails, the stream ends
+    without `end`: the browser reconnects with its Last-Event-ID and gets a new feed.
+    """
+    last = after
+    await _release_database()  # the sign-in and job lookups of the request are done
+    async with _subscription(job_id, after) as feed:
+        while True:
+            arrival = feed.arrival()  # taken before looking, so nothing lands unseen in between
+            ready = await feed.after(last)
+            if ready:
+                chunk = []
+                for seq, text, final in ready:
+                    chunk.append(text)
+                    last = seq
+                    if final:
+                        yield "".join(chunk) + END
+                        return
+                yield "".join(chunk)
+                continue
+            if feed.ended:
+                yield END
+                return
+            if feed.failed:
+                return
+            try:
+                # Not wait_for: on Python 3.11 it swallows a cancel (the client went away) that
+                # lands just as the event is set, and the stream would outlive its client.
+                async with asyncio.timeout(KEEPALIVE_SECONDS):
+                    await arrival.wait()
+            except TimeoutError:
+                yield ": keepalive\n\n"
+
+
+_feeds: dict[tuple[asyncio.AbstractEventLoop, int], JobFeed] = {}
+
+
+@contextlib.asynccontextmanager
+async def _subscription(job_id: int, after: int) -> AsyncIterator[JobFeed]:
+    """This process's feed of the job (started for the first client, stopped after the last)."""
+    key = (asyncio.get_running_loop(), job_id)
+    feed = _feeds.get(key)
+    if feed is None or feed.failed:
+        feed = _feeds[key] = JobFeed(job_id, after)
+    feed.clients += 1
+    try:
+        yield feed
+    finally:
+        feed.clients -= 1
+        if feed.clients == 0:
+            if _feeds.get(key) is feed:
+                del _feeds[key]
+            feed.stop()
+
+
+# One reader per job ----------------------------------------------------------------------------
+
+
+class JobFeed:
+    """A job's events from `first` on, read once for every client of the job in this process.
+
+    `events[i]` is the event with sequence number `first + i`, as (seq, SSE text, is final):
+    gap-free, because the reader fills jumps from the database. The reader stops at the job's
+    final state, or when the job is final and the database has nothing after `last`.
+    """
+
+    def __init__(self, job_id: int, after: int) -> None:
+        self.job_id = job_id
+        self.first = after + 1
+        self.events: list[tuple[int, str, bool]] = []
+        self.clients = 0
+        self.ended = False  # every event of the job is in hand
+        self.failed = False  # the reader died; its clients end their streams and reconnect
+        self.stopped = False  # no client is left; the reader ends after its current read
+        self._arrived = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name=f"sse feed of job {job_id}")
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.events) - 1
+
+    def arrival(self) -> asyncio.Event:
+        """Set when the feed next changes (new events, the end, a failure)."""
+        return self._arrived
+
+    async def after(self, seq: int) -> list[tuple[int, str, bool]]:
+        """The events after `seq` that are ready: from the database while `seq` is behind the feed."""
+        if seq + 1 < self.first:
+            return [(e["seq"], format_event(e), is_final(e)) for e in await _from_database(self.job_id, seq, self.first)]
+        return self.events[max(0, seq + 1 - self.first):]
+
+    def _add(self, events: list[dict[str, Any]]) -> None:
+        added = [(e["seq"], format_event(e), is_final(e)) for e in events]
+        self.ended = any(final for _, _, final in added)
+        self.events += added
+        if len(self.events) > FEED_EVENTS:
+            dropped = len(self.events) - FEED_EVENTS // 2
+            self.first += dropped
+            del self.events[:dropped]
+        self._notify()
+
+    def _notify(self) -> None:
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+
+    async def _read(self) -> None:
+        client = stream.async_client()
+        try:
+            while not (self.ended or self.stopped):
+                events = await _next_events(client, self.job_id, self.last)
+                if events:
+                    self._add(events)
+                elif await _job_is_final_and_drained(self.job_id, self.last):
+                    self.ended = True
+                    self._notify()
+        except Exception:
+            log.exception("the event feed of job %s failed; its clients will reconnect", self.job_id)
+            self.failed = True
+            self._notify()
+        finally:
+            await client.aclose()
+
+    def stop(self) -> None:
+        """Let the reader end after its current read (at most BLOCK_MS).
+
+        Not Task.cancel: in tests/test_sse_feed.py a cancel of the reader's blocked XREAD came
+        back, in most runs, as redis-py's TimeoutError when the block ran out (redis 8.1), and
+        the reader read on; the last client's close then waited on it.
+        """
+        self.stopped = True
+
+
+# Redis and the database ------------------------------------------------------------------------
+
+
 @sync_to_async
 def _release_database() -> None:
     """Close this request's database connection until the stream needs it again.
@@ -73,34 +225,6 @@ async def _from_database(job_id: int, after: int, before: int | None = None) -> 
         return [row.payload async for row in rows.order_by("seq")]
     finally:
         await _release_database()
-
-
-async def follow(job_id: int, after: int) -> AsyncIterator[str]:
-    last = after
-    client = stream.async_client()
-    idle = 0.0
-    await _release_database()  # the sign-in and job lookups of the request are done
-    try:
-        while True:
-            events = await _next_events(client, job_id, last)
-            for event in events:
-                yield format_event(event)
-                last = event["seq"]
-                if event["kind"] == "state" and event["state"] in FINAL_STATES:
-                    yield "event: end\ndata: {}\n\n"
-                    return
-            if events:
-                idle = 0.0
-                continue
-            idle += BLOCK_MS / 1000
-            if idle >= KEEPALIVE_SECONDS:
-                idle = 0.0
-                yield ": keepalive\n\n"
-            if await _job_is_final_and_drained(job_id, last):
-                yield "event: end\ndata: {}\n\n"
-                return
-    finally:
-        await client.aclose()
 
 
 async def _next_events(client, job_id: int, last: int) -> list[dict[str, Any]]:
