@@ -14,6 +14,7 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
+from django.test import AsyncClient
 
 from webapp.datasets.models import Dataset
 from webapp.jobs import sse, stream
@@ -157,3 +158,32 @@ def test_a_failed_feed_ends_its_streams_for_a_reconnect(job, monkeypatch):
     dropped, reconnected = asyncio.run(scenario())
     assert dropped == ([], False)  # no `end`: the browser's EventSource reconnects by itself
     assert reconnected == ([1, 2, 3], True)
+
+
+
+def test_a_resume_point_past_the_last_event_does_not_stall_the_job_s_other_clients(job, owner):
+    async def until_event_3(content) -> str:
+        text = ""
+        async for chunk in content:
+            text += chunk.decode() if isinstance(chunk, bytes) else chunk
+            if "id: 3\n" in text:
+                return text
+
+    async def scenario():
+        http = AsyncClient()
+        await http.aforce_login(owner)
+        await steps(job, 1, 2)
+        ahead = await http.get(f"/jobs/{job.id}/events/", query_params={"after": 999})
+        behind = await http.get(f"/jobs/{job.id}/events/", headers={"Last-Event-ID": "1"})
+        readers = [asyncio.create_task(until_event_3(r.streaming_content)) for r in (ahead, behind)]
+        await until(lambda: feed_of(job.id) is not None and feed_of(job.id).clients == 2)
+        await steps(job, 3, 3)
+        async with asyncio.timeout(3):  # well before a keepalive (15 s) would poll the database
+            texts = await asyncio.gather(*readers)
+        for response in (ahead, behind):
+            await response.streaming_content.aclose()
+        return texts
+
+    ahead, behind = asyncio.run(scenario())
+    assert [line for line in ahead.splitlines() if line.startswith("id:")] == ["id: 3"]
+    assert [line for line in behind.splitlines() if line.startswith("id:")] == ["id: 2", "id: 3"]

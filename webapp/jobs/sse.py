@@ -43,7 +43,9 @@ async def job_events(request: HttpRequest, job_id: int) -> StreamingHttpResponse
     job = await _jobs_for_user(user).filter(id=job_id).afirst()
     if job is None:
         raise Http404("No such job.")
-    after = _resume_point(request)
+    # No client has seen past the job's last event: a larger number (a stale tab of a database
+    # that was reset, a hand-made URL) would start the shared feed where nothing ever arrives.
+    after = min(_resume_point(request), job.event_seq)
     response = StreamingHttpResponse(follow(job.id, after), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
