@@ -99,8 +99,8 @@ async def follow(job_id: int, after: int) -> AsyncIterator[str]:
             if feed.failed:
                 return
             try:
-                # Not wait_for: on Python 3.11 it swallows a cancel (the client went away) that
-                # lands just as the event is set, and the stream would outlive its client.
+                # Not wait_for: before Python 3.12 it can swallow a cancel (the client went
+                # away) that lands as the event is set, and the stream would outlive its client.
                 async with asyncio.timeout(KEEPALIVE_SECONDS):
                     await arrival.wait()
             except TimeoutError:
