@@ -68,6 +68,11 @@ def is_final(event: dict[str, Any]) -> bool:
     return event["kind"] == "state" and event["state"] in FINAL_STATES
 
 
+def _entries(events: list[dict[str, Any]]) -> list[tuple[int, str, bool]]:
+    """Events as a feed holds them: (seq, SSE text, is final)."""
+    return [(event["seq"], format_event(event), is_final(event)) for event in events]
+
+
 # One client ------------------------------------------------------------------------------------
 
 
@@ -161,11 +166,11 @@ class JobFeed:
     async def after(self, seq: int) -> list[tuple[int, str, bool]]:
         """The events after `seq` that are ready: from the database while `seq` is behind the feed."""
         if seq + 1 < self.first:
-            return [(e["seq"], format_event(e), is_final(e)) for e in await _from_database(self.job_id, seq, self.first)]
+            return _entries(await _from_database(self.job_id, seq, self.first))
         return self.events[max(0, seq + 1 - self.first):]
 
     def _add(self, events: list[dict[str, Any]]) -> None:
-        added = [(e["seq"], format_event(e), is_final(e)) for e in events]
+        added = _entries(events)
         self.ended = any(final for _, _, final in added)
         self.events += added
         if len(self.events) > FEED_EVENTS:
