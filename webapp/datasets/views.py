@@ -33,14 +33,25 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 
 def upload(request: HttpRequest) -> HttpResponse:
     form = UploadForm(request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    if request.method == "POST" and not _too_large(request, form) and form.is_valid():
         dataset = _store_and_parse(request, form)
         if dataset is not None:
             return redirect("dataset", dataset.id)
-    if getattr(request, "upload_too_large", False):
-        limit = filesizeformat(settings.MAX_UPLOAD_BYTES)
-        form.errors["file"] = form.error_class([f"The file is larger than the limit of {limit}."])
     return render(request, "datasets/upload.html", {"form": form}, status=400 if form.errors else 200)
+
+
+def _too_large(request: HttpRequest, form) -> bool:
+    """Whether the request's files together passed the upload limit (SizeLimitHandler stopped
+    reading them); then the form says so, and none of its files is kept, not even those that
+    arrived whole before the limit: a training file without its validation file is not what
+    the user sent."""
+    if not getattr(request, "upload_too_large", False):
+        return False
+    limit = filesizeformat(settings.MAX_UPLOAD_BYTES)
+    form.errors["file"] = form.error_class(
+        [f"The upload is larger than the limit of {limit} (all its files together)."]
+    )
+    return True
 
 
 def _store_and_parse(request: HttpRequest, form: UploadForm) -> Dataset | None:
@@ -132,7 +143,7 @@ def change_mapping(request: HttpRequest, dataset: Dataset) -> HttpResponse:
 @_changing_dataset
 def replace_file(request: HttpRequest, dataset: Dataset) -> HttpResponse:
     form = FileForm(request.POST, request.FILES, auto_id="id_replace_%s")
-    if not form.is_valid():
+    if _too_large(request, form) or not form.is_valid():
         return _detail_page(request, dataset, status=400, replace_form=form)
     dataset.replace_file(form.cleaned_data["file"])
     return _read_again(request, dataset)
@@ -142,7 +153,7 @@ def replace_file(request: HttpRequest, dataset: Dataset) -> HttpResponse:
 @_changing_dataset
 def add_validation(request: HttpRequest, dataset: Dataset) -> HttpResponse:
     form = FileForm(request.POST, request.FILES, auto_id="id_validation_%s")
-    if not form.is_valid():
+    if _too_large(request, form) or not form.is_valid():
         return _detail_page(request, dataset, status=400, validation_form=form)
     dataset.set_validation_file(form.cleaned_data["file"])
     return _read_again(request, dataset)
