@@ -13,39 +13,14 @@ import time
 
 import celery
 import pytest
-import redis
 
 from tests.model_fixtures import write_jsonl
+from tests.redis_server import PrivateRedis
 from tests.sse_client import read_events
-from tests.stack import free_port, metric_steps, running_stack, states
+from tests.stack import metric_steps, running_stack, states
 from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow
-
-
-class PrivateRedis:
-    def __init__(self, directory):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.directory = directory
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)], stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
