@@ -1,11 +1,12 @@
 from django.contrib import messages
 from django.db import transaction
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from webapp.datasets.models import Dataset
 from webapp.datasets.tasks import TASKS
+from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import SUGGESTED, JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
@@ -77,9 +78,10 @@ def cancel_job(request: HttpRequest, job_id: int) -> HttpResponse:
     return redirect(job)
 
 
-def download(request: HttpRequest, job_id: int) -> FileResponse:
+def download(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
-    if job.state != SUCCEEDED or job.artifact_zip is None:
+    artifact = job.artifact_zip
+    if job.state != SUCCEEDED or artifact is None:
         raise Http404("This job has no artifact to download.")
-    return FileResponse(job.artifact_zip.open("rb"), as_attachment=True, filename=job.artifact_zip.name)
+    return file_download(request, artifact, filename=artifact.name)
 
