@@ -1,9 +1,14 @@
-"""Production settings: `check --deploy` is clean, and a default secret refuses to start."""
+"""Production settings: `check --deploy` is clean, a default, placeholder or weak secret refuses to
+start, and docker-compose.yml runs production settings with a secret the operator must set."""
 
 import os
+import re
 import secrets
 import subprocess
 import sys
+
+import pytest
+import yaml
 
 from tests.stack import REPO
 
@@ -24,3 +29,47 @@ def test_production_refuses_to_start_with_the_default_secret():
     reply = subprocess.run([sys.executable, "manage.py", "check"], cwd=REPO, env={**env, "SPECIALIST_PRODUCTION": "1"},
                            capture_output=True, text=True)
     assert reply.returncode != 0 and "set SECRET_KEY" in reply.stderr
+
+
+def production_check(secret_key: str):
+    return manage("check", SPECIALIST_PRODUCTION="1", SECRET_KEY=secret_key, ALLOWED_HOSTS="specialist.example.com")
+
+
+@pytest.mark.parametrize("secret_key", [
+    "change-me-to-a-long-random-value",  # the placeholder docker-compose.yml used to default to
+    "CHANGEME", "secret", "dev-only-insecure-key-set-SECRET_KEY-in-production",
+    "django-insecure-" + secrets.token_urlsafe(50),  # what startproject writes, long as it is
+    secrets.token_urlsafe(50)[:49],  # long enough to look random, shorter than Django's 50
+    "ab" * 40,  # long, but two characters
+])
+def test_production_refuses_a_placeholder_short_or_plain_secret(secret_key):
+    reply = production_check(secret_key)
+    assert reply.returncode != 0 and "ImproperlyConfigured" in reply.stderr
+    assert "set SECRET_KEY" in reply.stderr and "secrets.token_urlsafe(50)" in reply.stderr
+
+
+def test_a_refused_secret_is_not_written_to_the_log():
+    secret_key = secrets.token_urlsafe(30)
+    reply = production_check(secret_key)
+    assert reply.returncode != 0 and secret_key not in reply.stdout + reply.stderr
+
+
+def test_production_accepts_a_generated_secret():
+    reply = production_check(secrets.token_urlsafe(50))
+    assert reply.returncode == 0, reply.stderr
+
+
+def compose_services() -> dict:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return {name: service for name, service in compose["services"].items() if "SECRET_KEY" in service.get("environment", {})}
+
+
+def test_docker_compose_requires_a_secret_key_and_defaults_to_production():
+    services = compose_services()
+    assert {"web", "worker", "cpu-worker"} <= set(services)
+    for name, service in services.items():
+        environment = service["environment"]
+        # ${VAR:?message}: compose stops with the message when the variable is unset or empty.
+        assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", environment["SECRET_KEY"]), name
+        assert environment["SPECIALIST_PRODUCTION"] == "${SPECIALIST_PRODUCTION:-1}", name
+    assert "change-me" not in (REPO / "docker-compose.yml").read_text()

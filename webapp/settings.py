@@ -1,7 +1,8 @@
 """All configuration, read from the environment, with defaults that make a fresh checkout run.
 
-Production mode (SPECIALIST_PRODUCTION=1) turns DEBUG off, requires SECRET_KEY and
-ALLOWED_HOSTS from the environment and turns on secure cookies and HSTS.
+Production mode (SPECIALIST_PRODUCTION=1) turns DEBUG off, requires SECRET_KEY (long and random:
+placeholders and weak keys are refused) and ALLOWED_HOSTS from the environment and turns on
+secure cookies and HSTS.
 """
 
 import os
@@ -29,9 +30,37 @@ def envlist(name: str, default: str = "") -> list[str]:
 
 PRODUCTION = envbool("SPECIALIST_PRODUCTION")
 DEV_SECRET_KEY = "dev-only-insecure-key-set-SECRET_KEY-in-production"
+# Keys published in docs and examples (ours included), compared in lower case.
+PLACEHOLDER_SECRET_KEYS = {
+    DEV_SECRET_KEY.lower(), "change-me-to-a-long-random-value", "changeme", "change-me", "change_me", "secret",
+    "secret-key", "secret_key", "secretkey", "your-secret-key", "your_secret_key", "mysecretkey", "django-insecure",
+}
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why `key` cannot sign a production server's sessions and checkpoints; None if it can.
+
+    A published key is known to anyone who has read it. The length and variety rules are
+    Django's own (`check --deploy`, security.W009), here an error instead of a warning.
+    """
+    if not key:
+        return "is not set"
+    if key.strip().lower() in PLACEHOLDER_SECRET_KEYS or key.startswith("django-insecure-"):
+        return "is a published placeholder"
+    if len(key) < 50:
+        return f"has {len(key)} characters (50 at least)"
+    if len(set(key)) < 5:
+        return "has fewer than 5 different characters"
+    return None
+
+
 SECRET_KEY = os.environ.get("SECRET_KEY", DEV_SECRET_KEY)
-if PRODUCTION and SECRET_KEY == DEV_SECRET_KEY:
-    raise ImproperlyConfigured("SPECIALIST_PRODUCTION is on: set SECRET_KEY to a long random value")
+if PRODUCTION and (problem := secret_key_problem(os.environ.get("SECRET_KEY", ""))):
+    raise ImproperlyConfigured(
+        f"SPECIALIST_PRODUCTION is on and SECRET_KEY {problem}: set SECRET_KEY to a long random value, e.g. "
+        "the output of  python -c 'import secrets; print(secrets.token_urlsafe(50))'  (and keep it: it signs "
+        "sessions and checkpoints)"
+    )
 DEBUG = envbool("DEBUG", not PRODUCTION)
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "" if PRODUCTION else "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS")
