@@ -160,10 +160,21 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "specialist"}
 }
-# Failed sign-ins allowed per account and address (and per address overall) in the window.
+# Sign-in limits (webapp/accounts/ratelimit.py), counted in Redis per client address over a
+# window that starts at the first attempt: a name that failed this many times at an address is
+# refused there, even with the right password, until the window ends...
 LOGIN_FAILURES_PER_ACCOUNT = envint("SPECIALIST_LOGIN_FAILURES_PER_ACCOUNT", 5)
+# ...and past this many failures from an address (on any names), a name that already failed
+# there is refused; a name with no failures of its own still gets its one check.
 LOGIN_FAILURES_PER_ADDRESS = envint("SPECIALIST_LOGIN_FAILURES_PER_ADDRESS", 30)
 LOGIN_FAILURE_WINDOW_SECONDS = envint("SPECIALIST_LOGIN_FAILURE_WINDOW_SECONDS", 15 * 60)
+# The client's address is REMOTE_ADDR unless this names a header set by a reverse proxy (e.g.
+# X-Forwarded-For); then it is the entry SPECIALIST_TRUSTED_PROXIES from the right, the one the
+# outermost trusted proxy appended. Set it only when clients cannot reach the app directly.
+CLIENT_IP_HEADER = os.environ.get("SPECIALIST_CLIENT_IP_HEADER", "").strip()
+TRUSTED_PROXIES = envint("SPECIALIST_TRUSTED_PROXIES", 1)
+if TRUSTED_PROXIES < 1:
+    raise ImproperlyConfigured("SPECIALIST_TRUSTED_PROXIES counts the proxies in front of the app: 1 or more")
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_ACKS_LATE = True

@@ -31,16 +31,15 @@ def setup(request: HttpRequest) -> HttpResponse:
 
 
 class RateLimitedLoginView(LoginView):
-    """Sign-in that refuses an address after repeated failures, for a while."""
+    """Sign-in that refuses a name (or a busy address) after repeated failures, for a while."""
 
     def post(self, request, *args, **kwargs):
-        username = request.POST.get("username", "")
-        if ratelimit.is_locked_out(request, username):
+        attempt = ratelimit.start_attempt(request, request.POST.get("username", ""))
+        if attempt.refused:
             minutes = settings.LOGIN_FAILURE_WINDOW_SECONDS // 60
             message = f"Too many failed sign-in attempts. Wait {minutes} minutes, then try again."
             context = self.get_context_data(form=self.form_class(request), locked_out=message)
             return self.render_to_response(context, status=429)
         response = super().post(request, *args, **kwargs)
-        if response.status_code == 200:  # the form came back: wrong username or password
-            ratelimit.record_failure(request, username)
+        attempt.finish(failed=response.status_code == 200)  # the form came back: a wrong name or password
         return response

@@ -1,0 +1,79 @@
+"""Sign-in limits on the real server: several web processes (as behind a load balancer) share
+the counts in Redis, and simultaneous guesses cannot all pass the check."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.redis_server import PrivateRedis
+from tests.stack import PASSWORD, free_port, running_stack
+
+WEB_PROCESSES = 4
+
+
+@pytest.fixture(scope="module")
+def web_urls(tmp_path_factory):
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        with running_stack(tmp_path_factory.mktemp("limits"), server.url, workers=()) as stack:
+            urls = [stack.base_url]
+            for n in range(1, WEB_PROCESSES):
+                port = free_port()
+                command = [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)]
+                stack.processes[f"web-{n}"] = stack._spawn(f"web-{n}", command)
+                urls.append(f"http://127.0.0.1:{port}")
+            for url in urls:
+                wait_until_up(url)
+            stack.create_user("alice")
+            yield urls
+    finally:
+        server.stop()
+
+
+def wait_until_up(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"{url}/login/", timeout=2)
+            return
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, f"{url} did not start"
+            time.sleep(0.3)
+
+
+def login_form(url: str, password: str) -> tuple[requests.Session, dict[str, str]]:
+    """A client at the login form of one web process, and what it will post."""
+    http = requests.Session()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', http.get(f"{url}/login/").text).group(1)
+    return http, {"username": "alice", "password": password, "csrfmiddlewaretoken": token}
+
+
+def post(url: str, http: requests.Session, form: dict[str, str]) -> int:
+    return http.post(f"{url}/login/", data=form, allow_redirects=False).status_code
+
+
+def test_twenty_simultaneous_wrong_passwords_get_at_most_five_checks(web_urls):
+    urls = [web_urls[n % WEB_PROCESSES] for n in range(20)]
+    guesses = [(url, *login_form(url, f"guess-{n}")) for n, url in enumerate(urls)]
+    barrier = threading.Barrier(len(guesses))
+    answers = []
+
+    def guess(url, http, form):
+        barrier.wait()
+        answers.append(post(url, http, form))
+
+    threads = [threading.Thread(target=guess, args=args) for args in guesses]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(answers) <= {200, 429}, answers
+    assert answers.count(200) <= 5, f"{answers.count(200)} passwords were checked"  # 200: the form came back
+    assert post(web_urls[0], *login_form(web_urls[0], PASSWORD)) == 429  # locked for the window
