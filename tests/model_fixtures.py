@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def models_root(tmp_path_factory) -> Path:
+    """The folder of the tests' tiny models, registered as the server's model folder
+    (SPECIALIST_MODEL_DIRS) in this process and in the stack processes started after it."""
+    from django.conf import settings
+
+    root = tmp_path_factory.getbasetemp() / "models"
+    root.mkdir(exist_ok=True)
+    os.environ["SPECIALIST_MODEL_DIRS"] = str(root)
+    settings.MODEL_DIRS = [root]
+    return root
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory (converted on first use, then cached)."""
@@ -71,7 +85,7 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+def tiny_llama_dir(models_root, smollm2_dir) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -85,7 +99,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    out_dir = tmp_path_factory.mktemp("tiny-llama")
+    out_dir = models_root / "tiny-llama"
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -114,7 +128,7 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+def tiny_bert_dir(models_root, minilm_dir) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -122,7 +136,7 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT)
     torch.manual_seed(0)
     model = BertModel(config)
-    out_dir = tmp_path_factory.mktemp("tiny-bert")
+    out_dir = models_root / "tiny-bert"
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

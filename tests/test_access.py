@@ -79,3 +79,29 @@ def test_staff_see_other_users_jobs(objects, django_user_model, client):
 def test_downloads_are_attachments(owner_client, objects):
     reply = owner_client.get(f"/jobs/{objects['job_id']}/download/")
     assert reply.status_code == 200 and reply["Content-Disposition"].startswith("attachment")
+
+
+def test_no_field_names_another_users_file_or_model(other_client, other_user, objects, media_root):
+    """Every form field and parameter that names a file or a model, aimed at the owner's things."""
+    job = Job.objects.get(id=objects["job_id"])
+    dataset = Dataset.objects.get(id=objects["dataset_id"])
+    final = job.output_dir / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(b"\0" * 8)
+    mine = Dataset.objects.create(owner=other_user, name="b", original_name="b.jsonl", format="jsonl", status="ready",
+                                  rows_total=4, rows_ok=4)
+    form = {"method": "full", "learning_rate": 1e-4, "epochs": 1, "max_steps": 1, "batch_size": 1, "lora_r": 8,
+            "lora_alpha": 16, "lora_dropout": 0, "max_seq_length": 64, "validation_fraction": 0.1}
+    attempts = {
+        "dataset": {"dataset": dataset.id, "base_model": "smollm2-135m-instruct"},
+        "base_model": {"dataset": mine.id, "base_model": f"job:{job.id}"},
+        "custom_base_model": {"dataset": mine.id, "base_model": "custom", "custom_base_model": str(final)},
+    }
+    for field, values in attempts.items():
+        reply = other_client.post("/jobs/new/", {**form, **values})
+        assert reply.status_code == 200 and field in reply.context["form"].errors, field
+    assert not Job.objects.filter(owner=other_user).exists()
+    for base in (str(final), str(dataset.rows_path.parent), f"job:{job.id}"):
+        reply = other_client.get(f"/datasets/{mine.id}/quality/", {"base_model": base})
+        assert reply.status_code == 400, base

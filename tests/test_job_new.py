@@ -53,11 +53,27 @@ def test_impossible_settings_are_refused_on_their_field(owner_client, dataset, t
     assert not Job.objects.exists() and not train_queue()
 
 
-def test_a_base_model_that_does_not_exist_is_refused(owner_client, dataset, train_queue):
+def test_a_base_model_that_does_not_exist_in_a_registered_folder_is_refused(owner_client, dataset, train_queue,
+                                                                            models_root):
+    missing = models_root / "no-such-model"
     reply = owner_client.post("/jobs/new/", {**VALID, "dataset": dataset.id, "base_model": "custom",
-                                              "custom_base_model": "/no/such/model"})
-    assert "No model directory at /no/such/model" in reply.context["form"].errors["custom_base_model"][0]
+                                              "custom_base_model": str(missing)})
+    assert f"No model directory at {missing}" in reply.context["form"].errors["custom_base_model"][0]
     assert not Job.objects.exists()
+
+
+def test_a_folder_outside_the_registered_ones_is_refused_without_saying_whether_it_exists(owner_client, dataset):
+    for path in ("/no/such/model", "/etc", "/"):
+        reply = owner_client.post("/jobs/new/", {**VALID, "dataset": dataset.id, "base_model": "custom",
+                                                  "custom_base_model": path})
+        [error] = reply.context["form"].errors["custom_base_model"]
+        assert "registered by the administrator" in error and path not in error and "config.json" not in error
+    assert not Job.objects.exists()
+
+
+def test_a_clone_link_that_names_no_job_is_not_found(owner_client, dataset):
+    assert owner_client.get("/jobs/new/?from=abc").status_code == 404
+    assert owner_client.get("/jobs/new/?from=99999").status_code == 404
 
 
 def test_an_encoder_cannot_be_instruction_tuned(owner_client, dataset, train_queue):

@@ -51,14 +51,17 @@ def resolve_base(name: str) -> str:
     """The local directory holding the weights of base model `name` (see module docstring)."""
     if name in _CATALOG_SOURCES:
         return str(_CATALOG_SOURCES[name]())
+    if not name.startswith(("/", ".", "~")):
+        # "org/name" is a Hub id, never a folder below the worker's working directory.
+        if name.count("/") != 1 or ".." in name:
+            raise UserError(f"{name!r} is neither a catalog model, a model folder nor a Hub id (org/name).")
+        return _from_hub_cache(name)
     path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"The folder {name} is not a model: it has no config.json.")
-        return str(path)
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+    if not path.is_dir():
         raise UserError(f"The model folder {name} does not exist on the worker.")
-    return _from_hub_cache(name)
+    if not (path / "config.json").is_file():
+        raise UserError(f"The folder {name} is not a model: it has no config.json.")
+    return str(path)
 
 
 def resolve_encoder(spec: TrainSpec, purpose: str) -> str:

@@ -5,9 +5,11 @@ checked by TrainSpec itself, and its complaint is shown on the field it names.
 """
 
 from django import forms
+from django.conf import settings
 
 from webapp.datasets.models import READY, Dataset
 from webapp.datasets.tasks import TASKS
+from webapp.jobs.models import JOB_BASE_PREFIX, Job
 from webapp.jobs.workers import live_capabilities, supported
 from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
 from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
@@ -55,9 +57,16 @@ GATED = {
 GATED_CHOICES = (("qlora", "method", "qlora"), ("gradient_checkpointing", "gradient_checkpointing", True))
 
 
-def _base_model_choices() -> list[tuple[str, str]]:
-    choices = [(m.key, f"{m.name} · {m.parameters / 1e6:.0f}M parameters · {m.kind}") for m in CATALOG.values()]
-    return [*choices, (CUSTOM, "Another model: a local directory or a Hugging Face Hub id")]
+def _base_model_choices(own_models: list[Job] = ()) -> list:
+    """The catalog, the user's own trained models (by job) and "another model", grouped."""
+    catalog = [(m.key, f"{m.name} · {m.parameters / 1e6:.0f}M parameters · {m.kind}") for m in CATALOG.values()]
+    groups = [("Catalog", catalog)]
+    if own_models:
+        groups.append(("Your models", [
+            (f"{JOB_BASE_PREFIX}{job.id}", f"Job {job.id}: {job.name} · {TASKS[job.spec.get('task', 'sft')].name}")
+            for job in own_models
+        ]))
+    return [*groups, ("Elsewhere", [(CUSTOM, "Another model: a folder the administrator registered, or a Hub id")])]
 
 
 class DatasetChoiceField(forms.ModelChoiceField):
@@ -71,7 +80,11 @@ class JobForm(forms.Form):
     dataset = DatasetChoiceField(queryset=Dataset.objects.none(), empty_label=None,
                                  help_text="The dataset decides the task. Only datasets that are ready are listed.")
     base_model = forms.ChoiceField(choices=_base_model_choices, initial=DEFAULT_BASE_MODEL)
-    custom_base_model = forms.CharField(required=False, label="Model directory or Hub id")
+    custom_base_model = forms.CharField(
+        required=False, label="Model folder or Hub id",
+        help_text="A model folder registered on this server (SPECIALIST_MODEL_DIRS), or a Hugging Face Hub id "
+                  "in the server's cache.",
+    )
     method = forms.ChoiceField(choices=METHODS, initial="lora", widget=forms.RadioSelect)
     lora_r = forms.IntegerField(label="LoRA rank (r)", initial=_DEFAULTS.lora_r)
     lora_alpha = forms.IntegerField(label="LoRA alpha", initial=_DEFAULTS.lora_alpha)
@@ -105,7 +118,10 @@ class JobForm(forms.Form):
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
+        self.user = user
         self.fields["dataset"].queryset = Dataset.objects.filter(owner=user, status=READY)
+        self.own_models = {f"{JOB_BASE_PREFIX}{job.id}": job for job in Job.models_of(user)}
+        self.fields["base_model"].choices = _base_model_choices(list(self.own_models.values()))
         # What the running training workers can do: the page offers only that (see worker.capabilities).
         workers = live_capabilities()
         self.offers = {feature: supported(feature, workers) for feature in GATED}
@@ -115,16 +131,25 @@ class JobForm(forms.Form):
 
     def clean(self):
         data = super().clean()
+        active = Job.objects.filter(owner=self.user, state__in=Job.ACTIVE_STATES).count()
+        if active >= settings.MAX_ACTIVE_JOBS_PER_USER:
+            raise forms.ValidationError(
+                f"You have {active} jobs queued or running, the most one person may have at once on this server. "
+                "Wait for one to finish, or cancel one, then start this one."
+            )
         dataset = data.get("dataset")
         custom = data.get("base_model") == CUSTOM
         base = (data.get("custom_base_model") or "").strip() if custom else data.get("base_model")
         base_field = "custom_base_model" if custom else "base_model"
-        problem = base_model_problem(base or "")
+        problem = None if base in self.own_models else base_model_problem(
+            base or "", model_dirs=settings.MODEL_DIRS, forbidden=[settings.MEDIA_ROOT]
+        )
+        kind = self._base_kind(base)
         if problem:
             self.add_error(base_field, problem)
-        elif dataset and base in CATALOG and CATALOG[base].kind not in TASKS[dataset.task].base_kinds:
-            self.add_error(base_field, f"{CATALOG[base].name} is a {CATALOG[base].kind} model; "
-                                       f"{TASKS[dataset.task].name.lower()} needs a {' or '.join(TASKS[dataset.task].base_kinds)} model.")
+        elif dataset and kind and kind not in TASKS[dataset.task].base_kinds:
+            self.add_error(base_field, f"{self._base_name(base)} is a {kind} model; {TASKS[dataset.task].name.lower()} "
+                                       f"needs a {' or '.join(TASKS[dataset.task].base_kinds)} model.")
         if self.errors or dataset is None:
             return data
         for feature, field_name, wanted in GATED_CHOICES:
@@ -136,7 +161,7 @@ class JobForm(forms.Form):
         for dpo_field in ("dpo_beta", "dpo_sft_weight"):
             if values[dpo_field] is None:
                 values[dpo_field] = getattr(_DEFAULTS, dpo_field)
-        if base in CATALOG and CATALOG[base].kind == "encoder":
+        if kind == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         values["validation_path"] = str(dataset.validation_rows_path) if dataset.has_validation else ""
         try:
@@ -144,6 +169,14 @@ class JobForm(forms.Form):
         except SpecError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data
+
+    def _base_kind(self, base: str | None) -> str | None:
+        if base in CATALOG:
+            return CATALOG[base].kind
+        return self.own_models[base].base_kind() if base in self.own_models else None
+
+    def _base_name(self, base: str) -> str:
+        return CATALOG[base].name if base in CATALOG else f"Job {self.own_models[base].id}'s model"
 
     def _unsupported(self, feature: str) -> str:
         running = f"the running ones have: {', '.join(self.devices)}" if self.devices else "none is running"
@@ -156,7 +189,7 @@ class JobForm(forms.Form):
         base = spec["base_model"]
         initial = {field: spec[field] for field in SPEC_FIELDS if field in spec}
         initial.update(dataset=job.dataset_id, name=f"{job.name} (again)")
-        if base in CATALOG:
+        if base in CATALOG or base.startswith(JOB_BASE_PREFIX):
             initial["base_model"] = base
         else:
             initial.update(base_model=CUSTOM, custom_base_model=base)

@@ -34,7 +34,9 @@ def new_job(request: HttpRequest) -> HttpResponse:
         return redirect("dataset", chosen.id)
     if request.GET.get("from"):
         # Retry / clone: the settings of an earlier job, prefilled.
-        initial = JobForm.initial_from(_get_job_for_user(request, request.GET["from"]))
+        if not request.GET["from"].isdigit():
+            raise Http404("No such job.")
+        initial = JobForm.initial_from(_get_job_for_user(request, int(request.GET["from"])))
     form = JobForm(request.POST or None, user=request.user, initial=initial)
     if request.method == "POST" and form.is_valid():
         dataset = form.cleaned_data["dataset"]
