@@ -4,7 +4,7 @@ import pytest
 from django.utils import timezone
 
 from webapp.datasets.models import Dataset
-from webapp.jobs.models import Job
+from webapp.jobs.models import Job, Lease
 
 pytestmark = pytest.mark.django_db
 
@@ -57,9 +57,9 @@ def test_every_transition_is_an_event_with_gap_free_sequence_numbers(job):
 
 def test_the_heartbeat_fails_once_the_job_is_cancelled(job):
     job.claim("w")
-    assert job.beat("w")
+    assert job.beat(Lease("w", job.attempts))
     job.transition("cancelled")
-    assert not job.beat("w")
+    assert not job.beat(Lease("w", job.attempts))
 
 
 def test_the_reaper_requeues_a_job_whose_worker_went_silent(

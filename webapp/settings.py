@@ -150,6 +150,10 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 WHITENOISE_USE_FINDERS = True
 
 MEDIA_ROOT = Path(os.environ.get("SPECIALIST_MEDIA_ROOT", VAR_DIR / "media"))
+# Folders an operator allows as base models (comma-separated): each a model folder, or a folder of
+# them. Users may also name catalog models, Hub ids in the server's cache and their own trained
+# models (by job); never a path into MEDIA_ROOT, whatever is listed here.
+MODEL_DIRS = [Path(p).expanduser() for p in envlist("SPECIALIST_MODEL_DIRS")]
 MAX_UPLOAD_BYTES = envint("SPECIALIST_MAX_UPLOAD_BYTES", 1024**3)
 # Uploads stream to a temporary file past this size; never held in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
@@ -196,6 +200,15 @@ JOB_HEARTBEAT_SECONDS = envint("SPECIALIST_HEARTBEAT_SECONDS", 2)
 JOB_LEASE_SECONDS = envint("SPECIALIST_LEASE_SECONDS", 60)
 # ...at most this many attempts in all, then it fails with the reason.
 JOB_MAX_ATTEMPTS = envint("SPECIALIST_MAX_ATTEMPTS", 3)
+# A worker that could not renew its lease for this long stops the job by itself (Airflow's rule:
+# a task that cannot heartbeat terminates), before the reaper can give it to another worker.
+JOB_LEASE_GRACE_SECONDS = envint("SPECIALIST_LEASE_GRACE_SECONDS", JOB_LEASE_SECONDS // 2)
+if not 0 < JOB_LEASE_GRACE_SECONDS < JOB_LEASE_SECONDS:
+    raise ImproperlyConfigured("SPECIALIST_LEASE_GRACE_SECONDS must be above 0 and below SPECIALIST_LEASE_SECONDS")
+# One attempt at a job runs at most this long, then fails with a message saying so.
+JOB_MAX_SECONDS = envint("SPECIALIST_MAX_JOB_SECONDS", 24 * 3600)
+# Jobs one user may have queued or running at once.
+MAX_ACTIVE_JOBS_PER_USER = envint("SPECIALIST_MAX_ACTIVE_JOBS_PER_USER", 20)
 # A queued job whose id never reached the broker (it was down) is sent at the reaper's next run;
 # one still unclaimed this long after it was sent is sent again (the broker may have lost it).
 JOB_RESEND_SECONDS = envint("SPECIALIST_RESEND_SECONDS", 600)

@@ -101,13 +101,6 @@ def prune(output_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def discard(output_dir: Path) -> None:
-    """Delete a finished job's checkpoints and stored baseline: it never resumes."""
-    for folder in checkpoints(output_dir):
-        shutil.rmtree(folder, ignore_errors=True)
-    (Path(output_dir) / BASELINE).unlink(missing_ok=True)
-
-
 def resume_point(spec: TrainSpec, reporter: Reporter) -> tuple[str | None, Any]:
     """(the checkpoint to resume from, the baseline the first attempt stored), or (None, None)
     to start from scratch: a job resumes only when it has both."""
@@ -168,7 +161,9 @@ class Checkpointing(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
         folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
-        if folder.is_dir():
+        # Once the job is to stop (cancelled, or its lease lost) no checkpoint is signed: an
+        # unsigned folder is never resumed from.
+        if folder.is_dir() and not self.reporter.stop_requested.is_set():
             sign(folder, self.score(state.global_step))
             prune(Path(args.output_dir))
             self.reporter.log(f"Checkpoint saved at step {state.global_step}.", step=state.global_step)

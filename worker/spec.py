@@ -111,8 +111,8 @@ class TrainSpec:
                             f"{', '.join(TASK_METHODS[self.task])}")
         if not self.base_model.strip():
             raise SpecError("base_model", "choose a base model")
-        _at_least("lora_r", self.lora_r, 1)
-        _at_least("lora_alpha", self.lora_alpha, 1)
+        _within("lora_r", self.lora_r, 1)
+        _within("lora_alpha", self.lora_alpha, 1)
         if not 0 <= self.lora_dropout < 1:
             raise SpecError("lora_dropout", "must be at least 0 and below 1")
         if self.method in ADAPTER_METHODS:
@@ -131,10 +131,12 @@ class TrainSpec:
             raise SpecError("learning_rate", "must be below 1 (typical: 2e-3 for LoRA, 5e-5 for full)")
         if self.max_steps is None and not self.epochs > 0:
             raise SpecError("epochs", "must be greater than 0")
+        if not self.epochs <= LIMITS["epochs"]:
+            raise SpecError("epochs", f"must be at most {LIMITS['epochs']}")
         if self.max_steps is not None:
-            _at_least("max_steps", self.max_steps, 1)
-        _at_least("batch_size", self.batch_size, 1)
-        _at_least("max_seq_length", self.max_seq_length, 8)
+            _within("max_steps", self.max_steps, 1)
+        _within("batch_size", self.batch_size, 1)
+        _within("max_seq_length", self.max_seq_length, 8)
         if not 0 <= self.validation_fraction < 1:
             raise SpecError("validation_fraction", "must be at least 0 and below 1")
         _at_least("eval_every", self.eval_every, 1)
@@ -171,8 +173,22 @@ class TrainSpec:
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w.-]*")
 
 
+LIMITS = {
+    "epochs": 1000, "max_steps": 1_000_000, "batch_size": 4096, "max_seq_length": 131_072, "lora_r": 1024,
+    "lora_alpha": 65_536,
+}
+"""The largest value each setting may take: beyond these a job is a typo or an attack, not a
+fine-tune (the time limit, SPECIALIST_MAX_JOB_SECONDS, bounds the rest)."""
+
+
 def _at_least(name: str, value: int, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise SpecError(name, "must be a whole number")
     if value < minimum:
         raise SpecError(name, f"must be at least {minimum}")
+
+
+def _within(name: str, value: int, minimum: int) -> None:
+    _at_least(name, value, minimum)
+    if value > LIMITS[name]:
+        raise SpecError(name, f"must be at most {LIMITS[name]:,}")

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import traceback
 import uuid
 from datetime import timedelta
@@ -23,9 +24,10 @@ from django import db
 from django.conf import settings
 from django.utils import timezone
 
-from webapp.jobs.models import CANCELLED, FAILED, RUNNING_STATES, SUCCEEDED, Job
+from webapp.jobs.models import CANCELLED, FAILED, FINAL_STATES, RUNNING_STATES, SUCCEEDED, Job, Lease, LeaseLost
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
+from worker.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,22 @@ def train_job(job_id: int) -> None:
 # reconnects (kombu restores unacknowledged messages on a connection that is already gone).
 @shared_task(name="worker.tasks.reap_stale_jobs", ignore_result=True, acks_late=False)
 def reap_stale_jobs() -> None:
-    """Requeue (or give up on) running jobs whose worker stopped renewing its lease."""
+    """Requeue (or give up on) running jobs whose worker stopped renewing its lease; clear up after ended ones."""
     stale_before = timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS)
     for job in Job.objects.filter(state__in=RUNNING_STATES, heartbeat_at__lt=stale_before):
         if job.reap(stale_before):
             log.warning("job %s: worker %s stopped responding; now %s", job.id, job.worker_id or "?", job.state)
+    discard_finished_work()
+
+
+def discard_finished_work() -> None:
+    """Delete the working files (checkpoints) of jobs that ended without their worker cleaning
+    up: cancelled while queued or while its worker was away, or the worker died after the end."""
+    from worker import attempts
+
+    with_files = attempts.jobs_with_working_files(settings.JOBS_ROOT)
+    for job_id in Job.objects.filter(id__in=with_files, state__in=FINAL_STATES).values_list("id", flat=True):
+        attempts.discard(Path(settings.JOBS_ROOT) / str(job_id))
 
 
 @shared_task(name="worker.tasks.resend_queued_jobs", ignore_result=True, acks_late=False)
@@ -63,23 +76,36 @@ def resend_queued_jobs() -> None:
 
 
 class JobRunner:
-    """Runs one claimed job from start to a final state."""
+    """Runs one claimed job from start to a final state.
+
+    While it runs, two threads watch the lease: the heartbeat renews it, and the watchdog (which
+    never touches the database, so a stalled database cannot stall it) stops the recipe when no
+    renewal has succeeded for SPECIALIST_LEASE_GRACE_SECONDS, less than the lease: a worker
+    that cannot prove it holds the job stops before the reaper can give the job to another.
+    Every write (events, the outcome, the published model) is conditional on the lease.
+    """
 
     def __init__(self, job: Job):
         self.job = job
         self.reporter = Reporter(sink=self.deliver, on_thread_exit=db.connections.close_all)
         self.finished = threading.Event()
+        self.lease: Lease | None = None
+        self.renewed_at = time.monotonic()
+        self.stopped_because = ""
+        """Why the watchdog stopped the recipe (the lease could not be renewed, the time limit)."""
 
     def run(self) -> None:
         if not self.job.claim(WORKER_ID):
             log.info("job %s is %s and not ours to run; nothing to do", self.job.id, self.job.state)
             self.reporter.close()
             return
+        self.lease = Lease(WORKER_ID, self.job.attempts)
         # A requeued job resumes from its last checkpoint and replays the steps after it; the
         # chart already has those points (and the step-0 baseline), so they are not recorded twice.
         self.recorded_until = self.job.recorded_steps()
-        heartbeat = threading.Thread(target=self._keep_lease, name="heartbeat", daemon=True)
-        heartbeat.start()
+        self.started = self.renewed_at = time.monotonic()
+        for target, name in ((self._keep_lease, "heartbeat"), (self._watch, "watchdog")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         try:
             result = self._run_recipe()
         except Cancelled:
@@ -97,57 +123,125 @@ class JobRunner:
 
     def _run_recipe(self) -> dict[str, Any]:
         # Imported here: torch loads in the worker process only when a job runs.
+        from worker import attempts
         from worker.artifacts import artifact_name, zip_dir
         from worker.run import run_spec
 
-        spec = self.job.train_spec()
-        self.job.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            spec = self.job.train_spec()
+        except SpecError as exc:
+            raise UserError(f"The job cannot start: {exc.message}.") from exc
+        folder = attempts.prepare(self.job.output_dir, self.lease.attempt)
         result = run_spec(spec, self.reporter)
-        zip_path = self.job.output_dir / f"{artifact_name(spec)}.zip"
+        zip_path = folder / f"{artifact_name(spec)}.zip"
         result["artifact_zip"] = str(zip_dir(result["artifact_dir"], zip_path))
         return result
 
     def _finish(self, state: str, **fields: Any) -> None:
-        self.reporter.close()
-        if self.job.transition(state, where={"worker_id": WORKER_ID}, **fields):
-            # A finished job never resumes: its checkpoints only take disk space. (A job that
-            # lost its lease may be resuming on another worker; its checkpoints stay.)
-            from worker.checkpoints import discard
+        from worker import attempts
 
-            discard(self.job.output_dir)
+        self.reporter.close()
+        if self.stopped_because == LEASE_EXPIRED:
+            self._hand_back()
+            return
+        if self.stopped_because == TIME_LIMIT and state == CANCELLED:
+            state, fields = FAILED, {"message": _time_limit_message()}
+        if state == SUCCEEDED:
+            if not self.job.beat(self.lease):
+                log.info("job %s: lease gone before publishing; the model is not published", self.job.id)
+                return
+            fields["result"] = attempts.publish(Path(self.job.attempt_dir(self.lease.attempt)), self.job.output_dir,
+                                                fields["result"])
+        moved = self.job.transition(state, where=self.lease.where, **fields)
+        if not moved and state == SUCCEEDED:
+            attempts.unpublish(self.job.output_dir, fields["result"])
+        if self.job.is_final:
+            # A finished job never resumes: its working files only take disk space. (A job that
+            # lost its lease may be resuming elsewhere; the next attempt takes what it needs.)
+            attempts.discard(self.job.output_dir)
+
+    def _hand_back(self) -> None:
+        """The lease could not be renewed for the grace period and the recipe stopped: queue the
+        job again at once if the database is back and the lease still ours, else the reaper will."""
+        silent = settings.JOB_LEASE_GRACE_SECONDS
+        reason = f"The worker could not reach the database for {silent} s and stopped"
+        try:
+            if self.job.requeue(reason, where=self.lease.where):
+                log.warning("job %s: lease not renewed for %s s; queued again", self.job.id, silent)
+        except Exception as exc:  # the database is still away: the reaper requeues it later
+            log.warning("job %s: lease not renewed for %s s; stopped (%s)", self.job.id, silent, exc)
 
     def _keep_lease(self) -> None:
         try:
             while not self.finished.wait(settings.JOB_HEARTBEAT_SECONDS):
-                if not self.job.beat(WORKER_ID):
+                try:
+                    held = self.job.beat(self.lease)
+                except Exception as exc:  # a stalled or unreachable database: try again, the watchdog decides
+                    log.warning("job %s: could not renew the lease (%s)", self.job.id, exc)
+                    db.connection.close_if_unusable_or_obsolete()
+                    continue
+                if not held:
                     log.info("job %s: lease gone (cancelled or reaped); stopping", self.job.id)
                     self.reporter.stop_requested.set()
                     return
+                self.renewed_at = time.monotonic()
         finally:
             db.connection.close()
 
+    def _watch(self) -> None:
+        while not self.finished.wait(WATCH_SECONDS):
+            now = time.monotonic()
+            if now - self.renewed_at > settings.JOB_LEASE_GRACE_SECONDS:
+                self._stop(LEASE_EXPIRED, "job %s: lease not renewed for %.0f s; stopping", now - self.renewed_at)
+                return
+            if now - self.started > settings.JOB_MAX_SECONDS:
+                self._stop(TIME_LIMIT, "job %s: ran past the limit of %s s; stopping", settings.JOB_MAX_SECONDS)
+                return
+
+    def _stop(self, because: str, message: str, value: float) -> None:
+        log.warning(message, self.job.id, value)
+        self.stopped_because = because
+        self.reporter.stop_requested.set()
+
     def deliver(self, events: list[dict[str, Any]]) -> None:
-        """The Reporter's sink: state events become transitions, the rest are appended."""
+        """The Reporter's sink: state events become transitions, the rest are appended, each only
+        while this attempt holds the lease."""
         pending: list[dict[str, Any]] = []
-        for event in events:
-            if self._recorded(event):
-                continue
-            if event["kind"] != "state":
-                pending.append(event)
-                continue
+        try:
+            for event in events:
+                if self._recorded(event):
+                    continue
+                if event["kind"] != "state":
+                    pending.append({**event, "attempt": self.lease.attempt})
+                    continue
+                if pending:
+                    self.job.append_events(pending, lease=self.lease)
+                    pending = []
+                if event["state"] != self.job.state and not self.job.transition(event["state"], where=self.lease.where):
+                    raise LeaseLost(f"job {self.job.id} left {self.job.state} without us")
             if pending:
-                self.job.append_events(pending)
-                pending = []
-            if event["state"] != self.job.state and not self.job.transition(event["state"], where={"worker_id": WORKER_ID}):
-                self.reporter.stop_requested.set()
-        if pending:
-            self.job.append_events(pending)
+                self.job.append_events(pending, lease=self.lease)
+        except LeaseLost:
+            log.info("job %s: lease gone; %d events not recorded, stopping", self.job.id, len(events))
+            self.reporter.stop_requested.set()
 
     def _recorded(self, event: dict[str, Any]) -> bool:
         """Whether a metric or eval event replays a step the job's history already holds. Per
         kind: a recipe may report a step's evaluation before its loss, and die in between."""
         last = self.recorded_until.get(event["kind"])
         return last is not None and event["step"] <= last
+
+
+LEASE_EXPIRED, TIME_LIMIT = "lease expired", "time limit"
+WATCH_SECONDS = 0.5
+
+
+def _time_limit_message() -> str:
+    hours = settings.JOB_MAX_SECONDS / 3600
+    return (
+        f"The job ran longer than this server's limit of {hours:g} hours (SPECIALIST_MAX_JOB_SECONDS) and was "
+        "stopped. Train fewer steps or epochs, or ask the administrator to raise the limit."
+    )
 
 
 def _internal_error_message(exc: Exception, output_dir: Path) -> str:

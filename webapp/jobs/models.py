@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from webapp.jobs import stream
-from worker.spec import TrainSpec
+from worker.spec import SpecError, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ CANCELLED = "cancelled"
 
 RUNNING_STATES = (PREPARING, TRAINING, EVALUATING, EXPORTING)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+JOB_BASE_PREFIX = "job:"
+"""A base model named by job: `job:<id>`, one of the owner's own succeeded jobs."""
 ALLOWED = {
     QUEUED: {PREPARING, FAILED, CANCELLED},
     PREPARING: {TRAINING, QUEUED, FAILED, CANCELLED},
@@ -43,6 +46,24 @@ ALLOWED = {
     EVALUATING: {TRAINING, EXPORTING, QUEUED, FAILED, CANCELLED},
     EXPORTING: {SUCCEEDED, QUEUED, FAILED, CANCELLED},
 }
+
+
+class LeaseLost(Exception):
+    """The worker no longer holds the job (cancelled, reaped, or taken by another attempt)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a worker holds while it runs a job: its id and the attempt it claimed. Every write the
+    worker makes is conditional on both, so an attempt that was reaped can write nothing more
+    even after the same worker claims the job again."""
+
+    worker_id: str
+    attempt: int
+
+    @property
+    def where(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "attempts": self.attempt, "state__in": RUNNING_STATES}
 
 
 class Job(models.Model):
@@ -173,12 +194,13 @@ class Job(models.Model):
 
     def reap(self, stale_before) -> bool:
         """Requeue a job whose worker stopped renewing its lease, or fail it after too many tries."""
-        where = {"heartbeat_at__lt": stale_before}
+        return self.requeue("The worker stopped responding", where={"heartbeat_at__lt": stale_before})
+
+    def requeue(self, reason: str, where: dict[str, Any]) -> bool:
+        """Queue a running job again (`where` decides whether it still may be), or fail it once it
+        has had all its attempts; True if this call moved it."""
         if self.attempts < settings.JOB_MAX_ATTEMPTS:
-            message = (
-                f"The worker stopped responding; the job was queued again "
-                f"(attempt {self.attempts + 1} of {settings.JOB_MAX_ATTEMPTS})."
-            )
+            message = f"{reason}; the job was queued again (attempt {self.attempts + 1} of {settings.JOB_MAX_ATTEMPTS})."
             with transaction.atomic():
                 moved = self.transition(QUEUED, where=where, message=message, worker_id="")
                 if moved:
@@ -186,21 +208,25 @@ class Job(models.Model):
             return moved
         return self.transition(
             FAILED, where=where,
-            message=f"The worker running this job stopped responding {self.attempts} times; giving up. "
-            "Check the worker machine (memory, disk, GPU) and retry the job.",
+            message=f"{reason} {self.attempts} times; giving up. "
+            "Check the worker machine (memory, disk, GPU, its connection to the database) and retry the job.",
         )
 
-    def beat(self, worker_id: str) -> bool:
+    def beat(self, lease: Lease) -> bool:
         """Renew the lease; False when it is gone (cancelled, reaped, finished)."""
-        return Job.objects.filter(id=self.id, worker_id=worker_id, state__in=RUNNING_STATES).update(
-            heartbeat_at=timezone.now()
-        ) == 1
+        return Job.objects.filter(id=self.id, **lease.where).update(heartbeat_at=timezone.now()) == 1
 
     # Events -----------------------------------------------------------------------------
-    def append_events(self, events: list[dict[str, Any]]) -> list[JobEvent]:
-        """Record events durably with the next sequence numbers, then publish them live."""
+    def append_events(self, events: list[dict[str, Any]], lease: Lease | None = None) -> list[JobEvent]:
+        """Record events durably with the next sequence numbers, then publish them live.
+
+        A worker passes its `lease`: the events are recorded only while it still holds the job,
+        checked under the same row lock that numbers them (else LeaseLost, and nothing is written).
+        """
         with transaction.atomic():
-            job = Job.objects.select_for_update().get(id=self.id)
+            job = Job.objects.select_for_update().filter(id=self.id, **(lease.where if lease else {})).first()
+            if job is None:
+                raise LeaseLost(f"job {self.id} is no longer held by {lease}")
             rows = []
             for event in events:
                 job.event_seq += 1
@@ -236,10 +262,60 @@ class Job(models.Model):
     def output_dir(self) -> Path:
         return Path(settings.JOBS_ROOT) / str(self.id)
 
+    def attempt_dir(self, attempt: int) -> Path:
+        """The working folder of one attempt (checkpoints, the model before it is published): a
+        reaped attempt that still runs can never overwrite what the next one writes."""
+        return self.output_dir / f"attempt-{attempt}"
+
+    @property
+    def final_dir(self) -> Path:
+        """Where a succeeded job's model (or adapter) lives."""
+        return self.output_dir / "final"
+
+    @property
+    def holds_model(self) -> bool:
+        """Whether the job's result is a whole model (not an adapter) that a new job can build on."""
+        return (self.final_dir / "config.json").is_file() and any(self.final_dir.glob("*.safetensors"))
+
+    @classmethod
+    def models_of(cls, user, limit: int = 50) -> list[Job]:
+        """The user's succeeded jobs that a new job can use as its base, newest first."""
+        jobs = cls.objects.filter(owner=user, state=SUCCEEDED).order_by("-finished_at", "-id")[:limit]
+        return [job for job in jobs if job.holds_model]
+
+    def parent(self) -> Job | None:
+        """The job whose model this job builds on (base_model "job:<id>"), the owner's own only."""
+        base = self.spec.get("base_model", "")
+        if not base.startswith(JOB_BASE_PREFIX) or not base[len(JOB_BASE_PREFIX):].isdigit():
+            return None
+        return Job.objects.filter(
+            id=int(base[len(JOB_BASE_PREFIX):]), id__lt=self.id, owner_id=self.owner_id, state=SUCCEEDED
+        ).first()
+
+    def base_kind(self) -> str | None:
+        """The catalog kind (causal-lm, encoder) the job's model descends from; None if unknown."""
+        from worker.catalog import CATALOG
+
+        base = self.spec.get("base_model", "")
+        if base in CATALOG:
+            return CATALOG[base].kind
+        parent = self.parent()
+        return parent.base_kind() if parent else None
+
     def train_spec(self) -> TrainSpec:
-        return TrainSpec.from_dict(
-            {**self.spec, "job_id": self.id, "dataset_path": str(self.dataset.rows_path), "output_dir": str(self.output_dir)}
-        )
+        """The spec the worker runs: the job's own settings and files, its working folder for
+        `attempt`, and a base named by job resolved to that job's model folder."""
+        base = self.spec["base_model"]
+        if base.startswith(JOB_BASE_PREFIX):
+            parent = self.parent()
+            if parent is None or not parent.holds_model:
+                raise SpecError("base_model", f"the model of job {base[len(JOB_BASE_PREFIX):]}, which this job "
+                                              "builds on, is no longer there")
+            base = str(parent.final_dir)
+        return TrainSpec.from_dict({
+            **self.spec, "base_model": base, "job_id": self.id, "dataset_path": str(self.dataset.rows_path),
+            "output_dir": str(self.attempt_dir(self.attempts)),
+        })
 
     @property
     def artifact_zip(self) -> Path | None:
