@@ -206,10 +206,34 @@
 
   drawChart();
   history.forEach(handle);
-  if (root.dataset.final !== "1") {
+  const RETRY_MS = 30000; // the server's Retry-After for a refused stream
+
+  function showStreamNote(shown) {
+    let note = document.getElementById("stream-note");
+    if (!note && shown) {
+      note = document.createElement("p");
+      note.id = "stream-note";
+      note.className = "flash warning";
+      note.textContent = "Live updates paused: too many live views open; close some tabs. Trying again every 30 s.";
+      document.getElementById("waiting").after(note);
+    }
+    if (note) note.classList.toggle("hidden", !shown);
+  }
+
+  function follow() {
     const source = new EventSource(`${root.dataset.eventsUrl}?after=${state.lastSeq}`);
     state.source = source;
+    source.onopen = () => showStreamNote(false);
     source.onmessage = (message) => handle(JSON.parse(message.data));
     source.addEventListener("end", () => source.close());
+    // The browser reconnects a dropped stream by itself, but gives up on a refused one (429: this
+    // user has too many open): then say so and try again slowly, as a new stream.
+    source.onerror = () => {
+      if (source.readyState !== EventSource.CLOSED) return;
+      showStreamNote(true);
+      setTimeout(follow, RETRY_MS);
+    };
   }
+
+  if (root.dataset.final !== "1") follow();
 })();

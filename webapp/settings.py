@@ -224,6 +224,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "cpu", "expires": 60},
     },
 }
+# Live event streams (job pages) one user may hold open at once in a web process; past it, 429.
+MAX_STREAMS_PER_USER = envint("SPECIALIST_MAX_STREAMS_PER_USER", 20)
 
 SESSION_COOKIE_SECURE = PRODUCTION
 CSRF_COOKIE_SECURE = PRODUCTION

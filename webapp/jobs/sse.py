@@ -9,7 +9,8 @@ a jump in the stream (Redis restarted, or lost a write) is filled from the datab
 Redis is away the database is polled: no event is lost or sent twice.
 
 One reader per job, not one per client: 200 people watching one job cost Redis one blocking
-read, and each event is serialised once (docs/performance.md, "200 clients").
+read, and each event is serialised once (docs/performance.md, "200 clients"). A user holds at
+most SPECIALIST_MAX_STREAMS_PER_USER live streams in a web process; past that, 429.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import threading
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection
-from django.http import Http404, HttpRequest, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 
 from webapp.jobs import stream
 from webapp.jobs.models import FINAL_STATES, Job, JobEvent
@@ -36,17 +41,25 @@ BLOCK_MS = 5000
 KEEPALIVE_SECONDS = 15
 FEED_EVENTS = 2000  # kept per job for clients that fall behind; older ones come from the database
 END = "event: end\ndata: {}\n\n"
+STREAM_RETRY_SECONDS = 30  # Retry-After of a refused stream; static/job.js waits as long
 
 
-async def job_events(request: HttpRequest, job_id: int) -> StreamingHttpResponse:
+async def job_events(request: HttpRequest, job_id: int) -> HttpResponse:
     user = await request.auser()
     job = await _jobs_for_user(user).filter(id=job_id).afirst()
     if job is None:
         raise Http404("No such job.")
+    release = _take_stream_place(user.id)
+    if release is None:
+        return _too_many_streams()
     # No client has seen past the job's last event: a larger number (a stale tab of a database
     # that was reset, a hand-made URL) would start the shared feed where nothing ever arrives.
     after = min(_resume_point(request), job.event_seq)
-    response = StreamingHttpResponse(follow(job.id, after), content_type="text/event-stream")
+    events = _releasing(follow(job.id, after), release)
+    # A response dropped before it streams (the client left while the middleware ran) never
+    # starts its generator, so the generator's `finally` never runs: release on collection too.
+    weakref.finalize(events, release)
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
@@ -58,6 +71,49 @@ def _resume_point(request: HttpRequest) -> int:
         return max(0, int(raw))
     except ValueError:
         return 0
+
+
+# Live streams per user in this process. A lock, not the event loop's turn-taking: a place can
+# also be given back by the garbage collector (weakref.finalize), on whichever thread it runs.
+_open_streams: Counter[int] = Counter()
+_open_streams_lock = threading.Lock()
+
+
+def _take_stream_place(user_id: int) -> Callable[[], None] | None:
+    """One of the user's live-stream places and the function that gives it back (safe to call
+    again), or None when all of them are taken."""
+    with _open_streams_lock:
+        if _open_streams[user_id] >= settings.MAX_STREAMS_PER_USER:
+            return None
+        _open_streams[user_id] += 1
+    given_back = False
+
+    def release() -> None:
+        nonlocal given_back
+        with _open_streams_lock:
+            if not given_back:
+                given_back = True
+                _open_streams[user_id] -= 1
+                if not _open_streams[user_id]:
+                    del _open_streams[user_id]
+
+    return release
+
+
+def _too_many_streams() -> HttpResponse:
+    response = HttpResponse("Too many live views open; close some tabs.\n", status=429, content_type="text/plain")
+    response["Retry-After"] = str(STREAM_RETRY_SECONDS)
+    return response
+
+
+async def _releasing(events: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    """`events`, giving the stream's place back when they end or the client goes away (the
+    server cancels the stream: the cancel lands in `follow` and comes out through here)."""
+    try:
+        async for text in events:
+            yield text
+    finally:
+        release()
 
 
 def format_event(event: dict[str, Any]) -> str:
