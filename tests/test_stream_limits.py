@@ -8,7 +8,8 @@ import time
 
 import pytest
 import requests
-from django.test import AsyncRequestFactory
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient, AsyncRequestFactory
 
 from tests.stack import PASSWORD, running_stack
 from webapp.datasets.models import Dataset
@@ -140,7 +141,21 @@ def test_a_stream_dropped_before_it_starts_gives_its_place_back(owner):
         gc.collect()
         return taken
 
-    from asgiref.sync import async_to_sync
-
     assert async_to_sync(respond_and_drop)() == 1
+    assert sse._open_streams[owner.id] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_that_ends_gives_its_place_back(owner):
+    dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl")
+    job = Job.objects.create(owner=owner, dataset=dataset, name="j", spec={"base_model": "x", "method": "lora"})
+    job.transition("cancelled", message="Cancelled by the user.")
+
+    async def read_to_the_end() -> str:
+        http = AsyncClient()
+        await http.aforce_login(owner)
+        response = await http.get(f"/jobs/{job.id}/events/")
+        return b"".join([chunk async for chunk in response.streaming_content]).decode()
+
+    assert async_to_sync(read_to_the_end)().endswith(sse.END)
     assert sse._open_streams[owner.id] == 0
