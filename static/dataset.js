@@ -24,7 +24,8 @@
       const response = await fetch(query(), { headers: { Accept: "application/json" } });
       reply = await response.json();
     } catch (error) {
-      reply = { state: "computing" };  // the server is restarting: try again
+      // Not an answer from the app (restarting, or a proxy's error page): ask again.
+      reply = { state: "waiting", message: "The server is not answering; trying again…" };
     }
     if (ask !== asked) return;  // a newer choice was made meanwhile
     if (reply.state === "computing" || reply.state === "waiting") {

@@ -7,9 +7,11 @@ import re
 import time
 
 import pytest
+import redis
 from django.template.loader import render_to_string
 
 from tests.model_fixtures import write_jsonl
+from webapp.datasets import reports
 from webapp.datasets.models import Dataset
 from webapp.datasets.preflight import preflight_examples
 
@@ -120,3 +122,63 @@ def test_deleting_a_dataset_removes_its_kept_reports(owner, media_root):
     report.write_text("{}")
     dataset.delete_files()
     assert not dataset.rows_path.parent.exists()
+
+
+@pytest.fixture
+def cpu_queue(settings):
+    """The real broker's "cpu" queue (tests use their own Redis database): message headers."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete("cpu")
+    yield lambda: [json.loads(m)["headers"] for m in broker.lrange("cpu", 0, -1)]
+    broker.delete("cpu")
+
+
+def ready_dataset(owner, name="d"):
+    dataset = Dataset.objects.create(owner=owner, name=name, original_name="d.jsonl", format="jsonl", status="ready")
+    dataset.rows_path.parent.mkdir(parents=True)
+    write_jsonl(dataset.rows_path, [{"instruction": "Hi?", "response": "Hello."}])
+    return dataset
+
+
+@pytest.mark.django_db
+def test_a_user_has_at_most_three_reports_computing_at_once(
+    owner, owner_client, other_user, other_client, media_root, cpu_queue, settings
+):
+    assert settings.QUALITY_REPORTS_PER_USER == 3
+    dataset = ready_dataset(owner)
+    url = f"/datasets/{dataset.id}/quality/?max_length="
+    assert [owner_client.get(url + str(n)).json() for n in (16, 32, 64)] == [{"state": "computing"}] * 3
+    refused = owner_client.get(url + "128")
+    assert refused.status_code == 200
+    assert refused.json() == {"state": "waiting", "message": "You have 3 reports computing; wait for one to finish."}
+    assert len(cpu_queue()) == 3
+    other_url = f"/datasets/{ready_dataset(other_user, 'theirs').id}/quality/?max_length=16"
+    assert other_client.get(other_url).json() == {"state": "computing"}  # someone else's count
+    next((dataset.rows_path.parent / "quality").glob("*.pending")).unlink()  # as a finished report does
+    assert owner_client.get(url + "128").json() == {"state": "computing"}
+    assert len(cpu_queue()) == 5
+
+
+@pytest.mark.django_db
+def test_the_periodic_resend_sends_lost_requests_again_and_drops_outdated_ones(
+    owner, owner_client, media_root, cpu_queue, settings
+):
+    dataset = ready_dataset(owner)
+    assert owner_client.get(f"/datasets/{dataset.id}/quality/?max_length=16").json() == {"state": "computing"}
+    (pending,) = (dataset.rows_path.parent / "quality").glob("*.pending")
+    reports.resend_quality_reports()
+    assert len(cpu_queue()) == 1  # sent just now: left alone
+
+    def age(**fields):
+        marker = json.loads(pending.read_text())
+        pending.write_text(json.dumps({**marker, **fields}))
+
+    age(sent_at=time.time() - settings.JOB_RESEND_SECONDS - 1)  # the broker lost it
+    reports.resend_quality_reports()
+    assert len(cpu_queue()) == 2
+    age(sent_at=time.time() - settings.JOB_RESEND_SECONDS - 1, started_at=time.time())  # a worker has it
+    reports.resend_quality_reports()
+    assert len(cpu_queue()) == 2
+    write_jsonl(dataset.rows_path, [{"instruction": "Hi again?", "response": "Hello again."}])  # read again
+    reports.resend_quality_reports()
+    assert not pending.exists() and len(cpu_queue()) == 2

@@ -159,6 +159,9 @@ MAX_UPLOAD_BYTES = envint("SPECIALIST_MAX_UPLOAD_BYTES", 1024**3)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # Uploads up to this size are read in the request; larger ones by a worker on the "cpu" queue.
 INLINE_PARSE_BYTES = envint("SPECIALIST_INLINE_PARSE_BYTES", 5 * 1024 * 1024)
+# Quality reports one user may have computing (or waiting for the queue) at once; a further
+# choice on the dataset page waits, with a message, until one is done.
+QUALITY_REPORTS_PER_USER = envint("SPECIALIST_QUALITY_REPORTS_PER_USER", 3)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CACHES = {
@@ -220,6 +223,11 @@ CELERY_BEAT_SCHEDULE = {
     },
     "resend-queued-jobs": {
         "task": "worker.tasks.resend_queued_jobs",
+        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
+    "resend-quality-reports": {
+        "task": "webapp.datasets.resend_quality_reports",
         "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
         "options": {"queue": "cpu", "expires": 60},
     },

@@ -11,7 +11,9 @@ from webapp.datasets.views import _get_dataset_for_user
 @require_GET
 def dataset_quality(request: HttpRequest, dataset_id: int) -> JsonResponse:
     """?base_model=&max_length= (defaults: the task's suggested ones). Queues the report when it
-    is missing; answers {"state": "computing"} until it is done, then the report with its HTML."""
+    is missing; answers {"state": "computing"} until it is done, then the report with its HTML;
+    {"state": "waiting", "message": ...} while it cannot be queued (the queue is down, or the
+    user's reports in progress are at the limit): the page shows the message and asks again."""
     dataset = _get_dataset_for_user(request, dataset_id)
     base_model, max_length = reports.defaults(dataset.task)
     base_model = request.GET.get("base_model") or base_model
@@ -24,7 +26,7 @@ def dataset_quality(request: HttpRequest, dataset_id: int) -> JsonResponse:
         return JsonResponse({"state": "invalid", "message": problem}, status=400)
     if dataset.is_busy or not dataset.rows_path.is_file():
         return JsonResponse({"state": "waiting", "message": "The report is computed once the file has been read."})
-    report = reports.request_report(dataset, base_model, max_length)
+    report = reports.request_report(dataset, base_model, max_length, request.user.id)
     if report["state"] == "done":
         context = {"report": report, "dataset": dataset}
         report["html"] = render_to_string("datasets/_quality_table.html", context, request)

@@ -3,8 +3,12 @@
 A report is computed for one (base model, max length) and kept as JSON beside the dataset's
 files, under a name that also depends on the rows files' size and time, so a dataset read
 again (new mapping, replaced file, a validation file) gets a fresh report. While a report is
-computed a `.pending` marker stands in its place; a marker older than PENDING_SECONDS (a lost
-message, a worker that died) no longer counts and the report is queued again.
+computed a `.pending` marker stands in its place, recording the request (who asked, for what)
+and when its message was sent and the task started. A marker sent or started more than
+PENDING_SECONDS ago (a lost message, a worker that died) no longer counts and the report is
+queued again. A request the queue did not take (Redis down) waits in its marker until the
+periodic `resend_quality_reports` sends it, like a queued job. A user has at most
+QUALITY_REPORTS_PER_USER reports computing at once.
 
 The web process imports this module; the computing modules (tokenizers, and torch for the
 pre-flight) are imported inside the task only.
@@ -18,10 +22,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from webapp.datasets.models import Dataset
 from webapp.datasets.tasks import TASKS
@@ -32,6 +38,7 @@ from worker.spec import TrainSpec
 log = logging.getLogger(__name__)
 
 PENDING_SECONDS = 30 * 60
+QUEUE_DOWN = "The queue is unreachable (is Redis running?); the report is computed once it is back."
 _LOADING = threading.Lock()
 """transformers' lazy imports are not thread-safe, and the cpu worker runs its tasks on threads:
 two reports started together failed with "cannot import name 'AutoTokenizer'" (and their pending
@@ -68,26 +75,41 @@ def report_path(dataset: Dataset, base_model: str, max_length: int) -> Path:
     return dataset.rows_path.parent / "quality" / f"{key}.json"
 
 
-def request_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str, Any]:
-    """The report if it is ready (state "done" or "failed"), else {"state": "computing"} after
-    queueing it unless it is already on its way."""
+def request_report(dataset: Dataset, base_model: str, max_length: int, user_id: int) -> dict[str, Any]:
+    """The report if it is ready (state "done" or "failed"); else "computing" after queueing it
+    (unless it is already on its way), or "waiting" with the reason it cannot be queued now."""
     path = report_path(dataset, base_model, max_length)
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     pending = path.with_suffix(".pending")
-    try:
-        if time.time() - pending.stat().st_mtime < PENDING_SECONDS:
-            return {"state": "computing"}
-        pending.unlink()
-    except FileNotFoundError:
-        pass
-    pending.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pending.open("x").close()  # only one request queues it
-    except FileExistsError:
+    if (marker := _live_marker(pending)) is not None:
+        return _pending_state(marker)
+    marker = {"dataset_id": dataset.id, "base_model": base_model, "max_length": max_length, "user_id": user_id}
+    if not _create_marker(pending, marker):  # another request queued it meanwhile
         return {"state": "computing"}
-    quality_report_task.apply_async(args=[dataset.id, base_model, max_length], queue="cpu")
-    return {"state": "computing"}
+    # Counted after the marker exists, so that simultaneous requests cannot all pass.
+    others = sum(1 for other in _all_markers() if other != pending and _marker_user(other) == user_id)
+    if others >= settings.QUALITY_REPORTS_PER_USER:
+        pending.unlink(missing_ok=True)
+        return {"state": "waiting", "message": f"You have {others} reports computing; wait for one to finish."}
+    return _pending_state(_send(pending, marker))
+
+
+@shared_task(name="webapp.datasets.resend_quality_reports", ignore_result=True, acks_late=False)
+def resend_quality_reports() -> None:
+    """Send the reports whose request never reached the queue (it was down), and again those
+    sent JOB_RESEND_SECONDS ago that never started (the broker may have lost the message)."""
+    sent = 0
+    for pending in _all_markers():
+        marker = _live_marker(pending)
+        if marker is None:
+            continue
+        if not _still_wanted(pending, marker):
+            pending.unlink(missing_ok=True)
+        elif _needs_sending(marker):
+            sent += _send(pending, marker)["sent_at"] is not None
+    if sent:
+        log.info("sent %d quality reports to the cpu queue again", sent)
 
 
 @shared_task(name="webapp.datasets.quality_report", acks_late=True, ignore_result=True)
@@ -96,7 +118,98 @@ def quality_report_task(dataset_id: int, base_model: str, max_length: int) -> No
     if dataset is None:
         log.info("dataset %s no longer exists; no quality report", dataset_id)
         return
+    pending = report_path(dataset, base_model, max_length).with_suffix(".pending")
+    if pending.with_suffix(".json").is_file():  # a second message for one report
+        pending.unlink(missing_ok=True)
+        return
+    if (marker := _live_marker(pending)) is not None:
+        _write_marker(pending, {**marker, "started_at": time.time()})
     build_report(dataset, base_model, max_length)
+
+
+# Markers ------------------------------------------------------------------------------------
+def _all_markers() -> list[Path]:
+    return sorted((Path(settings.MEDIA_ROOT) / "datasets").glob("*/quality/*.pending"))
+
+
+def _live_marker(pending: Path) -> dict[str, Any] | None:
+    """The marker's record; None (and the marker removed) when it no longer stands for a report
+    on its way: sent or started PENDING_SECONDS ago, or unreadable (an older version's)."""
+    try:
+        marker = json.loads(pending.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        marker = None
+    since = marker and (marker.get("started_at") or marker.get("sent_at"))
+    if marker is None or (since is not None and time.time() - since > PENDING_SECONDS):
+        pending.unlink(missing_ok=True)
+        return None
+    return marker
+
+
+def _marker_user(pending: Path) -> int | None:
+    marker = _live_marker(pending)
+    return marker and marker.get("user_id")
+
+
+def _pending_state(marker: dict[str, Any]) -> dict[str, str]:
+    if marker.get("sent_at") is None:
+        return {"state": "waiting", "message": QUEUE_DOWN}
+    return {"state": "computing"}
+
+
+def _needs_sending(marker: dict[str, Any]) -> bool:
+    if marker.get("sent_at") is None:
+        return True
+    return marker.get("started_at") is None and time.time() - marker["sent_at"] > settings.JOB_RESEND_SECONDS
+
+
+def _still_wanted(pending: Path, marker: dict[str, Any]) -> bool:
+    """False once the dataset is gone, was read again (the report's name changed) or has the report."""
+    dataset = Dataset.objects.filter(id=marker.get("dataset_id")).first()
+    if dataset is None:
+        return False
+    path = report_path(dataset, marker["base_model"], marker["max_length"])
+    return path.with_suffix(".pending") == pending and not path.is_file()
+
+
+def _create_marker(pending: Path, marker: dict[str, Any]) -> bool:
+    """Write the marker whole, unless one exists: only one request queues a report."""
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    draft = pending.with_name(f"{pending.name}.{uuid.uuid4().hex}")
+    draft.write_text(json.dumps(marker), encoding="utf-8")
+    try:
+        os.link(draft, pending)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        draft.unlink()
+
+
+def _write_marker(pending: Path, marker: dict[str, Any]) -> None:
+    draft = pending.with_name(f"{pending.name}.{uuid.uuid4().hex}")
+    draft.write_text(json.dumps(marker), encoding="utf-8")
+    os.replace(draft, pending)
+
+
+def _send(pending: Path, marker: dict[str, Any]) -> dict[str, Any]:
+    """Queue the report; the marker records whether the queue took it. Marked sent first: a
+    worker that starts at once must not find its marker rewritten behind it."""
+    from kombu.exceptions import OperationalError
+
+    marker = {**marker, "sent_at": time.time(), "started_at": None}
+    _write_marker(pending, marker)
+    args = [marker["dataset_id"], marker["base_model"], marker["max_length"]]
+    try:
+        # Few retries: the page must not hang while the broker is down; the periodic resend tries again.
+        quality_report_task.apply_async(args=args, queue="cpu", retry_policy={"max_retries": 1})
+    except (OperationalError, OSError) as exc:
+        log.warning("quality report %s: the queue is unreachable (%s); it will be sent again", pending.name, exc)
+        marker["sent_at"] = None
+        _write_marker(pending, marker)
+    return marker
 
 
 def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str, Any]:
