@@ -19,7 +19,7 @@ from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpRespons
 from django.utils.http import content_disposition_header
 
 CHUNK_BYTES = 1024 * 1024
-_SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_SINGLE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 class RangeNotSatisfiable(ValueError):
@@ -35,10 +35,7 @@ def file_download(request: HttpRequest, path: Path, filename: str) -> HttpRespon
     try:
         wanted = requested_range(request.headers.get("Range", ""), size)
     except RangeNotSatisfiable:
-        response = HttpResponse("The requested range is past the end of the file.", status=416,
-                                content_type="text/plain")
-        response["Content-Range"] = f"bytes */{size}"
-        return response
+        return _range_not_satisfiable(size)
     first, last = wanted or (0, size - 1)
     content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     response = StreamingHttpResponse(read_chunks(path, first, last - first + 1), content_type=content_type,
@@ -48,6 +45,12 @@ def file_download(request: HttpRequest, path: Path, filename: str) -> HttpRespon
     response["Content-Length"] = str(last - first + 1)
     response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=filename)
     response["Accept-Ranges"] = "bytes"
+    return response
+
+
+def _range_not_satisfiable(size: int) -> HttpResponse:
+    response = HttpResponse("The requested range is past the end of the file.", status=416, content_type="text/plain")
+    response["Content-Range"] = f"bytes */{size}"
     return response
 
 
