@@ -158,7 +158,10 @@ MAX_UPLOAD_BYTES = envint("SPECIALIST_MAX_UPLOAD_BYTES", 1024**3)
 # Uploads stream to a temporary file past this size; never held in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # Uploads up to this size are read in the request; larger ones by a worker on the "cpu" queue.
+# A Parquet file counts by its uncompressed size (from its footer), which can be far larger.
 INLINE_PARSE_BYTES = envint("SPECIALIST_INLINE_PARSE_BYTES", 5 * 1024 * 1024)
+# The most text one compressed (Parquet) upload may unpack to; more is refused with the row.
+MAX_DECODED_BYTES = envint("SPECIALIST_MAX_DECODED_BYTES", 4 * MAX_UPLOAD_BYTES)
 # Quality reports one user may have computing (or waiting for the queue) at once; a further
 # choice on the dataset page waits, with a message, until one is done.
 QUALITY_REPORTS_PER_USER = envint("SPECIALIST_QUALITY_REPORTS_PER_USER", 3)

@@ -18,7 +18,7 @@ from django.core.files import File
 from django.db import models, transaction
 
 from webapp.datasets import tasks
-from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset
+from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class Dataset(models.Model):
     # Reading ----------------------------------------------------------------------------
     def request_parse(self, now: bool = False) -> None:
         """Read the files now when they are small (or `now`), else queue the read on the "cpu" queue."""
-        if now or self.size_bytes + self.validation_size_bytes <= settings.INLINE_PARSE_BYTES:
+        if now or self._unpacked_size() <= settings.INLINE_PARSE_BYTES:
             self.status = PARSING
             Dataset.objects.filter(id=self.id).update(status=PARSING)
             self.parse()
@@ -296,6 +296,14 @@ class Dataset(models.Model):
         Dataset.objects.filter(id=self.id).update(status=UPLOADED)
         self.status = UPLOADED
         transaction.on_commit(lambda: parse_dataset_task.apply_async(args=[self.id], queue="cpu"))
+
+    def _unpacked_size(self) -> int:
+        """What reading the files handles: for Parquet its uncompressed size, not the file's, so a
+        small file that unpacks large is read on the queue, not in the request."""
+        files = [(self.original, self.original_name)]
+        if self.has_validation:
+            files.append((self.validation, self.validation_name))
+        return sum(unpacked_size(file.path, name) for file, name in files)
 
     def claim_parse(self) -> bool:
         """The background reader takes a dataset that waits to be read (or whose reader died)."""
@@ -327,7 +335,12 @@ class Dataset(models.Model):
 
     def _read_files(self) -> dict:
         report = parse_dataset(
-            self.original.path, self.original_name, task=self.task, mapping=self.user_mapping, out_path=self.rows_path
+            self.original.path,
+            self.original_name,
+            task=self.task,
+            mapping=self.user_mapping,
+            out_path=self.rows_path,
+            max_decoded_bytes=settings.MAX_DECODED_BYTES,
         )
         result = {
             "format": report.format,
@@ -371,6 +384,7 @@ class Dataset(models.Model):
             task=self.task,
             mapping=mapping,
             out_path=self.validation_rows_path,
+            max_decoded_bytes=settings.MAX_DECODED_BYTES,
         )
         if report.chat_format != main.chat_format and not report.fatal:
             report.fatal = (

@@ -83,8 +83,19 @@ PEEK_ROWS = 100
 """Rows read ahead to learn the columns of a source without a header (JSON)."""
 PREVIEW_ROWS = 5
 
+MAX_DECODED_BYTES = 4 << 30
+"""The most text one Parquet file may unpack to; other formats are bounded by the upload limit."""
+
 _CHUNK = 64 << 10
 _PARQUET_BATCH_ROWS = 1024
+_PARQUET_BATCH_BYTES = 8 << 20
+"""About how much decoded data Arrow holds at a time, judged from a row group's footer."""
+_PARQUET_SLICE_BYTES = 8 << 20
+"""About how much decoded text is made into Python rows at a time."""
+_PARQUET_BOMB_BYTES = 8 << 20
+_MOST_COMPRESSION = 100
+"""Text compresses perhaps tenfold; a column over _PARQUET_BOMB_BYTES that unpacks to more than
+this many times its size holds huge repeated values and is refused before it is decoded."""
 _BOM = codecs.BOM_UTF8
 _PARQUET_MAGIC = b"PAR1"
 _EXTENSIONS = {
@@ -172,6 +183,7 @@ def parse_dataset(
     max_errors_per_kind: int = 5,
     max_line_bytes: int = MAX_LINE_BYTES,
     give_up_after: int = GIVE_UP_AFTER,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
 ) -> ParseReport:
     """Check the file at `path` (uploaded as `filename`) for `task`; write accepted rows to
     `out_path` as canonical JSON Lines. `mapping` (canonical field -> column) overrides both
@@ -181,7 +193,7 @@ def parse_dataset(
     report = ParseReport()
     try:
         report.format = sniff_format(path, filename)
-        with _open_source(report.format, path, max_line_bytes) as source:
+        with _open_source(report.format, path, max_line_bytes, max_decoded_bytes) as source:
             report.columns = source.columns
             convert, needed = _choose_converter(report, task, mapping)
             with _partial_output(out_path) as write:
@@ -319,9 +331,9 @@ def _keys_in_order(peeked: list) -> list[str]:
 
 
 @contextmanager
-def _open_source(fmt: str, path: str | os.PathLike, max_line_bytes: int) -> Iterator[Any]:
+def _open_source(fmt: str, path: str | os.PathLike, max_line_bytes: int, max_decoded_bytes: int) -> Iterator[Any]:
     if fmt == "parquet":
-        yield _ParquetSource(path)
+        yield _ParquetSource(path, max_line_bytes, max_decoded_bytes)
         return
     with open(path, "rb") as f:
         if fmt == "jsonl":
@@ -661,14 +673,27 @@ def _decoded_chunks(f: IO[bytes]) -> Iterator[str]:
 
 
 class _ParquetSource:
-    def __init__(self, path: str | os.PathLike):
+    """Parquet rows, with what decoding costs bounded before it is spent.
+
+    Parquet is compressed and dictionary-encoded, so a file of a few KB can unpack to GBs (one
+    long value, repeated). So each row group's sizes in the footer are checked before it is
+    decoded; text columns are read as Arrow dictionaries (a repeated value is held once); each
+    cell's size is measured in Arrow; and only then are rows made into Python objects, a few MB
+    at a time. A cell over the line limit is a row error, like an over-long JSON line, and the
+    decoded text of the whole file has a limit of its own.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_value_bytes: int, max_decoded_bytes: int):
         # Imported here: pyarrow is heavy, and only Parquet uploads need it.
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self._read_errors = (pa.ArrowException, OSError)
+        self._max_value, self._max_decoded = max_value_bytes, max_decoded_bytes
         try:
-            self._file = pq.ParquetFile(path)
+            schema = pq.ParquetFile(path).schema
+            text = [schema.column(i).path for i in range(len(schema)) if schema.column(i).physical_type == "BYTE_ARRAY"]
+            self._file = pq.ParquetFile(path, read_dictionary=text)
         except self._read_errors as error:
             raise DatasetError(f"The Parquet file could not be read: {error}") from None
         self.columns = list(self._file.schema_arrow.names)
@@ -676,14 +701,132 @@ class _ParquetSource:
             raise DatasetError("The file has no rows.")
 
     def records(self, needed: list[str]) -> Iterator:
-        row = 0
+        first_row, decoded = 1, 0
         try:
-            for batch in self._file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed):
-                for record in batch.to_pylist():
-                    row += 1
-                    yield row, record
+            for group in range(self._file.metadata.num_row_groups):
+                batch_rows = _check_row_group(
+                    self._file.metadata.row_group(group), needed, first_row, self._max_decoded
+                )
+                for batch in self._file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=needed):
+                    for row, record, size in self._batch_records(batch, first_row):
+                        decoded += size
+                        if decoded > self._max_decoded:
+                            raise DatasetError(_too_much_text(f"By row {row:,} the file", self._max_decoded))
+                        yield row, record
+                    first_row += batch.num_rows
         except self._read_errors as error:
-            raise DatasetError(f"Row {row + 1}: the Parquet file could not be read: {error}") from None
+            raise DatasetError(f"Row {first_row}: the Parquet file could not be read: {error}") from None
+
+    def _batch_records(self, batch: Any, first_row: int) -> Iterator[tuple[int, dict | _RowProblem, int]]:
+        """(row, record or problem, decoded bytes) of each row of the batch."""
+        import numpy as np
+
+        sizes = np.stack([_cell_sizes(column) for column in batch.columns])  # (column, row)
+        totals = sizes.sum(axis=0).tolist()
+        start = 0
+        for index in np.flatnonzero((sizes > self._max_value).any(axis=0)).tolist():
+            yield from _slices(batch, start, index, first_row, totals)
+            column = int(np.argmax(sizes[:, index] > self._max_value))
+            problem = _value_too_long(batch.schema.names[column], int(sizes[column, index]), self._max_value)
+            yield first_row + index, problem, 0
+            start = index + 1
+        yield from _slices(batch, start, batch.num_rows, first_row, totals)
+
+
+def _slices(batch: Any, start: int, stop: int, first_row: int, totals: list[int]) -> Iterator:
+    """Rows start..stop of the batch as Python objects, made about _PARQUET_SLICE_BYTES at a time."""
+    while start < stop:
+        end, held = start + 1, totals[start]
+        while end < stop and held + totals[end] <= _PARQUET_SLICE_BYTES:
+            held += totals[end]
+            end += 1
+        for index, record in enumerate(batch.slice(start, end - start).to_pylist(), start):
+            yield first_row + index, record, totals[index]
+        start = end
+
+
+def _check_row_group(group: Any, needed: list[str], first_row: int, max_decoded: int) -> int:
+    """Refuse, from the footer alone, a row group that unpacks to more than is allowed or is
+    compressed like a bomb; else how many rows to decode at a time to hold about
+    _PARQUET_BATCH_BYTES (a dictionary-encoded column unpacks to more, but is read as one)."""
+    where = f"Rows {first_row:,}-{first_row + group.num_rows - 1:,}"
+    unpacked = 0
+    for chunk in (group.column(i) for i in range(group.num_columns)):
+        column = chunk.path_in_schema.split(".", 1)[0]
+        if column not in needed:
+            continue
+        size, packed = chunk.total_uncompressed_size, max(chunk.total_compressed_size, 1)
+        if size > _PARQUET_BOMB_BYTES and size > _MOST_COMPRESSION * packed:
+            raise DatasetError(
+                f"{where}, column '{column}': {packed:,} bytes unpack to {size:,} bytes, {size // packed:,} "
+                "times as many. Real text does not compress like that, so the file is refused unread; export "
+                "the data again without huge repeated values."
+            )
+        unpacked += size
+    if unpacked > max_decoded:
+        raise DatasetError(_too_much_text(f"{where} alone", max_decoded))
+    return max(1, min(_PARQUET_BATCH_ROWS, _PARQUET_BATCH_BYTES * group.num_rows // max(unpacked, 1)))
+
+
+def _cell_sizes(array: Any) -> Any:
+    """The decoded bytes of each cell of an Arrow array (as numpy), measured without making
+    Python objects: text by its length (a dictionary's values measured once), lists and
+    structs by what they hold, numbers by their width."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        values = _cell_sizes(array.dictionary)
+        indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False)
+        valid = array.is_valid().to_numpy(zero_copy_only=False)
+        return np.where(valid, values[indices] if len(values) else 0, 0)
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind):
+        held = np.concatenate([[0], np.cumsum(_cell_sizes(array.values), dtype=np.int64)])
+        offsets = array.offsets.to_numpy(zero_copy_only=False)
+        return held[offsets[1:]] - held[offsets[:-1]]
+    if pa.types.is_struct(kind):
+        return sum((_cell_sizes(field) for field in array.flatten()), np.zeros(len(array), np.int64))
+    if pa.types.is_primitive(kind):
+        return np.full(len(array), max(kind.bit_width // 8, 1), np.int64)
+    return np.full(len(array), array.nbytes // max(len(array), 1), np.int64)
+
+
+def _value_too_long(column: str, size: int, limit: int) -> _RowProblem:
+    return _RowProblem(
+        "value too long", column, f"the value is {size:,} bytes, longer than the limit of {limit:,} bytes"
+    )
+
+
+def _too_much_text(what: str, limit: int) -> str:
+    return (
+        f"{what} unpacks to more than {limit:,} bytes of text, the limit for one dataset. Upload "
+        "fewer rows, or split the file into several datasets."
+    )
+
+
+def unpacked_size(path: str | os.PathLike, filename: str) -> int:
+    """About how many bytes reading the file handles: a Parquet file's uncompressed size from its
+    footer (a few KB can unpack to far more), any other file's own size."""
+    size = os.path.getsize(path)
+    if _EXTENSIONS.get(Path(filename).suffix.lower()) != "parquet":
+        return size
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError):
+        return size  # reading says what is wrong with it
+    return max(size, sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)))
 
 
 # Mapping ----------------------------------------------------------------------------------
