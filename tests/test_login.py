@@ -10,7 +10,6 @@ from webapp.accounts import ratelimit
 pytestmark = pytest.mark.django_db
 
 
-
 @pytest.fixture(autouse=True)
 def fresh_counters(settings):
     def forget():

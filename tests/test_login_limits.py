@@ -14,6 +14,8 @@ import requests
 from tests.redis_server import PrivateRedis
 from tests.stack import PASSWORD, free_port, running_stack
 
+pytestmark = pytest.mark.slow
+
 WEB_PROCESSES = 4
 
 

@@ -84,7 +84,15 @@ def request_report(dataset: Dataset, base_model: str, max_length: int, user_id: 
     pending = path.with_suffix(".pending")
     if (marker := _live_marker(pending)) is not None:
         return _pending_state(marker)
-    marker = {"dataset_id": dataset.id, "base_model": base_model, "max_length": max_length, "user_id": user_id}
+    # Marked as being sent from the start, so that the periodic resend leaves it to this request.
+    marker = {
+        "dataset_id": dataset.id,
+        "base_model": base_model,
+        "max_length": max_length,
+        "user_id": user_id,
+        "sent_at": time.time(),
+        "started_at": None,
+    }
     if not _create_marker(pending, marker):  # another request queued it meanwhile
         return {"state": "computing"}
     # Counted after the marker exists, so that simultaneous requests cannot all pass.
