@@ -229,6 +229,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
         "options": {"queue": "cpu", "expires": 60},
     },
+    "resend-waiting-datasets": {
+        "task": "webapp.datasets.resend_waiting_datasets",
+        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
     "resend-quality-reports": {
         "task": "webapp.datasets.resend_quality_reports",
         "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),

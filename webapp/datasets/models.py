@@ -11,11 +11,14 @@ job uses a dataset it never changes again.
 import logging
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.core.files import File
 from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
 
 from webapp.datasets import tasks
 from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
@@ -93,6 +96,9 @@ class Dataset(models.Model):
     validation_size_bytes = models.BigIntegerField(default=0)
     validation_report = models.JSONField(default=dict, blank=True)
     """What reading the validation file found: format, rows_total, rows_ok, error_counts, errors, fatal."""
+    parse_sent_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the dataset's id last reached the cpu queue to be read."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -291,11 +297,41 @@ class Dataset(models.Model):
             Dataset.objects.filter(id=self.id).update(status=PARSING)
             self.parse()
             return
-        from webapp.datasets.background import parse_dataset_task
+        Dataset.objects.filter(id=self.id).update(status=UPLOADED, parse_sent_at=None)
+        self.status, self.parse_sent_at = UPLOADED, None
+        transaction.on_commit(self.send_parse)
 
-        Dataset.objects.filter(id=self.id).update(status=UPLOADED)
-        self.status = UPLOADED
-        transaction.on_commit(lambda: parse_dataset_task.apply_async(args=[self.id], queue="cpu"))
+    def send_parse(self) -> bool:
+        """Put the dataset's id on the "cpu" queue to be read; False if the broker (Redis) is
+        unreachable. The upload is kept either way, and the page says it waits for the queue:
+        `resend_waiting` (periodic) sends it again. A second message is harmless: one claim wins."""
+        from kombu.exceptions import OperationalError
+
+        from webapp.celery import app
+
+        try:
+            # Few retries: the upload must not hang while the broker is down.
+            app.send_task("webapp.datasets.parse_dataset", args=[self.id], queue="cpu", retry_policy={"max_retries": 1})
+        except (OperationalError, OSError) as exc:
+            log.warning("dataset %s: the queue is unreachable (%s); it will be sent again", self.id, exc)
+            return False
+        self.parse_sent_at = timezone.now()
+        Dataset.objects.filter(id=self.id, status=UPLOADED).update(parse_sent_at=self.parse_sent_at)
+        return True
+
+    @property
+    def waits_for_queue(self) -> bool:
+        """Waiting to be read, but its id never reached the queue (the broker was down)."""
+        return self.status == UPLOADED and self.parse_sent_at is None
+
+    @classmethod
+    def resend_waiting(cls, unclaimed_for: timedelta) -> int:
+        """Send the datasets waiting to be read whose id never reached the queue, and again those
+        still unclaimed `unclaimed_for` after they were sent (a restarted broker may have lost the
+        message); how many reached the queue."""
+        stale = timezone.now() - unclaimed_for
+        waiting = cls.objects.filter(status=UPLOADED).filter(Q(parse_sent_at__isnull=True) | Q(parse_sent_at__lt=stale))
+        return sum(dataset.send_parse() for dataset in waiting)
 
     def _unpacked_size(self) -> int:
         """What reading the files handles: for Parquet its uncompressed size, not the file's, so a
