@@ -155,6 +155,26 @@ class Stack:
             with psycopg.connect(url) as connection:
                 yield connection, "%s"
 
+    def stall_database(self, job_id: int, seconds: float) -> None:
+        """Hold a lock for `seconds` that every write to the job waits behind, as a stalled
+        database does: SQLite's write lock, or the job's row in PostgreSQL."""
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite"):
+            connection = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                time.sleep(seconds)
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+            return
+        import psycopg
+
+        with psycopg.connect(url) as connection:
+            connection.execute("SELECT id FROM jobs_job WHERE id = %s FOR UPDATE", (job_id,))
+            time.sleep(seconds)
+            connection.rollback()
+
     def wait_for(self, job_id: int, condition, timeout: float = 180, what: str = "") -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -211,9 +231,9 @@ def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker
         }
         stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, media_root=tmp / "media", logs=tmp)
         stack.manage("migrate", "--noinput")
-        stack.processes["web"] = stack._spawn(
-            "web", [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)]
-        )
+        from webapp.jobs.management.commands.serve import web_command
+
+        stack.processes["web"] = stack._spawn("web", web_command(sys.executable, "127.0.0.1", port))
         for name in workers:
             stack.start_worker(name)
         _wait_until_up(stack)

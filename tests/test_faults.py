@@ -4,6 +4,7 @@ on a private redis-server."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -139,6 +140,13 @@ def test_cancelled_jobs_stay_cancelled_across_worker_restarts(fault_stack, http,
         assert job["state"] == "cancelled", job
     assert "preparing" not in states(fault_stack.job(queued))
     assert len(metric_steps(fault_stack.job(running))) == steps_after_cancel
+    events = fault_stack.job(running)["events"]
+    cancel = next(e["seq"] for e in events if e.get("state") == "cancelled")
+    assert [e for e in events if e["seq"] > cancel] == [], "events were recorded after the cancel"
+    job_dir = fault_stack.media_root / "jobs" / str(running)
+    assert not list(job_dir.rglob("checkpoint-*")) and not list(job_dir.rglob("baseline.json")), (
+        "a cancelled job keeps its working files"
+    )
 
 
 def test_a_job_with_bad_data_fails_with_its_message_and_the_next_job_runs(
@@ -237,3 +245,50 @@ def test_a_job_created_while_redis_is_down_waits_and_runs_when_it_is_back(
     assert job["state"] == "succeeded", job["message"]
     assert job["attempts"] == 1 and metric_steps(job) == list(range(1, 7))
     assert 'class="flash warning hidden" id="waiting"' in http.get(f"{fault_stack.base_url}/jobs/{job_id}/").text
+
+
+def attempt_events_after(job: dict, attempt: int, seq: int) -> list[dict]:
+    return [e for e in job["events"] if e.get("attempt") == attempt and e["seq"] > seq]
+
+
+def test_a_database_stall_longer_than_the_lease_leaves_exactly_one_worker_finishing_the_job(
+    fault_stack, http, dataset_id, tiny_llama_dir
+):
+    fault_stack.start_worker("second")
+    try:
+        job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=100)
+        fault_stack.wait_for(job_id, lambda j: len(metric_steps(j)) >= 55, what="past the checkpoint at step 50")
+        fault_stack.stall_database(job_id, seconds=14)  # the lease is 8 s, the grace 4 s
+        job = fault_stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed"), timeout=300, what="the end")
+        assert job["state"] == "succeeded", job["message"]
+        assert job["attempts"] == 2
+        assert metric_steps(job) == list(range(1, 101)), "a step was lost or recorded twice"
+        assert states(job).count("succeeded") == 1
+        requeued = next(e["seq"] for e in job["events"] if "queued again" in e.get("message", ""))
+        assert attempt_events_after(job, 1, requeued) == [], "the first attempt wrote after it lost the job"
+        logs = fault_stack.log_tail("worker", 600) + fault_stack.log_tail("second", 600)
+        assert f"job {job_id}: lease not renewed" in logs
+        job_dir = fault_stack.media_root / "jobs" / str(job_id)
+        assert (job_dir / "final" / "adapter_model.safetensors").is_file()
+        assert json.loads((job_dir / "final" / "train_spec.json").read_text())["output_dir"].endswith("attempt-2")
+        assert not list(job_dir.glob("attempt-*")), "a finished job keeps its working folders"
+    finally:
+        fault_stack.stop("second")
+
+
+def test_a_redis_outage_longer_than_the_lease_costs_no_attempt_and_no_step(
+    fault_stack, http, dataset_id, tiny_llama_dir, private_redis
+):
+    fault_stack.start_worker("second")
+    try:
+        job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=100)
+        fault_stack.wait_for(job_id, lambda j: len(metric_steps(j)) >= 5, what="training")
+        private_redis.stop()
+        time.sleep(12)  # the lease is 8 s: it lives in the database, not in Redis
+        private_redis.start()
+        job = fault_stack.wait_for(job_id, lambda j: j["state"] in ("succeeded", "failed"), timeout=300, what="the end")
+        assert job["state"] == "succeeded", job["message"]
+        assert job["attempts"] == 1 and states(job).count("preparing") == 1
+        assert metric_steps(job) == list(range(1, 101))
+    finally:
+        fault_stack.stop("second")

@@ -13,6 +13,7 @@ import requests
 
 from tests.redis_server import PrivateRedis
 from tests.stack import PASSWORD, free_port, running_stack
+from webapp.jobs.management.commands.serve import web_command
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +29,12 @@ def web_urls(tmp_path_factory):
             urls = [stack.base_url]
             for n in range(1, WEB_PROCESSES):
                 port = free_port()
-                command = [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)]
-                stack.processes[f"web-{n}"] = stack._spawn(f"web-{n}", command)
+                stack.processes[f"web-{n}"] = stack._spawn(f"web-{n}", web_command(sys.executable, "127.0.0.1", port))
                 urls.append(f"http://127.0.0.1:{port}")
             for url in urls:
                 wait_until_up(url)
             stack.create_user("alice")
+            stack.create_user("carol")
             yield urls
     finally:
         server.stop()
@@ -50,11 +51,11 @@ def wait_until_up(url: str) -> None:
             time.sleep(0.3)
 
 
-def login_form(url: str, password: str) -> tuple[requests.Session, dict[str, str]]:
+def login_form(url: str, password: str, username: str = "alice") -> tuple[requests.Session, dict[str, str]]:
     """A client at the login form of one web process, and what it will post."""
     http = requests.Session()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', http.get(f"{url}/login/").text).group(1)
-    return http, {"username": "alice", "password": password, "csrfmiddlewaretoken": token}
+    return http, {"username": username, "password": password, "csrfmiddlewaretoken": token}
 
 
 def post(url: str, http: requests.Session, form: dict[str, str]) -> int:
@@ -79,3 +80,14 @@ def test_twenty_simultaneous_wrong_passwords_get_at_most_five_checks(web_urls):
     assert set(answers) <= {200, 429}, answers
     assert answers.count(200) <= 5, f"{answers.count(200)} passwords were checked"  # 200: the form came back
     assert post(web_urls[0], *login_form(web_urls[0], PASSWORD)) == 429  # locked for the window
+
+
+def test_a_client_cannot_pick_its_address_with_a_forwarded_header(web_urls):
+    url = web_urls[0]
+    for n in range(5):
+        http, form = login_form(url, f"guess-{n}", username="carol")
+        http.headers["X-Forwarded-For"] = f"203.0.113.{n}"
+        assert post(url, http, form) == 200
+    http, form = login_form(url, PASSWORD, username="carol")
+    http.headers["X-Forwarded-For"] = "203.0.113.99"
+    assert post(url, http, form) == 429, "the header moved the client out of its own count"

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests.stack import REPO, free_port
+from webapp.jobs.management.commands.serve import web_command
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def test_the_sqlite_default_migrates_and_serves(tmp_path):
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=env, check=True, capture_output=True)
     assert (tmp_path / "specialist.sqlite3").is_file()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port)],
+    server = subprocess.Popen(web_command(sys.executable, "127.0.0.1", port),
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):

@@ -318,7 +318,9 @@ def report(results: dict[str, Any]) -> None:
 def measure(tmp: Path, redis_url: str, clients: int) -> dict[str, Any]:
     results = {}
     # The training worker as `manage.py serve` starts it (TRAIN_WORKER_ENV), beside a CPU worker.
-    with running_stack(tmp, redis_url, workers=("train",), **TRAIN_WORKER_ENV) as stack:
+    # One user follows the job from every client: the per-user stream limit is raised to fit.
+    limits = {"SPECIALIST_MAX_STREAMS_PER_USER": str(clients + 1)}
+    with running_stack(tmp, redis_url, workers=("train",), **TRAIN_WORKER_ENV, **limits) as stack:
         stack.start_cpu_worker()
         results["worker"] = wait_for_capabilities(stack)
         stack.create_user("bench")

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SIGNATURE = "specialist-signature.json"
 PREFIX = "checkpoint-"
 BASELINE = "baseline.json"
+FLUSH_SECONDS = 60  # how long a checkpoint waits for the events before it to be recorded
 
 
 def _key() -> bytes:
@@ -161,12 +162,26 @@ class Checkpointing(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
         folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
-        # Once the job is to stop (cancelled, or its lease lost) no checkpoint is signed: an
-        # unsigned folder is never resumed from.
-        if folder.is_dir() and not self.reporter.stop_requested.is_set():
+        if not folder.is_dir():
+            return
+        if self.resumable(state):
             sign(folder, self.score(state.global_step))
             prune(Path(args.output_dir))
             self.reporter.log(f"Checkpoint saved at step {state.global_step}.", step=state.global_step)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def resumable(self, state) -> bool:
+        """Whether a checkpoint at this step may be resumed from (an unsigned one never is).
+
+        Not at the last step: the Trainer resumed there trains one step past the end (the model
+        is exported right after anyway). Not once the job is to stop (a cancel, a lost lease).
+        And only once every event up to this step is recorded, so a resumed attempt starts where
+        the job's history ends: no gap in the curve, whatever happened to the events in flight.
+        """
+        if state.global_step >= state.max_steps:
+            return False
+        return self.reporter.flush(timeout=FLUSH_SECONDS) and not self.reporter.stop_requested.is_set()
 
     def score(self, step: int) -> float | None:
         """The checkpoint's held-out score (lower is better): from the latest evaluation during training."""

@@ -39,6 +39,8 @@ class Reporter:
         self.stop_requested = threading.Event()
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._undelivered = 0
+        self._delivered = threading.Condition()
         self._thread: threading.Thread | None = None
         if sink is not None:
             self._thread = threading.Thread(target=self._deliver, name="reporter", daemon=True)
@@ -67,7 +69,15 @@ class Reporter:
         event = make_event(kind, step, **data)
         self.events.append(event)
         if self._thread is not None:
+            with self._delivered:
+                self._undelivered += 1
             self._queue.put(event)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every event emitted so far has been handed to the sink; False if that took
+        longer than `timeout` seconds."""
+        with self._delivered:
+            return self._delivered.wait_for(lambda: self._undelivered == 0, timeout)
 
     # Delivery ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -99,6 +109,9 @@ class Reporter:
             batch = [event for event in batch if event is not None]
             if batch:
                 self._send(batch)
+                with self._delivered:
+                    self._undelivered -= len(batch)
+                    self._delivered.notify_all()
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
         for attempt in range(5):

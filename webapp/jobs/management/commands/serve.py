@@ -41,13 +41,20 @@ class Command(BaseCommand):
         if redis_server is not None:
             children.append(Child("redis", redis_server.args, process=redis_server))
         python = sys.executable
-        web = [python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port)]
-        children.append(Child("web", web))
+        children.append(Child("web", web_command(python, host, port)))
         if not no_worker:
             children.append(Child("train worker", train_worker_command(python), env=train_worker_env(), restart=True))
             children.append(Child("cpu worker", cpu_worker_command(python, settings.VAR_DIR), restart=True))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
         supervise(children, self.stderr)
+
+
+def web_command(python: str, host: str, port: int) -> list[str]:
+    """The ASGI server. It ignores X-Forwarded-For: uvicorn would otherwise take the client's
+    address from it for any client on this machine, so a local client could pick the address the
+    sign-in limit counts. Behind a proxy, SPECIALIST_CLIENT_IP_HEADER says which header to trust."""
+    return [python, "-m", "uvicorn", "webapp.asgi:application", "--host", host, "--port", str(port),
+            "--no-proxy-headers"]
 
 
 def train_worker_command(python: str, name: str = "train") -> list[str]:
