@@ -92,6 +92,8 @@ _PARQUET_BATCH_BYTES = 8 << 20
 """About how much decoded data Arrow holds at a time, judged from a row group's footer."""
 _PARQUET_SLICE_BYTES = 8 << 20
 """About how much decoded text is made into Python rows at a time."""
+_PARQUET_DICTIONARY_BYTES = 4 << 20
+"""A text column of a row group up to this size (uncompressed) is read as an Arrow dictionary."""
 _PARQUET_BOMB_BYTES = 8 << 20
 _MOST_COMPRESSION = 100
 """Text compresses perhaps tenfold; a column over _PARQUET_BOMB_BYTES that unpacks to more than
@@ -691,11 +693,14 @@ class _ParquetSource:
         self._read_errors = (pa.ArrowException, OSError)
         self._max_value, self._max_decoded = max_value_bytes, max_decoded_bytes
         try:
-            schema = pq.ParquetFile(path).schema
-            text = [schema.column(i).path for i in range(len(schema)) if schema.column(i).physical_type == "BYTE_ARRAY"]
-            self._file = pq.ParquetFile(path, read_dictionary=text)
+            self._file = pq.ParquetFile(path)
         except self._read_errors as error:
             raise DatasetError(f"The Parquet file could not be read: {error}") from None
+        self._path, self._plain_schema = path, self._file.schema_arrow
+        schema = self._file.schema
+        self._text = {
+            schema.column(i).path for i in range(len(schema)) if schema.column(i).physical_type == "BYTE_ARRAY"
+        }
         self.columns = list(self._file.schema_arrow.names)
         if self._file.metadata.num_rows == 0:
             raise DatasetError("The file has no rows.")
@@ -704,10 +709,10 @@ class _ParquetSource:
         first_row, decoded = 1, 0
         try:
             for group in range(self._file.metadata.num_row_groups):
-                batch_rows = _check_row_group(
-                    self._file.metadata.row_group(group), needed, first_row, self._max_decoded
-                )
-                for batch in self._file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=needed):
+                metadata = self._file.metadata.row_group(group)
+                batch_rows = _check_row_group(metadata, needed, first_row, self._max_decoded)
+                reader = self._reader(metadata)
+                for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[group], columns=needed):
                     for row, record, size in self._batch_records(batch, first_row):
                         decoded += size
                         if decoded > self._max_decoded:
@@ -717,6 +722,20 @@ class _ParquetSource:
         except self._read_errors as error:
             raise DatasetError(f"Row {first_row}: the Parquet file could not be read: {error}") from None
 
+    def _reader(self, group: Any) -> Any:
+        """The file read with the row group's small text columns as Arrow dictionaries, so a
+        repeated value is held once. Arrow grows such a dictionary over the whole row group, so a
+        large column is read plain, in batches sized from the footer, instead."""
+        import pyarrow.parquet as pq
+
+        chunks = [group.column(i) for i in range(group.num_columns)]
+        small = [
+            chunk.path_in_schema
+            for chunk in chunks
+            if chunk.path_in_schema in self._text and chunk.total_uncompressed_size <= _PARQUET_DICTIONARY_BYTES
+        ]
+        return pq.ParquetFile(self._path, metadata=self._file.metadata, read_dictionary=small or None)
+
     def _batch_records(self, batch: Any, first_row: int) -> Iterator[tuple[int, dict | _RowProblem, int]]:
         """(row, record or problem, decoded bytes) of each row of the batch."""
         import numpy as np
@@ -725,24 +744,28 @@ class _ParquetSource:
         totals = sizes.sum(axis=0).tolist()
         start = 0
         for index in np.flatnonzero((sizes > self._max_value).any(axis=0)).tolist():
-            yield from _slices(batch, start, index, first_row, totals)
+            yield from self._slices(batch, start, index, first_row, totals)
             column = int(np.argmax(sizes[:, index] > self._max_value))
             problem = _value_too_long(batch.schema.names[column], int(sizes[column, index]), self._max_value)
             yield first_row + index, problem, 0
             start = index + 1
-        yield from _slices(batch, start, batch.num_rows, first_row, totals)
+        yield from self._slices(batch, start, batch.num_rows, first_row, totals)
 
+    def _slices(self, batch: Any, start: int, stop: int, first_row: int, totals: list[int]) -> Iterator:
+        """Rows start..stop of the batch as Python objects, made about _PARQUET_SLICE_BYTES at a
+        time. Each slice is decoded to plain Arrow first: Python rows from a dictionary would
+        convert its whole dictionary each time."""
+        import pyarrow as pa
 
-def _slices(batch: Any, start: int, stop: int, first_row: int, totals: list[int]) -> Iterator:
-    """Rows start..stop of the batch as Python objects, made about _PARQUET_SLICE_BYTES at a time."""
-    while start < stop:
-        end, held = start + 1, totals[start]
-        while end < stop and held + totals[end] <= _PARQUET_SLICE_BYTES:
-            held += totals[end]
-            end += 1
-        for index, record in enumerate(batch.slice(start, end - start).to_pylist(), start):
-            yield first_row + index, record, totals[index]
-        start = end
+        plain = pa.schema([self._plain_schema.field(name) for name in batch.schema.names])
+        while start < stop:
+            end, held = start + 1, totals[start]
+            while end < stop and held + totals[end] <= _PARQUET_SLICE_BYTES:
+                held += totals[end]
+                end += 1
+            for index, record in enumerate(batch.slice(start, end - start).cast(plain).to_pylist(), start):
+                yield first_row + index, record, totals[index]
+            start = end
 
 
 def _check_row_group(group: Any, needed: list[str], first_row: int, max_decoded: int) -> int:
