@@ -35,10 +35,13 @@ def key(worker_name: str) -> str:
 
 def detect() -> dict[str, Any]:
     """This machine's training capabilities (imports torch and the SFT recipe)."""
-    import torch
+    from worker.run import TRAINING_IMPORTS, load_recipe
 
-    from worker.models import qlora_problem
-    from worker.recipes.sft import bf16_supported
+    with TRAINING_IMPORTS:
+        import torch
+
+        from worker.models import qlora_problem
+    bf16_supported = load_recipe("sft").bf16_supported
 
     cuda = torch.cuda.is_available()
     return {

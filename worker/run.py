@@ -11,7 +11,9 @@ import importlib
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from worker.errors import Cancelled, UserError
@@ -29,10 +31,21 @@ RECIPES = {
 """Task family → the module whose run(spec, reporter) trains it."""
 
 
+TRAINING_IMPORTS = threading.Lock()
+"""transformers' lazy imports are not thread-safe: a job that arrived while the worker's
+capabilities thread was still importing the recipes failed with "cannot import name
+'TrainerCallback' from 'transformers'". Whoever imports the training modules holds this lock."""
+
+
+def load_recipe(task: str) -> ModuleType:
+    """The recipe module of a task family (importing torch and transformers the first time)."""
+    with TRAINING_IMPORTS:
+        return importlib.import_module(RECIPES[task])
+
+
 def run_spec(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     """Run the recipe for spec.task and return its result."""
-    recipe = importlib.import_module(RECIPES[spec.task])
-    return recipe.run(spec, reporter)
+    return load_recipe(spec.task).run(spec, reporter)
 
 
 def print_events(batch: list[dict[str, Any]]) -> None:

@@ -125,14 +125,15 @@ class JobRunner:
         # Imported here: torch loads in the worker process only when a job runs.
         from worker import attempts
         from worker.artifacts import artifact_name, zip_dir
-        from worker.run import run_spec
+        from worker.run import load_recipe
 
         try:
             spec = self.job.train_spec()
         except SpecError as exc:
             raise UserError(f"The job cannot start: {exc.message}.") from exc
+        recipe = load_recipe(spec.task)
         folder = attempts.prepare(self.job.output_dir, self.lease.attempt)
-        result = run_spec(spec, self.reporter)
+        result = recipe.run(spec, self.reporter)
         zip_path = folder / f"{artifact_name(spec)}.zip"
         result["artifact_zip"] = str(zip_dir(result["artifact_dir"], zip_path))
         return result
