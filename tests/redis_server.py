@@ -1,4 +1,5 @@
-"""A private redis-server on a free port, for tests that stop and start Redis (never the shared one)."""
+"""A private redis-server on a free port, for tests that stop and start Redis (never the shared
+one); `private_redis` is a module-scoped one, stopped after the module's tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 import subprocess
 import time
 
+import pytest
 import redis
 
 from tests.stack import free_port
@@ -32,5 +34,14 @@ class PrivateRedis:
         raise RuntimeError("redis-server did not start")
 
     def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory):
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -121,6 +121,22 @@ class Stack:
         assert match, f"job was not created ({reply.status_code}): {reply.text[:3000]}"
         return int(match.group(1))
 
+    def create_job(self, username: str, state: str = "queued", result: dict | None = None) -> int:
+        """A job made straight in the stack's database, which no worker runs (for the pages,
+        streams and downloads around one); returns its id."""
+        code = (
+            "from django.contrib.auth import get_user_model\n"
+            "from webapp.datasets.models import Dataset\n"
+            "from webapp.jobs.models import Job\n"
+            f"owner = get_user_model().objects.get(username={username!r})\n"
+            "dataset = Dataset.objects.create(owner=owner, name='d', original_name='d.jsonl', format='jsonl')\n"
+            "job = Job.objects.create(owner=owner, dataset=dataset, name='j', spec={'base_model': 'x', 'method': 'lora'})\n"
+            "job.append_events([{'kind': 'state', 'step': 0, 't': 0, 'state': 'queued', 'message': ''}])\n"
+            f"Job.objects.filter(id=job.id).update(state={state!r}, result={result or {}!r})\n"
+            "print(job.id)\n"
+        )
+        return int(self.manage("shell", "-c", code).split()[-1])
+
     def post(self, http: requests.Session, path: str) -> requests.Response:
         job_page = re.sub(r"[^/]+/$", "", path)
         token = self.csrf(http, job_page)

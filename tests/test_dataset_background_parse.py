@@ -10,7 +10,6 @@ import pytest
 
 from tests.stack import running_stack
 from tests.test_browser import browser, signed_in_page  # noqa: F401 (browser is a fixture)
-from tests.test_faults import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
@@ -18,18 +17,13 @@ INLINE_LIMIT = 4096
 
 
 @pytest.fixture(scope="module")
-def parse_stack(tmp_path_factory):
+def parse_stack(tmp_path_factory, private_redis):
     """The web server with no worker at first, reading inline only up to INLINE_LIMIT bytes."""
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        with running_stack(
-            tmp_path_factory.mktemp("parse"), server.url, workers=(), SPECIALIST_INLINE_PARSE_BYTES=str(INLINE_LIMIT)
-        ) as stack:
-            stack.create_user("dana")
-            yield stack
-    finally:
-        server.stop()
+    with running_stack(
+        tmp_path_factory.mktemp("parse"), private_redis.url, workers=(), SPECIALIST_INLINE_PARSE_BYTES=str(INLINE_LIMIT)
+    ) as stack:
+        stack.create_user("dana")
+        yield stack
 
 
 def write_rows(path, count: int, bad_lines: tuple[int, ...] = ()):

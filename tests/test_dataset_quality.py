@@ -7,7 +7,6 @@ import re
 import time
 
 import pytest
-import redis
 from django.template.loader import render_to_string
 
 from tests.model_fixtures import write_jsonl
@@ -122,15 +121,6 @@ def test_deleting_a_dataset_removes_its_kept_reports(owner, media_root):
     report.write_text("{}")
     dataset.delete_files()
     assert not dataset.rows_path.parent.exists()
-
-
-@pytest.fixture
-def cpu_queue(settings):
-    """The real broker's "cpu" queue (tests use their own Redis database): message headers."""
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.delete("cpu")
-    yield lambda: [json.loads(m)["headers"] for m in broker.lrange("cpu", 0, -1)]
-    broker.delete("cpu")
 
 
 def ready_dataset(owner, name="d"):

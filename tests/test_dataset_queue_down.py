@@ -10,8 +10,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from kombu.exceptions import OperationalError
 
+from tests.redis_server import PrivateRedis
 from tests.stack import running_stack
-from tests.test_faults import PrivateRedis
 from webapp.datasets.background import resend_waiting_datasets
 from webapp.datasets.models import Dataset
 

@@ -16,23 +16,13 @@ MiB = 1024**2
 
 
 def create_succeeded_job(stack, username: str, artifact: Path) -> int:
-    code = (
-        "from django.contrib.auth import get_user_model\n"
-        "from webapp.datasets.models import Dataset\n"
-        "from webapp.jobs.models import Job\n"
-        f"owner = get_user_model().objects.get(username={username!r})\n"
-        "dataset = Dataset.objects.create(owner=owner, name='d', original_name='d.jsonl', format='jsonl')\n"
-        "job = Job.objects.create(owner=owner, dataset=dataset, name='j', spec={'base_model': 'x', 'method': 'lora'})\n"
-        f"Job.objects.filter(id=job.id).update(state='succeeded', result={{'artifact_zip': {str(artifact)!r}}})\n"
-        "print(job.id)\n"
-    )
-    return int(stack.manage("shell", "-c", code).split()[-1])
+    return stack.create_job(username, "succeeded", {"artifact_zip": str(artifact)})
 
 
 @pytest.fixture(scope="module")
-def download_stack(tmp_path_factory):
+def download_stack(tmp_path_factory, private_redis):
     tmp = tmp_path_factory.mktemp("downloads")
-    with running_stack(tmp, os.environ["REDIS_URL"], workers=()) as stack:
+    with running_stack(tmp, private_redis.url, workers=()) as stack:
         stack.create_user("downloader")
         stack.create_user("someone-else")
         yield stack

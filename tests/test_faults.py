@@ -16,20 +16,12 @@ import celery
 import pytest
 
 from tests.model_fixtures import write_jsonl
-from tests.redis_server import PrivateRedis
 from tests.sse_client import read_events
 from tests.stack import metric_steps, running_stack, states
 from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def private_redis(tmp_path_factory):
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

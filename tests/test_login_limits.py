@@ -11,7 +11,6 @@ import time
 import pytest
 import requests
 
-from tests.redis_server import PrivateRedis
 from tests.stack import PASSWORD, free_port, running_stack
 from webapp.jobs.management.commands.serve import web_command
 
@@ -21,23 +20,18 @@ WEB_PROCESSES = 4
 
 
 @pytest.fixture(scope="module")
-def web_urls(tmp_path_factory):
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        with running_stack(tmp_path_factory.mktemp("limits"), server.url, workers=()) as stack:
-            urls = [stack.base_url]
-            for n in range(1, WEB_PROCESSES):
-                port = free_port()
-                stack.processes[f"web-{n}"] = stack._spawn(f"web-{n}", web_command(sys.executable, "127.0.0.1", port))
-                urls.append(f"http://127.0.0.1:{port}")
-            for url in urls:
-                wait_until_up(url)
-            stack.create_user("alice")
-            stack.create_user("carol")
-            yield urls
-    finally:
-        server.stop()
+def web_urls(tmp_path_factory, private_redis):
+    with running_stack(tmp_path_factory.mktemp("limits"), private_redis.url, workers=()) as stack:
+        urls = [stack.base_url]
+        for n in range(1, WEB_PROCESSES):
+            port = free_port()
+            stack.processes[f"web-{n}"] = stack._spawn(f"web-{n}", web_command(sys.executable, "127.0.0.1", port))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_until_up(url)
+        stack.create_user("alice")
+        stack.create_user("carol")
+        yield urls
 
 
 def wait_until_up(url: str) -> None:

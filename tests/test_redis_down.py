@@ -10,19 +10,10 @@ import redis
 import requests
 
 from tests.model_fixtures import write_jsonl
-from tests.redis_server import PrivateRedis
 from tests.stack import PASSWORD, running_stack
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def private_redis(tmp_path_factory):
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 slowly. The real server (uvicorn) with a limit of 3."""
 
 import gc
-import os
 import time
 
 import pytest
@@ -21,23 +20,14 @@ LIMIT = 3
 
 def create_queued_job(stack, username: str) -> int:
     """A job that stays queued (no worker): its stream stays open until the client leaves."""
-    code = (
-        "from django.contrib.auth import get_user_model\n"
-        "from webapp.datasets.models import Dataset\n"
-        "from webapp.jobs.models import Job\n"
-        f"owner = get_user_model().objects.get(username={username!r})\n"
-        "dataset = Dataset.objects.create(owner=owner, name='d', original_name='d.jsonl', format='jsonl')\n"
-        "job = Job.objects.create(owner=owner, dataset=dataset, name='j', spec={'base_model': 'x', 'method': 'lora'})\n"
-        "job.append_events([{'kind': 'state', 'step': 0, 't': 0, 'state': 'queued', 'message': ''}])\n"
-        "print(job.id)\n"
-    )
-    return int(stack.manage("shell", "-c", code).split()[-1])
+    return stack.create_job(username)
 
 
 @pytest.fixture(scope="module")
-def limited_stack(tmp_path_factory):
+def limited_stack(tmp_path_factory, private_redis):
+    # A Redis of its own: its streams' readers stay open while the module's other tests run.
     tmp = tmp_path_factory.mktemp("streams")
-    with running_stack(tmp, os.environ["REDIS_URL"], workers=(), SPECIALIST_MAX_STREAMS_PER_USER=str(LIMIT)) as stack:
+    with running_stack(tmp, private_redis.url, workers=(), SPECIALIST_MAX_STREAMS_PER_USER=str(LIMIT)) as stack:
         for name in ("viewer", "another-viewer", "browser-viewer"):
             stack.create_user(name)
         yield stack

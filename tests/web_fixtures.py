@@ -46,10 +46,19 @@ def media_root(settings, tmp_path):
     return settings.MEDIA_ROOT
 
 
+def queue_headers(settings, name: str):
+    """The real broker's queue `name` (tests use their own Redis database): its messages' headers."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete(name)
+    yield lambda: [json.loads(m)["headers"] for m in broker.lrange(name, 0, -1)]
+    broker.delete(name)
+
+
 @pytest.fixture
 def train_queue(settings):
-    """The real broker's "train" queue (tests use their own Redis database): message headers."""
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.delete("train")
-    yield lambda: [json.loads(m)["headers"] for m in broker.lrange("train", 0, -1)]
-    broker.delete("train")
+    yield from queue_headers(settings, "train")
+
+
+@pytest.fixture
+def cpu_queue(settings):
+    yield from queue_headers(settings, "cpu")

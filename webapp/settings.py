@@ -218,27 +218,17 @@ MAX_ACTIVE_JOBS_PER_USER = envint("SPECIALIST_MAX_ACTIVE_JOBS_PER_USER", 20)
 # A queued job whose id never reached the broker (it was down) is sent at the reaper's next run;
 # one still unclaimed this long after it was sent is sent again (the broker may have lost it).
 JOB_RESEND_SECONDS = envint("SPECIALIST_RESEND_SECONDS", 600)
+REAPER_SECONDS = float(envint("SPECIALIST_REAPER_SECONDS", 20))
+# The periodic tasks, run by the scheduler inside the CPU worker: the reaper (and its clean-up of
+# ended jobs' files), and the resends of work whose message the broker never took or lost.
 CELERY_BEAT_SCHEDULE = {
-    "reap-stale-jobs": {
-        "task": "worker.tasks.reap_stale_jobs",
-        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
-        "options": {"queue": "cpu", "expires": 60},
-    },
-    "resend-queued-jobs": {
-        "task": "worker.tasks.resend_queued_jobs",
-        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
-        "options": {"queue": "cpu", "expires": 60},
-    },
-    "resend-waiting-datasets": {
-        "task": "webapp.datasets.resend_waiting_datasets",
-        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
-        "options": {"queue": "cpu", "expires": 60},
-    },
-    "resend-quality-reports": {
-        "task": "webapp.datasets.resend_quality_reports",
-        "schedule": float(envint("SPECIALIST_REAPER_SECONDS", 20)),
-        "options": {"queue": "cpu", "expires": 60},
-    },
+    name: {"task": task, "schedule": REAPER_SECONDS, "options": {"queue": "cpu", "expires": 60}}
+    for name, task in (
+        ("reap-stale-jobs", "worker.tasks.reap_stale_jobs"),
+        ("resend-queued-jobs", "worker.tasks.resend_queued_jobs"),
+        ("resend-waiting-datasets", "webapp.datasets.resend_waiting_datasets"),
+        ("resend-quality-reports", "webapp.datasets.resend_quality_reports"),
+    )
 }
 # Live event streams (job pages) one user may hold open at once in a web process; past it, 429.
 MAX_STREAMS_PER_USER = envint("SPECIALIST_MAX_STREAMS_PER_USER", 20)
