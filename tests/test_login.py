@@ -2,6 +2,7 @@ import threading
 
 import pytest
 import redis
+from django.db import connection
 from django.test import Client
 
 from tests.web_fixtures import PASSWORD
@@ -66,7 +67,10 @@ def test_simultaneous_wrong_passwords_get_at_most_the_limit_of_checks(owner, set
     def guess(n):
         client = Client()
         barrier.wait()
-        replies.append(client.post("/login/", {"username": "alice", "password": f"guess-{n}"}).status_code)
+        try:
+            replies.append(client.post("/login/", {"username": "alice", "password": f"guess-{n}"}).status_code)
+        finally:
+            connection.close()  # back to the pool (on PostgreSQL), for the tests after this one
 
     threads = [threading.Thread(target=guess, args=(n,)) for n in range(20)]
     for thread in threads:
