@@ -239,6 +239,7 @@ def fresh_database(tmp: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker",), **env_overrides) -> Iterator[Stack]:
     redis.Redis.from_url(redis_url).flushdb()
+    tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     with fresh_database(tmp) as database_url:
         env = {

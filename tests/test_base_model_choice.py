@@ -97,6 +97,8 @@ def test_a_user_builds_on_their_own_trained_model_by_job(alices_model, owner_cli
     assert child.base_kind() == "causal-lm"
     clone = owner_client.get(f"/jobs/new/?from={child.id}").content.decode()
     assert f'value="job:{alices_model.id}" selected' in clone
+    page = owner_client.get(f"/jobs/{child.id}/").content.decode()
+    assert f'the model of <a href="/jobs/{alices_model.id}/">job {alices_model.id}' in page
 
 
 def test_an_adapter_only_job_is_not_offered_as_a_base(owner, owner_client, media_root):

@@ -64,7 +64,7 @@ def _chosen_dataset(request: HttpRequest) -> Dataset | None:
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
     context = {
-        "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]),
+        "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]), "parent": job.parent(),
         "task": TASKS[job.spec.get("task", "sft")],
     }
     return render(request, "jobs/detail.html", context)
