@@ -4,6 +4,7 @@ bomb is refused before it is decoded, the decoded text has a limit of its own, a
 holds a few MB at a time. A small file that unpacks large is read on the queue, not in the request."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,15 +34,17 @@ def upload(client, path):
 
 
 def peak_memory_of_parse(path) -> dict:
-    """Parse in a fresh process: how much its peak resident memory grew while reading."""
+    """Parse in a fresh process: how much its peak resident memory grew while reading. VmHWM, not
+    ru_maxrss: Linux keeps ru_maxrss across exec, so it would start at the test run's own peak."""
     script = f"""
-import json, resource, sys
+import json, re
 import numpy, pyarrow.compute, pyarrow.parquet
 from webapp.datasets.parsing import parse_dataset
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+before = peak()
 report = parse_dataset({str(path)!r}, "d.parquet")
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"grown_mib": (after - before) / 1024, "rows_ok": report.rows_ok, "fatal": report.fatal}}))
+print(json.dumps({{"grown_mib": (peak() - before) / 1024, "rows_ok": report.rows_ok, "fatal": report.fatal}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout.splitlines()[-1])
@@ -65,6 +68,19 @@ def test_a_repeated_value_over_the_line_limit_is_refused_row_by_row_without_unpa
     assert report.fatal is not None and report.rows_ok == 0
     assert report.error_counts == {"instruction: value too long": 1000}  # then it gives up
     assert "the value is 3,145,728 bytes" in report.fatal
+
+
+def test_a_large_value_repeated_by_a_writer_that_keeps_no_arrow_schema_is_not_unpacked_per_row(tmp_path):
+    # Plain strings in the file's schema (as most writers leave it), dictionary-encoded on disk:
+    # read plain, each row would get its own 4.5 MB copy (2 GB for a batch).
+    value = os.urandom(2_250_000).hex()
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"instruction": [value] * 256, "response": ["ok"] * 256}), path,
+                   dictionary_pagesize_limit=64 << 20)
+    assert path.stat().st_size < 5 << 20
+    measured = peak_memory_of_parse(path)
+    assert measured["rows_ok"] == 0  # every row: value too long
+    assert measured["grown_mib"] < 200, measured
 
 
 def test_a_column_compressed_like_a_bomb_is_refused_unread_and_says_where(tmp_path):

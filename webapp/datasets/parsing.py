@@ -93,7 +93,9 @@ _PARQUET_BATCH_BYTES = 8 << 20
 _PARQUET_SLICE_BYTES = 8 << 20
 """About how much decoded text is made into Python rows at a time."""
 _PARQUET_DICTIONARY_BYTES = 4 << 20
-"""A text column of a row group up to this size (uncompressed) is read as an Arrow dictionary."""
+"""A text column of a row group up to this size (uncompressed) is read as an Arrow dictionary, and
+so is one whose dictionary page alone unpacks to about as much: read plain, each of its rows would
+hold its own copy of a value that may be megabytes long (a 5 MB file unpacked to 5 GB)."""
 _PARQUET_BOMB_BYTES = 8 << 20
 _MOST_COMPRESSION = 100
 """Text compresses perhaps tenfold; a column over _PARQUET_BOMB_BYTES that unpacks to more than
@@ -729,12 +731,14 @@ class _ParquetSource:
         import pyarrow.parquet as pq
 
         chunks = [group.column(i) for i in range(group.num_columns)]
-        small = [
+        as_dictionary = [
             chunk.path_in_schema
             for chunk in chunks
-            if chunk.path_in_schema in self._text and chunk.total_uncompressed_size <= _PARQUET_DICTIONARY_BYTES
+            if chunk.path_in_schema in self._text
+            and (chunk.total_uncompressed_size <= _PARQUET_DICTIONARY_BYTES
+                 or _dictionary_page_bytes(chunk) > _PARQUET_DICTIONARY_BYTES)
         ]
-        return pq.ParquetFile(self._path, metadata=self._file.metadata, read_dictionary=small or None)
+        return pq.ParquetFile(self._path, metadata=self._file.metadata, read_dictionary=as_dictionary or None)
 
     def _batch_records(self, batch: Any, first_row: int) -> Iterator[tuple[int, dict | _RowProblem, int]]:
         """(row, record or problem, decoded bytes) of each row of the batch."""
@@ -766,6 +770,15 @@ class _ParquetSource:
             for index, record in enumerate(batch.slice(start, end - start).cast(plain).to_pylist(), start):
                 yield first_row + index, record, totals[index]
             start = end
+
+
+def _dictionary_page_bytes(chunk: Any) -> int:
+    """About how much a column chunk's dictionary page unpacks to: the footer gives only where the
+    page lies, so its share of the chunk's bytes on disk times what the chunk unpacks to."""
+    if not chunk.has_dictionary_page or not chunk.total_compressed_size:
+        return 0
+    on_disk = chunk.data_page_offset - chunk.dictionary_page_offset
+    return chunk.total_uncompressed_size * on_disk // chunk.total_compressed_size
 
 
 def _check_row_group(group: Any, needed: list[str], first_row: int, max_decoded: int) -> int:

@@ -303,8 +303,8 @@ class Job(models.Model):
         return parent.base_kind() if parent else None
 
     def train_spec(self) -> TrainSpec:
-        """The spec the worker runs: the job's own settings and files, its working folder for
-        `attempt`, and a base named by job resolved to that job's model folder."""
+        """The spec the worker runs: the job's own settings and files, the working folder of its
+        current attempt, and a base named by job resolved to that job's model folder."""
         base = self.spec["base_model"]
         if base.startswith(JOB_BASE_PREFIX):
             parent = self.parent()
