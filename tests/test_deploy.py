@@ -73,3 +73,10 @@ def test_docker_compose_requires_a_secret_key_and_defaults_to_production():
         assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", environment["SECRET_KEY"]), name
         assert environment["SPECIALIST_PRODUCTION"] == "${SPECIALIST_PRODUCTION:-1}", name
     assert "change-me" not in (REPO / "docker-compose.yml").read_text()
+
+
+def test_a_yes_no_setting_that_is_neither_stops_the_server_with_its_name():
+    reply = manage("check", DEBUG="ture")
+    assert reply.returncode != 0
+    assert "DEBUG='ture'" in reply.stderr and "true" in reply.stderr and "false" in reply.stderr
+    assert manage("check", DEBUG="off").returncode == 0

@@ -16,8 +16,17 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SPECIALIST_VAR_DIR", BASE_DIR / "var"))
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def envbool(name: str, default: bool = False) -> bool:
-    return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes", "on")
+    """A yes/no setting; anything else stops the server at start-up (a typo must not mean "off")."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() not in TRUE + FALSE:
+        raise ImproperlyConfigured(f"{name}={value!r}: use one of {', '.join(TRUE)} or {', '.join(FALSE[:-1])}")
+    return value.strip().lower() in TRUE
 
 
 def envint(name: str, default: int) -> int:

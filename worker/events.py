@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from worker.errors import Cancelled
+
 log = logging.getLogger(__name__)
 
 EVENT_KINDS = ("state", "metric", "eval", "params", "log", "artifact")
@@ -64,6 +66,11 @@ class Reporter:
 
     def artifact(self, path: str, **info: Any) -> None:
         self.emit("artifact", 0, path=path, **info)
+
+    def raise_if_stopped(self) -> None:
+        """Between a recipe's phases: end the run (Cancelled) once the host asked it to stop."""
+        if self.stop_requested.is_set():
+            raise Cancelled("Training was stopped on request.")
 
     def emit(self, kind: str, step: int = 0, **data: Any) -> None:
         event = make_event(kind, step, **data)

@@ -197,11 +197,6 @@ class Dataset(models.Model):
     def in_use(self) -> bool:
         return self.job_set.exists()
 
-    def active_jobs(self):
-        from webapp.jobs.models import Job
-
-        return self.job_set.filter(state__in=Job.ACTIVE_STATES)
-
     def check_can_change(self) -> None:
         """Raise DatasetLocked, with the reason, unless the user may change the dataset now."""
         if self.in_use:

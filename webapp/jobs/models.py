@@ -106,10 +106,6 @@ class Job(models.Model):
         return self.state in FINAL_STATES
 
     @property
-    def is_running(self) -> bool:
-        return self.state in RUNNING_STATES
-
-    @property
     def progress_pct(self) -> float:
         if self.state == SUCCEEDED:
             return 100.0

@@ -38,7 +38,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
 from worker.checkpoints import Checkpointing, keep_baseline, resume_point
-from worker.errors import Cancelled, UserError
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_sequence_classifier
 from worker.params import census
@@ -89,9 +89,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
             reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
     else:
         before, confusion_before = baseline["metrics"], baseline["confusion"]
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     trainer.train(resume_from_checkpoint=resume_from)
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     # Training wrapped the model's forward in bf16 autocast; the final metrics and predictions
     # are those of the plain fp32 model that is exported.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -356,8 +356,3 @@ print(classifier({text}, truncation=True, top_k=None))  # every label with its p
 ```
 
 Labels: {", ".join(f"`{label}`" for label in labels)}. {notes[spec.method]}"""
-
-
-def _raise_if_stopped(reporter: Reporter) -> None:
-    if reporter.stop_requested.is_set():
-        raise Cancelled("Training was stopped on request.")

@@ -42,7 +42,7 @@ from trl.data_utils import common_prefix_length
 
 from worker.artifacts import export
 from worker.checkpoints import Checkpointing, keep_baseline, resume_point
-from worker.errors import Cancelled, UserError
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
@@ -106,9 +106,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     trainer.add_callback(progress)
 
     # Train, then evaluate once more on the held-out pairs.
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     trainer.train(resume_from_checkpoint=resume_from)
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     step = trainer.state.global_step
     metrics_after, samples, predictions = {}, [], []
     if eval_pairs:
@@ -336,8 +336,3 @@ def pair_predictions(pairs: list[tuple], scores: torch.Tensor, reference: torch.
             }
         )
     return records
-
-
-def _raise_if_stopped(reporter: Reporter) -> None:
-    if reporter.stop_requested.is_set():
-        raise Cancelled("Training was stopped on request.")

@@ -44,7 +44,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from worker.artifacts import artifact_name, write_card_and_spec
 from worker.checkpoints import AdapterResume, Checkpointing, keep_baseline, resume_point
-from worker.errors import Cancelled, UserError
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import lora_config
 from worker.params import census
@@ -85,9 +85,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
             reporter.eval(0, baseline=True, **metrics_before)
 
     # Train, then search the held-out corpus once more.
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     trainer.train(resume_from_checkpoint=resume_from)
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
     # evaluation and the artifact see the model as a user runs it, in full precision.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -318,8 +318,3 @@ def read_rows(path: Path, source: str = "the dataset") -> list[dict[str, str]]:
     if not rows:
         raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
     return rows
-
-
-def _raise_if_stopped(reporter: Reporter) -> None:
-    if reporter.stop_requested.is_set():
-        raise Cancelled("Training was stopped on request.")

@@ -38,7 +38,7 @@ from worker import microbatches, token_cache
 from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
 from worker.checkpoints import Checkpointing, keep_baseline, resume_point
-from worker.errors import Cancelled, UserError
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
@@ -98,9 +98,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
             reporter.eval(0, baseline=True, **metrics_before)
 
     # Train, then evaluate once more on the held-out rows.
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     trainer.train(resume_from_checkpoint=resume_from)
-    _raise_if_stopped(reporter)
+    reporter.raise_if_stopped()
     if first_step_baseline is not None:
         metrics_before = first_step_baseline.metrics
     step = trainer.state.global_step
@@ -486,8 +486,3 @@ def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]
         )
     model.train(was_training)
     return [reply.strip() for reply in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
-
-
-def _raise_if_stopped(reporter: Reporter) -> None:
-    if reporter.stop_requested.is_set():
-        raise Cancelled("Training was stopped on request.")
