@@ -176,9 +176,6 @@ MAX_DECODED_BYTES = envint("SPECIALIST_MAX_DECODED_BYTES", 4 * MAX_UPLOAD_BYTES)
 QUALITY_REPORTS_PER_USER = envint("SPECIALIST_QUALITY_REPORTS_PER_USER", 3)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "specialist"}
-}
 # Sign-in limits (webapp/accounts/ratelimit.py), counted in Redis per client address over a
 # window that starts at the first attempt: a name that failed this many times at an address is
 # refused there, even with the right password, until the window ends...

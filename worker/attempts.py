@@ -23,11 +23,16 @@ PREFIX = "attempt-"
 PUBLISHED = ("final", "eval_predictions.json")
 
 
+def folder_of(job_dir: Path, attempt: int) -> Path:
+    """Where attempt `attempt` at the job works."""
+    return Path(job_dir) / f"{PREFIX}{attempt}"
+
+
 def prepare(job_dir: Path, attempt: int) -> Path:
     """Make attempt `attempt`'s folder, seeded with the checkpoint it resumes from, if any."""
     from worker import checkpoints  # transformers: on a training worker only
 
-    folder = job_dir / f"{PREFIX}{attempt}"
+    folder = folder_of(job_dir, attempt)
     folder.mkdir(parents=True, exist_ok=True)
     earlier = [f for f in _attempt_folders(job_dir) if _number(f) < attempt]
     # Newest attempt first; the job folder itself holds the checkpoints of jobs started before

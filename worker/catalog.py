@@ -69,9 +69,9 @@ def base_model_problem(name: str, model_dirs: Sequence[Path] = (), forbidden: Se
         return "Choose a base model."
     if name in CATALOG:
         return None
-    if name.startswith(("/", ".", "~")):
+    if names_folder(name):
         return _local_model_problem(name, model_dirs, forbidden)
-    if not _is_hub_id(name):
+    if not is_hub_id(name):
         return f"{name!r} is neither a catalog model, a registered model folder nor a Hub id (org/name)."
     if os.environ.get("HF_HUB_OFFLINE", "1") != "0" and not _in_hub_cache(name):
         return f"{name} is not in this server's Hugging Face cache and the server is offline."
@@ -103,7 +103,13 @@ def _local_model_problem(name: str, model_dirs: Sequence[Path], forbidden: Seque
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
-def _is_hub_id(name: str) -> bool:
+def names_folder(name: str) -> bool:
+    """Whether `name` is written as a path (a folder on the server), not a catalog key or Hub id."""
+    return name.startswith(("/", ".", "~"))
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face Hub id, org/name, with no way out of the cache."""
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.artifacts import make_readable
-from worker.catalog import CATALOG
+from worker.catalog import CATALOG, is_hub_id, names_folder
 from worker.errors import UserError
 from worker.spec import ALL_LINEAR
 
@@ -51,9 +51,9 @@ def resolve_base(name: str) -> str:
     """The local directory holding the weights of base model `name` (see module docstring)."""
     if name in _CATALOG_SOURCES:
         return str(_CATALOG_SOURCES[name]())
-    if not name.startswith(("/", ".", "~")):
+    if not names_folder(name):
         # "org/name" is a Hub id, never a folder below the worker's working directory.
-        if name.count("/") != 1 or ".." in name:
+        if not is_hub_id(name):
             raise UserError(f"{name!r} is neither a catalog model, a model folder nor a Hub id (org/name).")
         return _from_hub_cache(name)
     path = Path(name).expanduser()

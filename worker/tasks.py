@@ -151,7 +151,7 @@ class JobRunner:
             if not self.job.beat(self.lease):
                 log.info("job %s: lease gone before publishing; the model is not published", self.job.id)
                 return
-            fields["result"] = attempts.publish(Path(self.job.attempt_dir(self.lease.attempt)), self.job.output_dir,
+            fields["result"] = attempts.publish(self.job.attempt_dir(self.lease.attempt), self.job.output_dir,
                                                 fields["result"])
         moved = self.job.transition(state, where=self.lease.where, **fields)
         if not moved and state == SUCCEEDED:

@@ -300,15 +300,9 @@ class Dataset(models.Model):
         """Put the dataset's id on the "cpu" queue to be read; False if the broker (Redis) is
         unreachable. The upload is kept either way, and the page says it waits for the queue:
         `resend_waiting` (periodic) sends it again. A second message is harmless: one claim wins."""
-        from kombu.exceptions import OperationalError
+        from webapp.celery import send
 
-        from webapp.celery import app
-
-        try:
-            # Few retries: the upload must not hang while the broker is down.
-            app.send_task("webapp.datasets.parse_dataset", args=[self.id], queue="cpu", retry_policy={"max_retries": 1})
-        except (OperationalError, OSError) as exc:
-            log.warning("dataset %s: the queue is unreachable (%s); it will be sent again", self.id, exc)
+        if not send("webapp.datasets.parse_dataset", [self.id], queue="cpu"):
             return False
         self.parse_sent_at = timezone.now()
         Dataset.objects.filter(id=self.id, status=UPLOADED).update(parse_sent_at=self.parse_sent_at)

@@ -725,9 +725,10 @@ class _ParquetSource:
             raise DatasetError(f"Row {first_row}: the Parquet file could not be read: {error}") from None
 
     def _reader(self, group: Any) -> Any:
-        """The file read with the row group's small text columns as Arrow dictionaries, so a
-        repeated value is held once. Arrow grows such a dictionary over the whole row group, so a
-        large column is read plain, in batches sized from the footer, instead."""
+        """The file read with the row group's small text columns, and those with a large
+        dictionary page, as Arrow dictionaries, so a repeated value is held once. Arrow grows such
+        a dictionary over the whole row group, so other large columns are read plain, in batches
+        sized from the footer, instead."""
         import pyarrow.parquet as pq
 
         chunks = [group.column(i) for i in range(group.num_columns)]

@@ -185,8 +185,7 @@ def _still_wanted(pending: Path, marker: dict[str, Any]) -> bool:
 def _create_marker(pending: Path, marker: dict[str, Any]) -> bool:
     """Write the marker whole, unless one exists: only one request queues a report."""
     pending.parent.mkdir(parents=True, exist_ok=True)
-    draft = pending.with_name(f"{pending.name}.{uuid.uuid4().hex}")
-    draft.write_text(json.dumps(marker), encoding="utf-8")
+    draft = _draft(pending, marker)
     try:
         os.link(draft, pending)
         return True
@@ -197,24 +196,25 @@ def _create_marker(pending: Path, marker: dict[str, Any]) -> bool:
 
 
 def _write_marker(pending: Path, marker: dict[str, Any]) -> None:
+    os.replace(_draft(pending, marker), pending)
+
+
+def _draft(pending: Path, marker: dict[str, Any]) -> Path:
+    """The marker written whole beside `pending`, under a name of its own, to be moved into place."""
     draft = pending.with_name(f"{pending.name}.{uuid.uuid4().hex}")
     draft.write_text(json.dumps(marker), encoding="utf-8")
-    os.replace(draft, pending)
+    return draft
 
 
 def _send(pending: Path, marker: dict[str, Any]) -> dict[str, Any]:
     """Queue the report; the marker records whether the queue took it. Marked sent first: a
     worker that starts at once must not find its marker rewritten behind it."""
-    from kombu.exceptions import OperationalError
+    from webapp.celery import send
 
     marker = {**marker, "sent_at": time.time(), "started_at": None}
     _write_marker(pending, marker)
     args = [marker["dataset_id"], marker["base_model"], marker["max_length"]]
-    try:
-        # Few retries: the page must not hang while the broker is down; the periodic resend tries again.
-        quality_report_task.apply_async(args=args, queue="cpu", retry_policy={"max_retries": 1})
-    except (OperationalError, OSError) as exc:
-        log.warning("quality report %s: the queue is unreachable (%s); it will be sent again", pending.name, exc)
+    if not send("webapp.datasets.quality_report", args, queue="cpu"):
         marker["sent_at"] = None
         _write_marker(pending, marker)
     return marker

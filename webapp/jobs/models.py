@@ -157,16 +157,9 @@ class Job(models.Model):
         The job then stays queued, and the page says it waits for the queue: `resend_queued`
         (periodic) sends it again. A second message for one job is harmless: only one claim wins.
         """
-        from kombu.exceptions import OperationalError
+        from webapp.celery import send
 
-        from webapp.celery import app
-
-        try:
-            # By name: the web side never imports the worker's torch code. Few retries: the page
-            # must not hang while the broker is down, and the periodic resend tries again.
-            app.send_task("worker.tasks.train_job", args=[self.id], queue="train", retry_policy={"max_retries": 1})
-        except (OperationalError, OSError) as exc:
-            log.warning("job %s: the queue is unreachable (%s); it will be sent again", self.id, exc)
+        if not send("worker.tasks.train_job", [self.id], queue="train"):
             Job.objects.filter(id=self.id, state=QUEUED).update(sent_at=None)
             self.sent_at = None
             return False
@@ -261,7 +254,9 @@ class Job(models.Model):
     def attempt_dir(self, attempt: int) -> Path:
         """The working folder of one attempt (checkpoints, the model before it is published): a
         reaped attempt that still runs can never overwrite what the next one writes."""
-        return self.output_dir / f"attempt-{attempt}"
+        from worker.attempts import folder_of
+
+        return folder_of(self.output_dir, attempt)
 
     @property
     def final_dir(self) -> Path:
