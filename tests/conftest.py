@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.model_fixtures", "tests.stack", "tests.redis_server", "tests.web_fixtures"]
+pytest_plugins = ["tests.support.model_fixtures", "tests.support.stack", "tests.support.redis_server", "tests.support.web_fixtures"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_fixtures import write_jsonl
-from tests.stack import PASSWORD
+from tests.support.model_fixtures import write_jsonl
+from tests.support.stack import PASSWORD
 from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow

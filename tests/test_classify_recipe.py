@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.model_fixtures import TINY_BERT, write_jsonl
-from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
+from tests.support.model_fixtures import TINY_BERT, write_jsonl
+from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import classify as classify_sample
 from webapp.datasets.samples import pair as pair_sample
 from worker.errors import Cancelled, UserError

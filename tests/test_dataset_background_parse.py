@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.stack import running_stack
+from tests.support.stack import running_stack
 from tests.test_browser import browser, signed_in_page  # noqa: F401 (browser is a fixture)
 
 pytestmark = pytest.mark.slow

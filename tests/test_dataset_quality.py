@@ -9,7 +9,7 @@ import time
 import pytest
 from django.template.loader import render_to_string
 
-from tests.model_fixtures import write_jsonl
+from tests.support.model_fixtures import write_jsonl
 from webapp.datasets import reports
 from webapp.datasets.models import Dataset
 from webapp.datasets.preflight import preflight_examples

@@ -10,8 +10,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from kombu.exceptions import OperationalError
 
-from tests.redis_server import PrivateRedis
-from tests.stack import running_stack
+from tests.support.redis_server import PrivateRedis
+from tests.support.stack import running_stack
 from webapp.datasets.background import resend_waiting_datasets
 from webapp.datasets.models import Dataset
 

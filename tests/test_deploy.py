@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.stack import REPO
+from tests.support.stack import REPO
 
 
 def manage(*args, **env):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import running_stack
+from tests.support.stack import running_stack
 
 pytestmark = pytest.mark.slow
 

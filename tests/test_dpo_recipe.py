@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.model_fixtures import number_word, write_jsonl
-from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
+from tests.support.model_fixtures import number_word, write_jsonl
+from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.recipes import dpo

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sse_client import read_events
+from tests.support.sse_client import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_a_job_trains_streams_resumes_and_downloads(stack, tiny_llama_dir, sft_j
         assert (adapter_dir / name).is_file(), name
     saved = next((stack.media_root / "jobs" / str(job_id)).rglob("adapter_model.safetensors"))
     check = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "load_adapter.py"), str(tiny_llama_dir), str(adapter_dir), str(saved)],
+        [sys.executable, str(Path(__file__).parent / "support" / "load_adapter.py"), str(tiny_llama_dir), str(adapter_dir), str(saved)],
         capture_output=True, text=True, timeout=300,
     )
     assert check.returncode == 0, check.stderr[-3000:]

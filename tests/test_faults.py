@@ -15,9 +15,9 @@ import time
 import celery
 import pytest
 
-from tests.model_fixtures import write_jsonl
-from tests.sse_client import read_events
-from tests.stack import metric_steps, running_stack, states
+from tests.support.model_fixtures import write_jsonl
+from tests.support.sse_client import read_events
+from tests.support.stack import metric_steps, running_stack, states
 from tests.test_classify_recipe import group_rows
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_an_out_of_memory_job_fails_with_a_hint_and_the_next_job_runs(fault_stac
     from webapp.jobs.management.commands.serve import train_worker_command
 
     fault_stack.stop("worker")
-    command = [sys.executable, "tests/oom_worker.py", *train_worker_command(sys.executable, "oom")[5:]]
+    command = [sys.executable, "tests/support/oom_worker.py", *train_worker_command(sys.executable, "oom")[5:]]
     fault_stack.start_worker("oom", command)
     try:
         first = fault_stack.submit_job(http, dataset_id, tiny_llama_dir)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.stack import REPO
+from tests.support.stack import REPO
 from worker.errors import UserError
 from worker.models import attention_implementation, load_causal_lm, qlora_problem
 from worker.spec import SpecError, TrainSpec

@@ -3,7 +3,7 @@ setting may be, and how long one attempt may run."""
 
 import pytest
 
-from tests.model_fixtures import sft_rows, write_jsonl
+from tests.support.model_fixtures import sft_rows, write_jsonl
 from tests.test_job_new import VALID
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job

@@ -5,7 +5,7 @@ import redis
 from django.db import connection
 from django.test import Client
 
-from tests.web_fixtures import PASSWORD
+from tests.support.web_fixtures import PASSWORD
 from webapp.accounts import ratelimit
 
 pytestmark = pytest.mark.django_db

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from tests.stack import PASSWORD, free_port, running_stack
+from tests.support.stack import PASSWORD, free_port, running_stack
 from webapp.jobs.management.commands.serve import web_command
 
 pytestmark = pytest.mark.slow

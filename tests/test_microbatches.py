@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.resume import assert_resumed, assert_same_losses, interrupt_and_resume
+from tests.support.resume import assert_resumed, assert_same_losses, interrupt_and_resume
 from worker import microbatches
 from worker.events import Reporter
 from worker.models import apply_method, load_causal_lm

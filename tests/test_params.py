@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.model_fixtures import TINY_LLAMA
+from tests.support.model_fixtures import TINY_LLAMA
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.spec import LORA_TARGETS, TrainSpec

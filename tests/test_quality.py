@@ -3,7 +3,7 @@ checked against the worker's own tokenization and splits."""
 
 import pytest
 
-from tests.model_fixtures import write_jsonl
+from tests.support.model_fixtures import write_jsonl
 from webapp.datasets import quality
 from webapp.datasets.quality import compute_report
 

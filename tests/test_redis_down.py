@@ -9,8 +9,8 @@ import pytest
 import redis
 import requests
 
-from tests.model_fixtures import write_jsonl
-from tests.stack import PASSWORD, running_stack
+from tests.support.model_fixtures import write_jsonl
+from tests.support.stack import PASSWORD, running_stack
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_fixtures import write_jsonl
-from tests.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
+from tests.support.model_fixtures import write_jsonl
+from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import rerank as sample
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter

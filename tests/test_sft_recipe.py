@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.model_fixtures import sft_rows, write_jsonl
+from tests.support.model_fixtures import sft_rows, write_jsonl
 from worker.artifacts import zip_dir
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_fixtures import sft_rows, write_jsonl
+from tests.support.model_fixtures import sft_rows, write_jsonl
 from worker.events import Reporter
 from worker.recipes import sft
 from worker.spec import TrainSpec

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.stack import REPO, free_port
+from tests.support.stack import REPO, free_port
 from webapp.jobs.management.commands.serve import web_command
 
 pytestmark = pytest.mark.slow

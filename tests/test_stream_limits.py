@@ -10,7 +10,7 @@ import requests
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient, AsyncRequestFactory
 
-from tests.stack import PASSWORD, running_stack
+from tests.support.stack import PASSWORD, running_stack
 from webapp.datasets.models import Dataset
 from webapp.jobs import sse
 from webapp.jobs.models import Job

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.model_fixtures import write_jsonl
-from tests.stack import states
+from tests.support.model_fixtures import write_jsonl
+from tests.support.stack import states
 from tests.test_classify_recipe import both_fruit_rows, group_rows
 from tests.test_dpo_recipe import preference_rows
 from tests.test_embed_recipe import tag_rows

@@ -1,7 +1,7 @@
 """Service benchmark: the job path through the real stack, as a user meets it.
 
 ``python -m worker.bench_service`` (the second half of ``make bench``) starts the real stack
-(tests.stack.running_stack: uvicorn, a Celery training worker and a CPU worker on Redis, a fresh
+(tests.support.stack.running_stack: uvicorn, a Celery training worker and a CPU worker on Redis, a fresh
 database) and measures:
 
 (a) submit → first training step: the new-job form's defaults (SmolLM2-135M-Instruct, LoRA) on
@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from tests.stack import Stack, running_stack
+from tests.support.stack import Stack, running_stack
 from webapp.jobs.management.commands.serve import TRAIN_WORKER_ENV
 from worker.capabilities import KEY_PREFIX
 from worker.catalog import DEFAULT_BASE_MODEL

@@ -1,6 +1,6 @@
 """A training worker whose first training step runs out of memory (a simulated OOM).
 
-Test-only: `python tests/oom_worker.py worker -Q train ...` patches Trainer.training_step in
+Test-only: `python tests/support/oom_worker.py worker -Q train ...` patches Trainer.training_step in
 this process, then runs the ordinary Celery worker."""
 
 import os
