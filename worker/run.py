@@ -18,18 +18,8 @@ from typing import Any
 
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.spec import TrainSpec
-
-RECIPES = {
-    "sft": "worker.recipes.sft",
-    "dpo": "worker.recipes.dpo",
-    "classify": "worker.recipes.classify",
-    "pair": "worker.recipes.classify",
-    "rerank": "worker.recipes.rerank",
-    "embed": "worker.recipes.embed",
-}
-"""Task family → the module whose run(spec, reporter) trains it."""
-
 
 TRAINING_IMPORTS = threading.Lock()
 """transformers' lazy imports are not thread-safe: a job that arrived while the worker's
@@ -40,7 +30,7 @@ capabilities thread was still importing the recipes failed with "cannot import n
 def load_recipe(task: str) -> ModuleType:
     """The recipe module of a task family (importing torch and transformers the first time)."""
     with TRAINING_IMPORTS:
-        return importlib.import_module(RECIPES[task])
+        return importlib.import_module(FAMILIES[task].recipe)
 
 
 def run_spec(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:

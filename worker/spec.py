@@ -13,20 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("sft", "classify", "pair", "rerank", "embed", "dpo")
+from worker.families import FAMILIES
+
+TASKS = tuple(FAMILIES)
 METHODS = ("lora", "qlora", "full", "head")
 ADAPTER_METHODS = ("lora", "qlora")
 """Methods that train LoRA adapters on a frozen base (qlora: the base loaded in 4 bits)."""
-# Which methods make sense for which task: a trained head needs a task head to train; a
-# 4-bit base (QLoRA, bitsandbytes on CUDA) is offered for the generative tasks.
-TASK_METHODS = {
-    "sft": ("lora", "qlora", "full"),
-    "dpo": ("lora", "qlora", "full"),
-    "classify": ("lora", "full", "head"),
-    "pair": ("lora", "full", "head"),
-    "rerank": ("lora", "full", "head"),
-    "embed": ("lora", "full"),
-}
 # The linear layers of llama-style decoders; "all-linear" adapts every linear layer of any model.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -106,9 +98,10 @@ class TrainSpec:
             raise SpecError("task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.method not in METHODS:
             raise SpecError("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method not in TASK_METHODS[self.task]:
+        methods = FAMILIES[self.task].methods
+        if self.method not in methods:
             raise SpecError("method", f"{self.method} does not apply to {self.task}; choose one of "
-                            f"{', '.join(TASK_METHODS[self.task])}")
+                            f"{', '.join(methods)}")
         if not self.base_model.strip():
             raise SpecError("base_model", "choose a base model")
         _within("lora_r", self.lora_r, 1)

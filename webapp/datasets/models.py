@@ -20,8 +20,9 @@ from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from webapp.datasets import tasks
+from webapp.datasets import checks
 from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
+from worker.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class DatasetLocked(Exception):
 
 
 class Dataset(models.Model):
-    TASKS = tasks.choices()
+    TASKS = [(f.key, f.label) for f in FAMILIES.values()]
     STATUSES = STATUSES
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
@@ -397,7 +398,7 @@ class Dataset(models.Model):
             return report.fatal
         if not report.rows_ok:
             return _no_usable_rows(report)
-        return " ".join(tasks.problems(self.task, self.rows_path))
+        return " ".join(checks.problems(self.task, self.rows_path))
 
     def _read_validation(self, main: ParseReport) -> dict:
         """The validation file, read like the training file: a chat format is detected again,

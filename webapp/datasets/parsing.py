@@ -42,15 +42,14 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
+from worker.families import FAMILIES
+
 TASK_FIELDS: dict[str, dict[str, list[str]]] = {
-    "sft": {"required": ["instruction", "response"], "optional": ["system", "input"]},
-    "classify": {"required": ["text", "label"], "optional": []},
-    "pair": {"required": ["text_a", "text_b", "label"], "optional": []},
     # "numeric" fields are written as numbers (float); every other field is written as text.
-    "rerank": {"required": ["query", "document", "relevance"], "optional": [], "numeric": ["relevance"]},
-    "embed": {"required": ["query", "positive"], "optional": ["negative"]},
-    "dpo": {"required": ["prompt", "chosen", "rejected"], "optional": ["system"]},
+    key: {"required": list(f.required), "optional": list(f.optional), **({"numeric": list(f.numeric)} if f.numeric else {})}
+    for key, f in FAMILIES.items()
 }
+"""Each family's canonical fields (worker.families), in the shape the column mapping reads."""
 
 # Column names (lower case) that are proposed for each field, best first. The field's own name
 # comes first, so an exact match always wins.

@@ -30,9 +30,8 @@ from celery import shared_task
 from django.conf import settings
 
 from webapp.datasets.models import Dataset
-from webapp.datasets.tasks import TASKS
-from webapp.jobs.forms import SUGGESTED
 from worker.catalog import CATALOG, catalog_for
+from worker.families import FAMILIES as TASKS
 from worker.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,8 @@ def base_model_choices(task: str) -> list[tuple[str, str]]:
 
 def defaults(task: str) -> tuple[str, int]:
     """(base model, max length) a new job on this task starts with."""
-    suggested = SUGGESTED[task]
-    return suggested["base_model"], suggested["max_seq_length"]
+    suggested = TASKS[task].suggested
+    return suggested.base_model, suggested.max_seq_length
 
 
 def choice_problem(task: str, base_model: str, max_length: int) -> str | None:

@@ -13,7 +13,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from webapp.datasets.forms import FileForm, MappingForm, UploadForm
 from webapp.datasets.models import REJECTED, REVIEW, Dataset, DatasetLocked, DatasetRejected
-from webapp.datasets.tasks import TASKS, sample_rows
+from webapp.datasets.samples import sample_rows
+from worker.families import FAMILIES
 from worker.spec import TrainSpec
 
 DEFAULT_VALIDATION_FRACTION = next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "validation_fraction")
@@ -77,12 +78,12 @@ def _say_status(request: HttpRequest, dataset: Dataset) -> None:
 @require_POST
 def use_sample(request: HttpRequest, task: str) -> HttpResponse:
     """ "Try with sample data": the project's sample dataset for `task`, then the new-job form."""
-    if task not in TASKS:
+    if task not in FAMILIES:
         raise Http404("No such task.")
     content = "".join(json.dumps(row) + "\n" for row in sample_rows(task)).encode()
     upload = ContentFile(content, name=f"sample-{task}.jsonl")
     # Read now whatever the inline limit: the new-job form offers only ready datasets.
-    dataset = Dataset.from_upload(request.user, task, f"Sample: {TASKS[task].name}", upload, read_now=True)
+    dataset = Dataset.from_upload(request.user, task, f"Sample: {FAMILIES[task].name}", upload, read_now=True)
     return redirect(f"{reverse('new_job')}?dataset={dataset.id}")
 
 

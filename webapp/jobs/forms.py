@@ -8,10 +8,10 @@ from django import forms
 from django.conf import settings
 
 from webapp.datasets.models import READY, Dataset
-from webapp.datasets.tasks import TASKS
 from webapp.jobs.models import JOB_BASE_PREFIX, Job
 from webapp.jobs.workers import live_capabilities, supported
 from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
+from worker.families import FAMILIES
 from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
 
 CUSTOM = "custom"
@@ -27,27 +27,6 @@ METHODS = [
     ("full", "Full fine-tune: train every weight"),
     ("head", "Trained head: the whole base frozen, only the task head learns"),
 ]
-# Starting points that learn on the sample data of each task; the form suggests them when the
-# task or method changes (new_job.js), and a user's own value always wins.
-SUGGESTED = {
-    "sft": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 2e-3, "qlora": 2e-3, "full": 5e-5,
-            "max_steps": 30,
-            "batch_size": 8, "max_seq_length": 512},
-    "dpo": {"base_model": "smollm2-135m-instruct", "method": "lora", "lora": 5e-4, "qlora": 5e-4, "full": 5e-6,
-            "max_steps": 30,
-            "batch_size": 8, "max_seq_length": 512},
-    # MiniLM is small (22M): a full fine-tune is quick and learns the sample tasks fastest.
-    "classify": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "head": 5e-3,
-                 "max_steps": 60, "batch_size": 16, "max_seq_length": 128},
-    "pair": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "head": 5e-3,
-             "max_steps": 120, "batch_size": 16, "max_seq_length": 256},
-    # A reranker's batch is a number of queries, each with all its documents.
-    "rerank": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 5e-4, "head": 5e-3,
-               "max_steps": 30, "batch_size": 8, "max_seq_length": 256},
-    "embed": {"base_model": "all-minilm-l6-v2", "method": "full", "lora": 1e-3, "full": 1e-4, "max_steps": 30,
-              "batch_size": 16, "max_seq_length": 128},
-}
-
 
 # Settings that only some workers can run: offered while a live worker reports the feature.
 GATED = {
@@ -63,7 +42,7 @@ def _base_model_choices(own_models: list[Job] = ()) -> list:
     groups = [("Catalog", catalog)]
     if own_models:
         groups.append(("Your models", [
-            (f"{JOB_BASE_PREFIX}{job.id}", f"Job {job.id}: {job.name} · {TASKS[job.spec.get('task', 'sft')].name}")
+            (f"{JOB_BASE_PREFIX}{job.id}", f"Job {job.id}: {job.name} · {FAMILIES[job.spec.get('task', 'sft')].name}")
             for job in own_models
         ]))
     return [*groups, ("Elsewhere", [(CUSTOM, "Another model: a folder the administrator registered, or a Hub id")])]
@@ -72,7 +51,7 @@ def _base_model_choices(own_models: list[Job] = ()) -> list:
 class DatasetChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, dataset):
         validation = f" + {dataset.validation_rows_ok} validation rows" if dataset.has_validation else ""
-        return f"{dataset.name} · {TASKS[dataset.task].name} · {dataset.rows_ok} rows{validation}"
+        return f"{dataset.name} · {FAMILIES[dataset.task].name} · {dataset.rows_ok} rows{validation}"
 
 
 class JobForm(forms.Form):
@@ -147,9 +126,10 @@ class JobForm(forms.Form):
         kind = self._base_kind(base)
         if problem:
             self.add_error(base_field, problem)
-        elif dataset and kind and kind not in TASKS[dataset.task].base_kinds:
-            self.add_error(base_field, f"{self._base_name(base)} is a {kind} model; {TASKS[dataset.task].name.lower()} "
-                                       f"needs a {' or '.join(TASKS[dataset.task].base_kinds)} model.")
+        elif dataset and kind and kind not in FAMILIES[dataset.task].base_kinds:
+            family = FAMILIES[dataset.task]
+            self.add_error(base_field, f"{self._base_name(base)} is a {kind} model; {family.name.lower()} "
+                                       f"needs a {' or '.join(family.base_kinds)} model.")
         if self.errors or dataset is None:
             return data
         for feature, field_name, wanted in GATED_CHOICES:

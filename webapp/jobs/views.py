@@ -5,11 +5,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from webapp.datasets.models import Dataset
-from webapp.datasets.tasks import TASKS
 from webapp.jobs.downloads import file_download
-from webapp.jobs.forms import SUGGESTED, JobForm
+from webapp.jobs.forms import JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
+from worker.families import FAMILIES, suggested_settings
 
 
 def _jobs_for_user(user):
@@ -50,8 +50,8 @@ def new_job(request: HttpRequest) -> HttpResponse:
         return redirect(job)
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
     with_validation = [d.id for d in form.fields["dataset"].queryset if d.has_validation]
-    context = {"form": form, "catalog": CATALOG.values(), "tasks": TASKS.values(), "dataset_tasks": datasets,
-               "dataset_validation": with_validation, "suggested": SUGGESTED}
+    context = {"form": form, "catalog": CATALOG.values(), "tasks": FAMILIES.values(), "dataset_tasks": datasets,
+               "dataset_validation": with_validation, "suggested": suggested_settings()}
     return render(request, "jobs/new.html", context)
 
 
@@ -65,7 +65,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
     context = {
         "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]), "parent": job.parent(),
-        "task": TASKS[job.spec.get("task", "sft")],
+        "task": FAMILIES[job.spec.get("task", "sft")],
     }
     return render(request, "jobs/detail.html", context)
 

@@ -1,0 +1,23 @@
+"""The data checks: each family's checks/<name>.py refuses rows it cannot train on, in pure Python."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from worker.families import FAMILIES
+
+
+def problems(task: str, rows_path: Path) -> list[str]:
+    """What makes these rows unusable for `task` (empty when they can be trained on)."""
+    check = importlib.import_module(FAMILIES[task].checks_module).check
+    return check(_read_rows(rows_path))
+
+
+def _read_rows(path: Path) -> Iterator[dict]:
+    with Path(path).open(encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
