@@ -47,7 +47,7 @@ def dataset_id(fault_stack, http, sft_jsonl):
 
 def duplicate_message(stack, job_id):
     app = celery.Celery(broker=stack.env["REDIS_URL"])
-    app.send_task("worker.tasks.train_job", args=[job_id], queue="train")
+    app.send_task("webapp.jobs.train_job", args=[job_id], queue="train")
 
 
 def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_a_new_worker(

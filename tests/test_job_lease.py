@@ -10,9 +10,9 @@ from django.utils import timezone
 from tests.test_checkpoints import make_checkpoint
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job, Lease, LeaseLost
+from webapp.jobs.tasks import JobRunner
 from worker import attempts
 from worker.checkpoints import BASELINE, sign
-from worker.tasks import JobRunner
 
 pytestmark = pytest.mark.django_db
 
@@ -102,7 +102,7 @@ def test_only_what_the_finishing_attempt_made_is_published_and_can_be_taken_back
 
 
 def test_the_periodic_clean_up_deletes_the_working_files_of_ended_jobs_only(job, owner, settings):
-    from worker.tasks import discard_finished_work
+    from webapp.jobs.tasks import discard_finished_work
 
     running = Job.objects.create(owner=owner, dataset=job.dataset, name="r", spec=job.spec)
     for each in (job, running):

@@ -7,8 +7,8 @@ from tests.support.model_fixtures import sft_rows, write_jsonl
 from tests.test_job_new import VALID
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
+from webapp.jobs.tasks import JobRunner
 from worker.spec import SpecError, TrainSpec
-from worker.tasks import JobRunner
 
 pytestmark = pytest.mark.django_db
 

@@ -30,7 +30,7 @@ def test_a_valid_job_is_saved_queued_and_sent_to_the_train_queue(owner_client, d
     assert reply.status_code == 302 and reply.url == f"/jobs/{job.id}/"
     assert job.state == "queued" and job.spec["lora_target_modules"] == ["q_proj", "v_proj"]
     [message] = train_queue()
-    assert message["task"] == "worker.tasks.train_job" and message["argsrepr"] == f"[{job.id}]"
+    assert message["task"] == "webapp.jobs.train_job" and message["argsrepr"] == f"[{job.id}]"
     assert [e["state"] for e in job.history()] == ["queued"]
 
 

@@ -197,7 +197,7 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TASK_ROUTES = {
-    "worker.tasks.train_job": {"queue": "train"}, "worker.tasks.*": {"queue": "cpu"}, "webapp.datasets.*": {"queue": "cpu"}
+    "webapp.jobs.train_job": {"queue": "train"}, "webapp.jobs.*": {"queue": "cpu"}, "webapp.datasets.*": {"queue": "cpu"}
 }
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", 3600)}
@@ -230,8 +230,8 @@ REAPER_SECONDS = float(envint("SPECIALIST_REAPER_SECONDS", 20))
 CELERY_BEAT_SCHEDULE = {
     name: {"task": task, "schedule": REAPER_SECONDS, "options": {"queue": "cpu", "expires": 60}}
     for name, task in (
-        ("reap-stale-jobs", "worker.tasks.reap_stale_jobs"),
-        ("resend-queued-jobs", "worker.tasks.resend_queued_jobs"),
+        ("reap-stale-jobs", "webapp.jobs.reap_stale_jobs"),
+        ("resend-queued-jobs", "webapp.jobs.resend_queued_jobs"),
         ("resend-waiting-datasets", "webapp.datasets.resend_waiting_datasets"),
         ("resend-quality-reports", "webapp.datasets.resend_quality_reports"),
     )

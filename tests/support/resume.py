@@ -38,7 +38,7 @@ def metric_steps(events: list[dict]) -> list[int]:
 
 
 def recorded(first: list[dict], second: list[dict]) -> list[dict]:
-    """What the job's history holds: the worker drops replayed steps (worker.tasks.JobRunner.deliver)."""
+    """What the job's history holds: the worker drops replayed steps (webapp.jobs.tasks.JobRunner.deliver)."""
     until = {kind: max(e["step"] for e in first if e["kind"] == kind) for kind in ("metric", "eval")}
     return first + [e for e in second if e["kind"] not in until or e["step"] > until[e["kind"]]]
 

@@ -26,7 +26,7 @@ def parse_dataset_task(dataset_id: int) -> None:
     )
 
 
-# Acknowledged on receipt, like the jobs' periodic tasks (worker/tasks.py): a missed run is redone by
+# Acknowledged on receipt, like the jobs' periodic tasks (webapp/jobs/tasks.py): a missed run is redone by
 # the next one.
 @shared_task(name="webapp.datasets.resend_waiting_datasets", ignore_result=True, acks_late=False)
 def resend_waiting_datasets() -> None:

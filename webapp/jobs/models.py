@@ -159,7 +159,7 @@ class Job(models.Model):
         """
         from webapp.celery import send
 
-        if not send("worker.tasks.train_job", [self.id], queue="train"):
+        if not send("webapp.jobs.train_job", [self.id], queue="train"):
             Job.objects.filter(id=self.id, state=QUEUED).update(sent_at=None)
             self.sent_at = None
             return False

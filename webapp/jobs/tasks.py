@@ -1,6 +1,7 @@
-"""Celery tasks: claim a job, run its recipe, record the outcome.
+"""The jobs' Celery tasks: claim a job, run its recipe, record the outcome; reap and resend.
 
-The only module of worker/ that touches Django. The task carries nothing but the job id;
+Glue between the Job model and the worker's recipes, run only inside Celery worker processes
+(found by autodiscover_tasks); nothing else in the app imports it. The task carries nothing but the job id;
 the database row says what to do and whether it still needs doing.
 """
 
@@ -35,7 +36,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 DISK_FULL_BYTES = 16 * 1024**2  # a failed job on a disk with less room than this failed for want of it
 
 
-@shared_task(name="worker.tasks.train_job", acks_late=True, ignore_result=True)
+@shared_task(name="webapp.jobs.train_job", acks_late=True, ignore_result=True)
 def train_job(job_id: int) -> None:
     job = Job.objects.filter(id=job_id).first()
     if job is None:
@@ -47,7 +48,7 @@ def train_job(job_id: int) -> None:
 # The periodic tasks are acknowledged on receipt (acks_late off): a missed run is redone by the
 # next one, and a message left unacknowledged when Redis goes away crashes the CPU worker as it
 # reconnects (kombu restores unacknowledged messages on a connection that is already gone).
-@shared_task(name="worker.tasks.reap_stale_jobs", ignore_result=True, acks_late=False)
+@shared_task(name="webapp.jobs.reap_stale_jobs", ignore_result=True, acks_late=False)
 def reap_stale_jobs() -> None:
     """Requeue (or give up on) running jobs whose worker stopped renewing its lease; clear up after ended ones."""
     stale_before = timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS)
@@ -67,7 +68,7 @@ def discard_finished_work() -> None:
         attempts.discard(Path(settings.JOBS_ROOT) / str(job_id))
 
 
-@shared_task(name="worker.tasks.resend_queued_jobs", ignore_result=True, acks_late=False)
+@shared_task(name="webapp.jobs.resend_queued_jobs", ignore_result=True, acks_late=False)
 def resend_queued_jobs() -> None:
     """Send the queued jobs whose message never reached the broker (it was down) or was lost."""
     sent = Job.resend_queued(unclaimed_for=timedelta(seconds=settings.JOB_RESEND_SECONDS))
