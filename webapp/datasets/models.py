@@ -32,6 +32,14 @@ READY = "ready"
 REVIEW = "review"
 REJECTED = "rejected"
 BUSY_STATUSES = (UPLOADED, PARSING)
+TRANSITIONS = {
+    UPLOADED: {UPLOADED, PARSING},
+    PARSING: {PARSING, READY, REVIEW, REJECTED},  # PARSING again: a reader that died is replaced
+    READY: {UPLOADED, PARSING},  # read again: a new column mapping or validation file
+    REVIEW: {READY, UPLOADED, PARSING},  # READY: the user accepts dropping the rejected rows
+    REJECTED: {UPLOADED, PARSING},
+}
+"""Which status a dataset may move to from each; every change goes through Dataset.transition."""
 STATUSES = [
     (UPLOADED, "waiting to be read"),
     (PARSING, "being read"),
@@ -207,9 +215,25 @@ class Dataset(models.Model):
         if self.is_busy:
             raise DatasetLocked("The dataset is being read; wait until it is done.")
 
+    def transition(self, to: str, *, from_states=None, **fields) -> bool:
+        """Move to status `to` if the current one allows it (TRANSITIONS); True if this call moved it.
+
+        One conditional UPDATE: of two readers only one claims a dataset, and a result is stored
+        only while the dataset is still being read (a dataset deleted meanwhile stays deleted).
+        """
+        allowed_from = [s for s, targets in TRANSITIONS.items() if to in targets]
+        if from_states is not None:
+            allowed_from = [s for s in allowed_from if s in from_states]
+        moved = Dataset.objects.filter(id=self.id, status__in=allowed_from).update(status=to, **fields) == 1
+        if moved:
+            self.status = to
+            for name, value in fields.items():
+                setattr(self, name, value)
+        return moved
+
     def accept_dropped_rows(self) -> bool:
         """The user chose to train on the usable rows and drop the rejected ones."""
-        return Dataset.objects.filter(id=self.id, status=REVIEW).update(status=READY) == 1
+        return self.transition(READY, from_states=[REVIEW])
 
     # Uploads ----------------------------------------------------------------------------
     @classmethod
@@ -289,12 +313,10 @@ class Dataset(models.Model):
     def request_parse(self, now: bool = False) -> None:
         """Read the files now when they are small (or `now`), else queue the read on the "cpu" queue."""
         if now or self._unpacked_size() <= settings.INLINE_PARSE_BYTES:
-            self.status = PARSING
-            Dataset.objects.filter(id=self.id).update(status=PARSING)
+            self.transition(PARSING)
             self.parse()
             return
-        Dataset.objects.filter(id=self.id).update(status=UPLOADED, parse_sent_at=None)
-        self.status, self.parse_sent_at = UPLOADED, None
+        self.transition(UPLOADED, parse_sent_at=None)
         transaction.on_commit(self.send_parse)
 
     def send_parse(self) -> bool:
@@ -333,7 +355,7 @@ class Dataset(models.Model):
 
     def claim_parse(self) -> bool:
         """The background reader takes a dataset that waits to be read (or whose reader died)."""
-        return Dataset.objects.filter(id=self.id, status__in=BUSY_STATUSES).update(status=PARSING) == 1
+        return self.transition(PARSING, from_states=BUSY_STATUSES)
 
     def parse(self) -> None:
         """Read, check and count the files with the current mapping; set the status.
@@ -354,7 +376,7 @@ class Dataset(models.Model):
             }
         for name, value in result.items():
             setattr(self, name, value)
-        if not Dataset.objects.filter(id=self.id, status=PARSING).update(**result):
+        if not self.transition(result.pop("status"), from_states=[PARSING], **result):
             log.info("dataset %s changed while it was read; its result is dropped", self.id)
             if not Dataset.objects.filter(id=self.id).exists():
                 self.delete_files()
