@@ -26,10 +26,11 @@ EVENT_KINDS = ("state", "metric", "eval", "params", "log", "artifact")
 Sink = Callable[[list[dict[str, Any]]], None]
 
 
-def make_event(kind: str, step: int = 0, **data: Any) -> dict[str, Any]:
+def make_event(kind: str, step: int = 0, *, t: float | None = None, **data: Any) -> dict[str, Any]:
+    """The one way an event is built, by a recipe's Reporter or by the web app (a job's states)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"unknown event kind {kind!r}")
-    return {"kind": kind, "step": int(step), "t": round(time.time(), 3), **data}
+    return {"kind": kind, "step": int(step), "t": round(time.time() if t is None else t, 3), **data}
 
 
 class Reporter:

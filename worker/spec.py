@@ -1,8 +1,10 @@
 """TrainSpec: the one contract between the web app and the worker.
 
-A typed, validated, JSON-serialisable description of one fine-tune. The web form builds one
-(and shows its validation errors on the named field); the worker runs one; every checkpoint
-and artifact carries the resolved copy as ``train_spec.json``.
+A typed, validated, JSON-serialisable description of one fine-tune, in two parts:
+`TrainChoices`, what the user chose (the web form validates exactly this and shows each
+complaint on the field it names), and `TrainSpec`, those choices plus where the worker runs
+them (files, working folder, job id). The worker runs a TrainSpec; every checkpoint and
+artifact carries the resolved copy as ``train_spec.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from worker.families import FAMILIES
 
@@ -34,13 +36,11 @@ class SpecError(ValueError):
 
 
 @dataclass
-class TrainSpec:
+class TrainChoices:
+    """What the user chose for one fine-tune; validated on construction."""
+
     base_model: str
     """Catalog key (see worker.catalog), a local model directory, or a Hugging Face Hub id."""
-    dataset_path: str
-    """Normalised JSONL of the training rows (one object per line, canonical field names)."""
-    output_dir: str
-    """Where checkpoints and the final artifact are written."""
     task: str = "sft"
     """Task family; selects the recipe in worker/recipes."""
     method: str = "lora"
@@ -77,9 +77,6 @@ class TrainSpec:
     """Tokens per row after the chat template; longer rows are truncated."""
     validation_fraction: float = 0.1
     """Share of rows held out for the validation loss (seeded, stable split)."""
-    validation_path: str = ""
-    """Normalised JSONL of an uploaded validation file; when set, it is the held-out set and
-    validation_fraction is ignored."""
     eval_every: int = 10
     """Evaluate the validation loss every this many steps (and at the end)."""
     checkpoint_every: int = 50
@@ -88,10 +85,6 @@ class TrainSpec:
     """...and at least this often, whatever the step count."""
     seed: int = 42
     """Seed for the split, the adapter initialisation and data order."""
-    dataset_name: str = ""
-    """The dataset's display name, for the model card."""
-    job_id: int | None = None
-    """The Job this spec belongs to, when run by the web app."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -139,6 +132,15 @@ class TrainSpec:
         if not isinstance(self.gradient_checkpointing, bool):
             raise SpecError("gradient_checkpointing", "must be true or false")
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting's default: the one place defaults are read from."""
+        return {
+            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+
     @property
     def adapters(self) -> bool:
         """Whether this job trains LoRA adapters (and its artifact is an adapter for sft/dpo)."""
@@ -151,7 +153,7 @@ class TrainSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -159,8 +161,25 @@ class TrainSpec:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> TrainSpec:
+    def from_json(cls, text: str) -> Self:
         return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainSpec(TrainChoices):
+    """The user's choices and where the worker runs them (keyword-only, after the choices)."""
+
+    dataset_path: str = field(kw_only=True)
+    """Normalised JSONL of the training rows (one object per line, canonical field names)."""
+    output_dir: str = field(kw_only=True)
+    """Where checkpoints and the final artifact are written."""
+    validation_path: str = field(default="", kw_only=True)
+    """Normalised JSONL of an uploaded validation file; when set, it is the held-out set and
+    validation_fraction is ignored."""
+    dataset_name: str = field(default="", kw_only=True)
+    """The dataset's display name, for the model card."""
+    job_id: int | None = field(default=None, kw_only=True)
+    """The Job this spec belongs to, when run by the web app."""
 
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w.-]*")

@@ -32,7 +32,7 @@ from django.conf import settings
 from webapp.datasets.models import Dataset
 from worker.catalog import CATALOG, catalog_for
 from worker.families import FAMILIES as TASKS
-from worker.spec import TrainSpec
+from worker.spec import TrainChoices
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,9 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
     validation = dataset.validation_rows_path if dataset.validation_rows_path.is_file() else None
     try:
         with _LOADING:
-            from webapp.datasets.preflight import preflight_examples
-            from webapp.datasets.quality import compute_report
             from worker.models import resolve_base
+            from worker.preflight import preflight_examples
+            from worker.quality import compute_report
 
             model_dir = resolve_base(base_model)
         report = compute_report(
@@ -264,4 +264,4 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
     return report
 
 
-_DEFAULT_SPEC = {name: TrainSpec.__dataclass_fields__[name].default for name in ("validation_fraction", "seed")}
+_DEFAULT_SPEC = TrainChoices.defaults()

@@ -1,4 +1,3 @@
-import dataclasses
 import functools
 import json
 
@@ -15,9 +14,9 @@ from webapp.datasets.forms import FileForm, MappingForm, UploadForm
 from webapp.datasets.models import REJECTED, REVIEW, Dataset, DatasetLocked, DatasetRejected
 from webapp.datasets.samples import sample_rows
 from worker.families import FAMILIES
-from worker.spec import TrainSpec
+from worker.spec import TrainChoices
 
-DEFAULT_VALIDATION_FRACTION = next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "validation_fraction")
+DEFAULT_VALIDATION_FRACTION = TrainChoices.defaults()["validation_fraction"]
 
 
 def _datasets_for_user(user):

@@ -1,7 +1,7 @@
-"""The new-job form: one TrainSpec, validated where the user can see it.
+"""The new-job form: the user's TrainChoices, validated where the user can see it.
 
 The dataset decides the task; the base model must be able to serve it; every number is
-checked by TrainSpec itself, and its complaint is shown on the field it names.
+checked by TrainChoices itself, and its complaint is shown on the field it names.
 """
 
 from django import forms
@@ -12,7 +12,7 @@ from webapp.jobs.models import JOB_BASE_PREFIX, Job
 from webapp.jobs.workers import live_capabilities, supported
 from worker.catalog import CATALOG, DEFAULT_BASE_MODEL, base_model_problem
 from worker.families import FAMILIES
-from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainSpec
+from worker.spec import ALL_LINEAR, LORA_TARGETS, SpecError, TrainChoices
 
 CUSTOM = "custom"
 SPEC_FIELDS = (
@@ -20,7 +20,7 @@ SPEC_FIELDS = (
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
     "dpo_sft_weight", "gradient_checkpointing",
 )
-_DEFAULTS = TrainSpec(base_model=DEFAULT_BASE_MODEL, dataset_path="", output_dir="")
+_DEFAULTS = TrainChoices.defaults()
 METHODS = [
     ("lora", "LoRA: train small adapters, base frozen"),
     ("qlora", "QLoRA: LoRA on a base loaded in 4 bits (less GPU memory)"),
@@ -65,32 +65,32 @@ class JobForm(forms.Form):
                   "in the server's cache.",
     )
     method = forms.ChoiceField(choices=METHODS, initial="lora", widget=forms.RadioSelect)
-    lora_r = forms.IntegerField(label="LoRA rank (r)", initial=_DEFAULTS.lora_r)
-    lora_alpha = forms.IntegerField(label="LoRA alpha", initial=_DEFAULTS.lora_alpha)
-    lora_dropout = forms.FloatField(label="LoRA dropout", initial=_DEFAULTS.lora_dropout)
+    lora_r = forms.IntegerField(label="LoRA rank (r)", initial=_DEFAULTS["lora_r"])
+    lora_alpha = forms.IntegerField(label="LoRA alpha", initial=_DEFAULTS["lora_alpha"])
+    lora_dropout = forms.FloatField(label="LoRA dropout", initial=_DEFAULTS["lora_dropout"])
     lora_target_modules = forms.MultipleChoiceField(
         label="Adapted layers", initial=list(LORA_TARGETS), widget=forms.CheckboxSelectMultiple, required=False,
         choices=[(t, t) for t in LORA_TARGETS] + [(ALL_LINEAR, "every linear layer (any architecture)")],
         help_text="Encoders (MiniLM) always adapt every linear layer.",
     )
     use_dora = forms.BooleanField(label="DoRA (weight-decomposed LoRA)", required=False)
-    learning_rate = forms.FloatField(initial=_DEFAULTS.learning_rate)
-    epochs = forms.FloatField(initial=_DEFAULTS.epochs)
+    learning_rate = forms.FloatField(initial=_DEFAULTS["learning_rate"])
+    epochs = forms.FloatField(initial=_DEFAULTS["epochs"])
     max_steps = forms.IntegerField(
-        required=False, initial=_DEFAULTS.max_steps, help_text="Stops training here; empty to train all epochs."
+        required=False, initial=_DEFAULTS["max_steps"], help_text="Stops training here; empty to train all epochs."
     )
-    batch_size = forms.IntegerField(initial=_DEFAULTS.batch_size)
+    batch_size = forms.IntegerField(initial=_DEFAULTS["batch_size"])
     gradient_checkpointing = forms.BooleanField(
         required=False, help_text="Recompute activations instead of keeping them: less memory, about a third slower.",
     )
-    max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS.max_seq_length)
+    max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS["max_seq_length"])
     validation_fraction = forms.FloatField(
-        initial=_DEFAULTS.validation_fraction, help_text="Ignored when the dataset has its own validation file."
+        initial=_DEFAULTS["validation_fraction"], help_text="Ignored when the dataset has its own validation file."
     )
-    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS.dpo_beta, required=False,
+    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS["dpo_beta"], required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
     dpo_sft_weight = forms.FloatField(
-        label="Chosen-reply weight (RPO)", initial=_DEFAULTS.dpo_sft_weight, required=False,
+        label="Chosen-reply weight (RPO)", initial=_DEFAULTS["dpo_sft_weight"], required=False,
         help_text="Preference tuning only: also learn to write the chosen replies. 0 is pure DPO, which learns "
                   "to rank the pair but barely changes what the model writes.",
     )
@@ -140,12 +140,11 @@ class JobForm(forms.Form):
         values = {f: data.get(f) for f in SPEC_FIELDS}
         for dpo_field in ("dpo_beta", "dpo_sft_weight"):
             if values[dpo_field] is None:
-                values[dpo_field] = getattr(_DEFAULTS, dpo_field)
+                values[dpo_field] = _DEFAULTS[dpo_field]
         if kind == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
-        values["validation_path"] = str(dataset.validation_rows_path) if dataset.has_validation else ""
         try:
-            self.spec = TrainSpec(base_model=base, dataset_path="", output_dir="", task=dataset.task, **values)
+            self.choices = TrainChoices(base_model=base, task=dataset.task, **values)
         except SpecError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
         return data
@@ -176,8 +175,8 @@ class JobForm(forms.Form):
         return initial
 
     def spec_dict(self) -> dict:
-        spec = self.spec.to_dict()
-        for runtime_field in ("dataset_path", "output_dir", "job_id"):
-            spec.pop(runtime_field)
-        spec["dataset_name"] = self.cleaned_data["dataset"].name
-        return spec
+        """What the job stores: the user's choices and the dataset it trains on (Job.train_spec
+        adds where the worker runs it)."""
+        dataset = self.cleaned_data["dataset"]
+        validation = str(dataset.validation_rows_path) if dataset.has_validation else ""
+        return {**self.choices.to_dict(), "dataset_name": dataset.name, "validation_path": validation}

@@ -9,7 +9,6 @@ and ordered; the SSE stream uses that number as its event id.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from webapp.jobs import stream
+from worker.events import make_event
 from worker.spec import SpecError, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class Job(models.Model):
             changes["started_at"] = now
         moved = rows.update(**changes) == 1
         if moved:
-            self.append_events([{"kind": "state", "step": self.step, "t": time.time(), "state": to, "message": message}])
+            self.append_events([make_event("state", self.step, state=to, message=message)])
         self.refresh_from_db()
         return moved
 

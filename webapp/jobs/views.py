@@ -9,6 +9,7 @@ from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
+from worker.events import make_event
 from worker.families import FAMILIES, suggested_settings
 
 
@@ -43,9 +44,9 @@ def new_job(request: HttpRequest) -> HttpResponse:
         with transaction.atomic():
             job = Job.objects.create(
                 owner=request.user, dataset=dataset, spec=form.spec_dict(),
-                name=form.cleaned_data["name"] or f"{dataset.name} · {form.spec.method}",
+                name=form.cleaned_data["name"] or f"{dataset.name} · {form.choices.method}",
             )
-            job.append_events([{"kind": "state", "step": 0, "t": job.created_at.timestamp(), "state": job.state, "message": ""}])
+            job.append_events([make_event("state", 0, t=job.created_at.timestamp(), state=job.state, message="")])
             job.enqueue()
         return redirect(job)
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
