@@ -12,7 +12,7 @@ from django.template.loader import render_to_string
 from tests.support.model_fixtures import write_jsonl
 from webapp.datasets import reports
 from webapp.datasets.models import Dataset
-from webapp.datasets.preflight import preflight_examples
+from worker.preflight import preflight_examples
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"'
 

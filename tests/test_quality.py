@@ -1,11 +1,11 @@
-"""The quality report (webapp/datasets/quality.py) on small crafted rows with known answers,
+"""The quality report (worker/quality.py) on small crafted rows with known answers,
 checked against the worker's own tokenization and splits."""
 
 import pytest
 
 from tests.support.model_fixtures import write_jsonl
-from webapp.datasets import quality
-from webapp.datasets.quality import compute_report
+from worker import quality
+from worker.quality import compute_report
 
 
 def problem(report: dict, key: str) -> dict:

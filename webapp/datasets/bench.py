@@ -76,8 +76,8 @@ def run_phase(phase: str, source: Path, rows_path: Path) -> dict:
         seconds = time.perf_counter() - started
         assert report.usable and not report.errors, report.fatal or report.errors[:3]
         return {"rows": report.rows_ok, "seconds": seconds}
-    from webapp.datasets.quality import BATCH_ROWS, TokenCounter, _batches, compute_report, read_rows
     from worker.models import resolve_base
+    from worker.quality import BATCH_ROWS, TokenCounter, _batches, compute_report, read_rows
 
     model_dir = resolve_base("smollm2-135m-instruct")
     if phase == "stats":

@@ -14,8 +14,8 @@ digests, a length, a group number: about 25 bytes a row, 25 MB for a million row
 else is bounded (one batch of rows, the tokenizer, a few examples). Duplicates and overlaps are
 found by sorting digests, never by keeping strings.
 
-Torch-free on purpose (it runs beside the web app's dependencies in the "cpu" worker and in the
-benchmark): it loads the tokenizer with `tokenizers` and renders the chat template with
+Torch-free on purpose (it runs in the "cpu" worker, called by webapp/datasets/tasks.py, and in
+the benchmark): it loads the tokenizer with `tokenizers` and renders the chat template with
 transformers' own renderer (`render_jinja_template`), as `apply_chat_template` does. The worker's
 splits and message layout are mirrored here; tests/test_quality.py compares both with the
 worker's functions so they cannot drift apart silently.

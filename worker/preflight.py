@@ -4,8 +4,8 @@ The tokens come from the worker's own functions (worker.recipes.sft.tokenize_exa
 worker.recipes.dpo.tokenize_pair), so what is shown is what trains: each token is marked as
 carrying loss or masked (the prompt), and the tokens past the max length, which training cuts
 off, are marked too. This module imports torch (through the recipes): only the "cpu" worker
-imports it, never the web process. The page renders the result as escaped HTML
-(templates/datasets/_preflight.html).
+imports it (webapp/datasets/tasks.py), never the web process, which renders the JSON result as
+escaped HTML (templates/datasets/_preflight.html).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from webapp.datasets.quality import read_rows
+from worker.quality import read_rows
 from worker.recipes import dpo, sft
 
 EXAMPLES = 3
