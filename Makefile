@@ -43,14 +43,14 @@ test: install models chromium
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check manage.py webapp worker tests
+	$(BIN)/ruff check manage.py webapp worker tests bench
 
 # Training speed against a hand-written baseline, then the service path (queue, SSE) on the real
 # stack (flushes Redis database 13, or SPECIALIST_BENCH_REDIS), then dataset parsing.
 bench: install models
-	$(BIN)/python -m worker.bench
-	$(BIN)/python -m worker.bench_service
-	$(BIN)/python -m webapp.datasets.bench
+	$(BIN)/python -m bench.training
+	$(BIN)/python -m bench.service
+	$(BIN)/python -m bench.datasets
 
 clean:
 	rm -rf $(VENV) var static/vendor

@@ -71,6 +71,6 @@ def test_cuda_uses_sdpa_attention():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the GPU bench")
 def test_the_gpu_bench_on_a_machine_without_cuda_says_so_and_succeeds():
-    done = subprocess.run([sys.executable, "-m", "worker.bench", "--cuda"], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "bench.training", "--cuda"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "No CUDA device" in done.stdout

@@ -1,7 +1,7 @@
-"""`python -m webapp.datasets.bench [--rows N] [--rounds R]`: dataset reading and quality statistics at scale.
+"""`python -m bench.datasets [--rows N] [--rounds R]`: dataset reading and quality statistics at scale.
 
-Generates a deterministic instruction dataset (JSON Lines, about 360 bytes a row; 1,000,000 rows
-by default, about 360 MB, kept in var/bench/ for later runs), then measures, each phase in a
+Generates a deterministic instruction dataset (JSON Lines, 1,000,000 rows by default, kept in
+var/bench/ for later runs), then measures, each phase in a
 fresh process whose peak memory (max RSS) is read when it ends, in R rounds (2 by default) of
 parse, tokenizer, stats:
 
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "var" / "bench"
 MAX_LENGTH = 512
 VOCABULARY = (
@@ -112,7 +112,7 @@ def measure(phase: str, source: Path, rows_path: Path) -> dict:
     command = [
         sys.executable,
         "-m",
-        "webapp.datasets.bench",
+        "bench.datasets",
         "--phase",
         phase,
         "--source",

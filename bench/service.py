@@ -1,8 +1,8 @@
 """Service benchmark: the job path through the real stack, as a user meets it.
 
-``python -m worker.bench_service`` (the second half of ``make bench``) starts the real stack
-(tests.support.stack.running_stack: uvicorn, a Celery training worker and a CPU worker on Redis, a fresh
-database) and measures:
+``python -m bench.service`` (the second part of ``make bench``) starts the app as a user runs it
+(bench.served: ``manage.py serve``, i.e. uvicorn, a Celery training worker and a CPU worker, on
+Redis and a fresh database) and measures:
 
 (a) submit → first training step: the new-job form's defaults (SmolLM2-135M-Instruct, LoRA) on
     the SFT sample data, posted through the form; the time from the POST to the `metric` event
@@ -20,7 +20,7 @@ database) and measures:
     own CPU time is printed beside the server's.
 
 Results go to stdout and var/bench/service.json; docs/performance.md says what they mean. The
-stack's Redis database is flushed first: SPECIALIST_BENCH_REDIS names it (default database 13).
+app's Redis database is flushed first: SPECIALIST_BENCH_REDIS names it (default database 13).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from tests.support.stack import Stack, running_stack
-from webapp.jobs.management.commands.serve import TRAIN_WORKER_ENV
+from bench.served import ServedApp, served_app
 from worker.capabilities import KEY_PREFIX
 from worker.catalog import DEFAULT_BASE_MODEL
 from worker.models import REPO_ROOT
@@ -60,7 +59,7 @@ DEFAULT_FORM = {
     "validation_fraction": _DEFAULTS.validation_fraction, "dpo_beta": _DEFAULTS.dpo_beta,
     "dpo_sft_weight": _DEFAULTS.dpo_sft_weight,
 }  # fmt: skip
-# A short job for (b) and (c): 0.5 s (bf16) to 2 s (fp32) a step on 2 cores, no evaluation.
+# A short job for (b) and (c): short steps, no evaluation.
 STREAM_JOB = {"max_steps": 24, "batch_size": 4, "max_seq_length": 96, "validation_fraction": 0}
 
 
@@ -123,14 +122,14 @@ class Follower:
         return False
 
 
-async def follow_all(stack: Stack, job_id: int, cookie: str, clients: int) -> list[Follower]:
+async def follow_all(app: ServedApp, job_id: int, cookie: str, clients: int) -> list[Follower]:
     followers = [Follower() for _ in range(clients)]
     path = f"/jobs/{job_id}/events/"
-    await asyncio.gather(*(f.follow(stack.base_url, path, cookie) for f in followers))
+    await asyncio.gather(*(f.follow(app.base_url, path, cookie) for f in followers))
     return followers
 
 
-# The stack's processes -----------------------------------------------------------------------
+# The served app's processes --------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,9 +138,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for_capabilities(stack: Stack, timeout: float = 180) -> dict[str, Any]:
+def wait_for_capabilities(app: ServedApp, timeout: float = 180) -> dict[str, Any]:
     """The training worker's published capabilities: it has started and imported torch."""
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    client = redis.Redis.from_url(app.env["REDIS_URL"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for key in client.scan_iter(match=f"{KEY_PREFIX}*:capabilities"):
@@ -149,20 +148,20 @@ def wait_for_capabilities(stack: Stack, timeout: float = 180) -> dict[str, Any]:
             if value:
                 return json.loads(value)
         time.sleep(0.5)
-    raise RuntimeError("the training worker published no capabilities:\n" + stack.all_logs())
+    raise RuntimeError("the training worker published no capabilities:\n" + app.log_tail())
 
 
-def sample_dataset(stack: Stack, http) -> int:
+def sample_dataset(app: ServedApp, http) -> int:
     """The SFT sample data, through the page's "try with sample data" button."""
-    url = f"{stack.base_url}/datasets/samples/sft/"
-    reply = http.post(url, data={"csrfmiddlewaretoken": stack.csrf(http, "/jobs/new/")}, headers={"Referer": url})
+    url = f"{app.base_url}/datasets/samples/sft/"
+    reply = http.post(url, data={"csrfmiddlewaretoken": app.csrf(http, "/jobs/new/")}, headers={"Referer": url})
     return int(reply.url.rsplit("dataset=", 1)[1])
 
 
-def submit(stack: Stack, http, dataset_id: int, **overrides) -> tuple[int, float]:
+def submit(app: ServedApp, http, dataset_id: int, **overrides) -> tuple[int, float]:
     """Post the new-job form; (job id, the time just before the POST)."""
-    url = f"{stack.base_url}/jobs/new/"
-    form = {"csrfmiddlewaretoken": stack.csrf(http, "/jobs/new/"), "dataset": dataset_id, **DEFAULT_FORM, **overrides}
+    url = f"{app.base_url}/jobs/new/"
+    form = {"csrfmiddlewaretoken": app.csrf(http, "/jobs/new/"), "dataset": dataset_id, **DEFAULT_FORM, **overrides}
     submitted = time.time()
     reply = http.post(url, data=form, headers={"Referer": url})
     if "/jobs/new/" in reply.url:
@@ -170,13 +169,13 @@ def submit(stack: Stack, http, dataset_id: int, **overrides) -> tuple[int, float
     return int(reply.url.rstrip("/").rsplit("/", 1)[1]), submitted
 
 
-def wait_until_idle(stack: Stack, tasks_done: int, timeout: float = 300) -> None:
+def wait_until_idle(app: ServedApp, tasks_done: int, timeout: float = 300) -> None:
     """Until the training worker has finished `tasks_done` jobs (a cancelled job's worker stops at
     its next step, after the job's row already says cancelled)."""
     deadline = time.monotonic() + timeout
-    while stack.log_tail("train", 10**6).count("succeeded in") < tasks_done:
+    while app.training_jobs_done() < tasks_done:
         if time.monotonic() > deadline:
-            raise RuntimeError("the training worker did not finish its job:\n" + stack.all_logs())
+            raise RuntimeError("the training worker did not finish its job:\n" + app.log_tail())
         time.sleep(0.5)
 
 
@@ -187,13 +186,13 @@ def event_time(job: dict, kind: str, **match: Any) -> float:
 # The three measurements -------------------------------------------------------------------------
 
 
-def first_step(stack: Stack, http, dataset_id: int) -> dict[str, float]:
+def first_step(app: ServedApp, http, dataset_id: int) -> dict[str, float]:
     """(a) One default job from POST to its first metric; then it is cancelled."""
-    job_id, submitted = submit(stack, http, dataset_id)
-    job = stack.wait_for(job_id, lambda j: any(e["kind"] == "metric" for e in j["events"]) or j["state"] in FINAL,
+    job_id, submitted = submit(app, http, dataset_id)
+    job = app.wait_for(job_id, lambda j: any(e["kind"] == "metric" for e in j["events"]) or j["state"] in FINAL,
                          timeout=600, what="its first step")  # fmt: skip
-    stack.post(http, f"/jobs/{job_id}/cancel/")
-    stack.wait_for(job_id, lambda j: j["state"] in FINAL, timeout=300, what="a final state")
+    app.post(http, f"/jobs/{job_id}/cancel/")
+    app.wait_for(job_id, lambda j: j["state"] in FINAL, timeout=300, what="a final state")
     claimed = event_time(job, "state", state="preparing")
     training = event_time(job, "state", state="training")
     stepped = event_time(job, "metric", step=1)
@@ -205,17 +204,17 @@ def first_step(stack: Stack, http, dataset_id: int) -> dict[str, float]:
     }
 
 
-def streamed_job(stack: Stack, http, dataset_id: int, clients: int) -> dict[str, Any]:
+def streamed_job(app: ServedApp, http, dataset_id: int, clients: int) -> dict[str, Any]:
     """(b) and (c): one short job followed by `clients` SSE clients from the moment it is queued."""
     cookie = "; ".join(f"{name}={value}" for name, value in http.cookies.items())
-    web_pid = stack.processes["web"].pid
-    job_id, _ = submit(stack, http, dataset_id, **STREAM_JOB)
+    web_pid = app.web_pid()
+    job_id, _ = submit(app, http, dataset_id, **STREAM_JOB)
     cpu_before, wall_before, load_before = cpu_seconds(web_pid), time.time(), os.getloadavg()[0]
     own_before = time.process_time()
-    followers = asyncio.run(follow_all(stack, job_id, cookie, clients))
+    followers = asyncio.run(follow_all(app, job_id, cookie, clients))
     web_cpu, wall = cpu_seconds(web_pid) - cpu_before, time.time() - wall_before
     clients_cpu = time.process_time() - own_before
-    job = stack.wait_for(job_id, lambda j: j["state"] in FINAL, timeout=60, what="a final state")
+    job = app.wait_for(job_id, lambda j: j["state"] in FINAL, timeout=60, what="a final state")
     expected = [e["seq"] for e in job["events"]]
     complete = [f for f in followers if [event["seq"] for _, event in f.received] == expected]
     # Latency only of events emitted while the client was connected: replayed history is old news.
@@ -229,7 +228,7 @@ def streamed_job(stack: Stack, http, dataset_id: int, clients: int) -> dict[str,
         "events": len(expected),
         "clients_with_every_event_in_order": len(complete),
         "client_errors": sorted({f.error for f in followers if f.error}),
-        "web_errors": [line for line in stack.log_tail("web", 400).splitlines() if "Error" in line][-10:],
+        "log_errors": [line for line in app.log_tail(400).splitlines() if "Error" in line][-10:],
         "latencies_s": live,
         "web_cpu_s": web_cpu,
         "clients_cpu_s": clients_cpu,
@@ -252,7 +251,7 @@ def combined(jobs: list[dict[str, Any]]) -> dict[str, Any]:
         "events": min(job["events"] for job in jobs),
         "clients_with_every_event_in_order": min(job["clients_with_every_event_in_order"] for job in jobs),
         "client_errors": sorted({error for job in jobs for error in job["client_errors"]}),
-        "web_errors": [line for job in jobs for line in job["web_errors"]][-10:],
+        "log_errors": [line for job in jobs for line in job["log_errors"]][-10:],
         "latency_p50_s": _percentile(live, 0.50),
         "latency_p95_s": _percentile(live, 0.95),
         "latency_max_s": max(live, default=float("nan")),
@@ -311,29 +310,27 @@ def report(results: dict[str, Any]) -> None:
     print(f"    per job, in order: {per_job} s; the {many['clients']} clients themselves (this process, same cores): "
           f"{many['clients_cpu_cores']:.2f} cores")
     if many["client_errors"]:
-        print(f"    client errors: {many['client_errors']}; the web server's log: {many['web_errors']}")
+        print(f"    client errors: {many['client_errors']}; serve's log: {many['log_errors']}")
     print(f"    load average during the jobs: {one['load_average']} (1 client), {many['load_average']} (many)")
 
 
 def measure(tmp: Path, redis_url: str, clients: int) -> dict[str, Any]:
     results = {}
-    # The training worker as `manage.py serve` starts it (TRAIN_WORKER_ENV), beside a CPU worker.
     # One user follows the job from every client: the per-user stream limit is raised to fit.
     limits = {"SPECIALIST_MAX_STREAMS_PER_USER": str(clients + 1)}
-    with running_stack(tmp, redis_url, workers=("train",), **TRAIN_WORKER_ENV, **limits) as stack:
-        stack.start_cpu_worker()
-        results["worker"] = wait_for_capabilities(stack)
-        stack.create_user("bench")
-        http = stack.session("bench")
-        dataset_id = sample_dataset(stack, http)
-        results["first_job"] = first_step(stack, http, dataset_id)
-        wait_until_idle(stack, 1)
-        results["second_job"] = first_step(stack, http, dataset_id)
-        wait_until_idle(stack, 2)
+    with served_app(tmp, redis_url, **limits) as app:
+        results["worker"] = wait_for_capabilities(app)
+        app.create_user("bench")
+        http = app.session("bench")
+        dataset_id = sample_dataset(app, http)
+        results["first_job"] = first_step(app, http, dataset_id)
+        wait_until_idle(app, 1)
+        results["second_job"] = first_step(app, http, dataset_id)
+        wait_until_idle(app, 2)
         streamed = []
         for count in (1, clients, clients, 1):
-            streamed.append(streamed_job(stack, http, dataset_id, clients=count))
-            wait_until_idle(stack, 2 + len(streamed))
+            streamed.append(streamed_job(app, http, dataset_id, clients=count))
+            wait_until_idle(app, 2 + len(streamed))
     results["one_client"] = combined([job for job in streamed if job["clients"] == 1])
     results["many_clients"] = combined([job for job in streamed if job["clients"] == clients])
     results["streamed_step_medians"] = [job["step_seconds_median"] for job in streamed]
@@ -341,7 +338,7 @@ def measure(tmp: Path, redis_url: str, clients: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.bench_service", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=200, help="SSE clients following one job in (c)")
     args = parser.parse_args(argv)
     redis_url = os.environ.get("SPECIALIST_BENCH_REDIS", "redis://127.0.0.1:6379/13")

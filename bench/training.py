@@ -1,6 +1,6 @@
 """Throughput benchmark: this app's SFT job path against the fine-tune a user would write by hand.
 
-``make bench`` (``python -m worker.bench``) trains SmolLM2-135M-Instruct on one generated
+``make bench`` (``python -m bench.training``) trains SmolLM2-135M-Instruct on one generated
 instruction dataset four times, each in its own process (so each peak RSS is its own):
 
 - baseline: transformers Trainer (+ peft LoRA), fp32, every batch padded to MAX_LENGTH tokens;
@@ -309,7 +309,7 @@ def run_child(role: str, method: str, plan: Plan) -> None:
 
 
 def spawn(role: str, method: str, plan: Plan) -> dict[str, Any]:
-    command = [sys.executable, "-m", "worker.bench", "--child", role, method]
+    command = [sys.executable, "-m", "bench.training", "--child", role, method]
     command += ["--warmup-steps", str(plan.warmup_steps), "--timed-steps", str(plan.timed_steps)]
     command += ["--threads", str(plan.threads)]
     quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
@@ -355,9 +355,9 @@ def matmul_peak(dtype_name: str, size: int = 3072, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` square matmuls: this machine's practical matmul peak (on the
     GPU when there is one: the device the app trains on).
 
-    A CPU without bf16 instructions multiplies bf16 in a scalar fallback about 100× slower than
-    fp32 (1 GFLOP/s on a 2-core Zen 3): there a 3072² matmul would take a minute, and 512² tells
-    the same (the app trains such a CPU in fp32)."""
+    A CPU without bf16 instructions multiplies bf16 in a slow scalar fallback: there a 3072²
+    matmul would take very long, and 512² tells the same (the app trains such a CPU in fp32;
+    docs/performance.md has the figures)."""
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = size * 4 if device == "cuda" else size  # a GPU needs a bigger matmul to reach its peak
@@ -533,7 +533,7 @@ def flop_model(baseline_run: dict) -> FlopModel:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run")
@@ -571,7 +571,7 @@ def main(argv: list[str]) -> int:
     (WORK_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['wall_s'] / 60:.1f} minutes; results in {WORK_DIR / 'results.json'}")
     if args.cuda:
-        append_to_doc(results, methods, " ".join(["python -m worker.bench", *argv]))
+        append_to_doc(results, methods, " ".join(["python -m bench.training", *argv]))
         print(f"appended to {PERFORMANCE_DOC}")
     return 0
 
