@@ -10,7 +10,7 @@ import pytest
 from django.template.loader import render_to_string
 
 from tests.support.model_fixtures import write_jsonl
-from webapp.datasets import reports
+from webapp.datasets import tasks
 from webapp.datasets.models import Dataset
 from worker.preflight import preflight_examples
 
@@ -156,7 +156,7 @@ def test_the_periodic_resend_sends_lost_requests_again_and_drops_outdated_ones(
     dataset = ready_dataset(owner)
     assert owner_client.get(f"/datasets/{dataset.id}/quality/?max_length=16").json() == {"state": "computing"}
     (pending,) = (dataset.rows_path.parent / "quality").glob("*.pending")
-    reports.resend_quality_reports()
+    tasks.resend_quality_reports()
     assert len(cpu_queue()) == 1  # sent just now: left alone
 
     def age(**fields):
@@ -164,11 +164,11 @@ def test_the_periodic_resend_sends_lost_requests_again_and_drops_outdated_ones(
         pending.write_text(json.dumps({**marker, **fields}))
 
     age(sent_at=time.time() - settings.JOB_RESEND_SECONDS - 1)  # the broker lost it
-    reports.resend_quality_reports()
+    tasks.resend_quality_reports()
     assert len(cpu_queue()) == 2
     age(sent_at=time.time() - settings.JOB_RESEND_SECONDS - 1, started_at=time.time())  # a worker has it
-    reports.resend_quality_reports()
+    tasks.resend_quality_reports()
     assert len(cpu_queue()) == 2
     write_jsonl(dataset.rows_path, [{"instruction": "Hi again?", "response": "Hello again."}])  # read again
-    reports.resend_quality_reports()
+    tasks.resend_quality_reports()
     assert not pending.exists() and len(cpu_queue()) == 2

@@ -12,8 +12,8 @@ from kombu.exceptions import OperationalError
 
 from tests.support.redis_server import PrivateRedis
 from tests.support.stack import running_stack
-from webapp.datasets.background import resend_waiting_datasets
 from webapp.datasets.models import Dataset
+from webapp.datasets.tasks import resend_waiting_datasets
 
 INLINE_LIMIT = 4096
 ROWS = "".join(json.dumps({"instruction": f"say {n}", "response": f"{n}"}) + "\n" for n in range(400))

@@ -60,7 +60,7 @@ def test_a_quality_report_asked_for_with_redis_down_waits_and_is_sent_when_it_is
             }
     finally:
         private_redis.start()
-    down_stack.manage("shell", "-c", "from webapp.datasets.reports import resend_quality_reports as r; r()")
+    down_stack.manage("shell", "-c", "from webapp.datasets.tasks import resend_quality_reports as r; r()")
     (message,) = redis.Redis.from_url(private_redis.url).lrange("cpu", 0, -1)
     message = json.loads(message)
     assert message["headers"]["task"] == "webapp.datasets.quality_report"

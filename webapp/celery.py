@@ -12,8 +12,6 @@ log = logging.getLogger(__name__)
 app = Celery("specialist")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["webapp.jobs", "webapp.datasets"])  # each app's tasks.py
-app.autodiscover_tasks(["webapp.datasets"], related_name="background")
-app.autodiscover_tasks(["webapp.datasets"], related_name="reports")
 
 
 def send(task: str, args: list, queue: str) -> bool:

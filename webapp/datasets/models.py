@@ -2,7 +2,7 @@
 
 A dataset moves through `uploaded → parsing → ready | review | rejected`. `Dataset.parse()`
 is the one place that reads the files; a small upload is read in the request, a large one by
-the "cpu" Celery queue (webapp/datasets/background.py), both through that method. Nothing the
+the "cpu" Celery queue (webapp/datasets/tasks.py), both through that method. Nothing the
 user uploaded is dropped when reading finds problems: the file stays with its message, so the
 user can change the column mapping, upload a corrected file in its place, or delete it. Once a
 job uses a dataset it never changes again.

@@ -1,4 +1,4 @@
-"""Quality reports: where they are kept, and the "cpu" task that computes one.
+"""Quality reports: where they are kept, and the markers of those being computed.
 
 A report is computed for one (base model, max length) and kept as JSON beside the dataset's
 files, under a name that also depends on the rows files' size and time, so a dataset read
@@ -7,44 +7,33 @@ computed a `.pending` marker stands in its place, recording the request (who ask
 and when its message was sent and the task started. A marker sent or started more than
 PENDING_SECONDS ago (a lost message, a worker that died) no longer counts and the report is
 queued again. A request the queue did not take (Redis down) waits in its marker until the
-periodic `resend_quality_reports` sends it, like a queued job. A user has at most
+periodic `resend_waiting` sends it, like a queued job. A user has at most
 QUALITY_REPORTS_PER_USER reports computing at once.
 
-The web process imports this module; the computing modules (tokenizers, and torch for the
-pre-flight) are imported inside the task only.
+The web process imports this module: it reads and writes JSON only. The report is computed on
+the "cpu" queue by webapp/datasets/tasks.py (with worker/quality.py and worker/preflight.py),
+which keeps it here through `mark_started` and `keep`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from celery import shared_task
 from django.conf import settings
 
 from webapp.datasets.models import Dataset
-from worker.catalog import CATALOG, catalog_for
+from worker.catalog import catalog_for
 from worker.families import FAMILIES as TASKS
-from worker.spec import TrainChoices
-
-log = logging.getLogger(__name__)
 
 PENDING_SECONDS = 30 * 60
 QUEUE_DOWN = "The queue is unreachable (is Redis running?); the report is computed once it is back."
-_LOADING = threading.Lock()
-"""transformers' lazy imports are not thread-safe, and the cpu worker runs its tasks on threads:
-two reports started together failed with "cannot import name 'AutoTokenizer'" (and their pending
-markers then stood for half an hour). Importing, resolving the model and the pre-flight take
-turns; the statistics themselves run side by side."""
 MIN_LENGTH, MAX_LENGTH = 8, 32768
-PREFLIGHT_TASKS = ("sft", "dpo")
 
 
 def base_model_choices(task: str) -> list[tuple[str, str]]:
@@ -102,10 +91,10 @@ def request_report(dataset: Dataset, base_model: str, max_length: int, user_id: 
     return _pending_state(_send(pending, marker))
 
 
-@shared_task(name="webapp.datasets.resend_quality_reports", ignore_result=True, acks_late=False)
-def resend_quality_reports() -> None:
+def resend_waiting() -> int:
     """Send the reports whose request never reached the queue (it was down), and again those
-    sent JOB_RESEND_SECONDS ago that never started (the broker may have lost the message)."""
+    sent JOB_RESEND_SECONDS ago that never started (the broker may have lost the message); drop
+    the markers of reports no longer wanted. The number sent."""
     sent = 0
     for pending in _all_markers():
         marker = _live_marker(pending)
@@ -115,23 +104,29 @@ def resend_quality_reports() -> None:
             pending.unlink(missing_ok=True)
         elif _needs_sending(marker):
             sent += _send(pending, marker)["sent_at"] is not None
-    if sent:
-        log.info("sent %d quality reports to the cpu queue again", sent)
+    return sent
 
 
-@shared_task(name="webapp.datasets.quality_report", acks_late=True, ignore_result=True)
-def quality_report_task(dataset_id: int, base_model: str, max_length: int) -> None:
-    dataset = Dataset.objects.filter(id=dataset_id).first()
-    if dataset is None:
-        log.info("dataset %s no longer exists; no quality report", dataset_id)
-        return
+def mark_started(dataset: Dataset, base_model: str, max_length: int) -> bool:
+    """A worker starts computing the report: its marker says when. False (the marker removed)
+    when the report is already kept: a second message for one report."""
     pending = report_path(dataset, base_model, max_length).with_suffix(".pending")
-    if pending.with_suffix(".json").is_file():  # a second message for one report
+    if pending.with_suffix(".json").is_file():
         pending.unlink(missing_ok=True)
-        return
+        return False
     if (marker := _live_marker(pending)) is not None:
         _write_marker(pending, {**marker, "started_at": time.time()})
-    build_report(dataset, base_model, max_length)
+    return True
+
+
+def keep(dataset: Dataset, base_model: str, max_length: int, report: dict[str, Any]) -> None:
+    """Keep a computed report (written whole) in place of its marker."""
+    path = report_path(dataset, base_model, max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(report), encoding="utf-8")
+    os.replace(partial, path)
+    path.with_suffix(".pending").unlink(missing_ok=True)
 
 
 # Markers ------------------------------------------------------------------------------------
@@ -217,51 +212,3 @@ def _send(pending: Path, marker: dict[str, Any]) -> dict[str, Any]:
         marker["sent_at"] = None
         _write_marker(pending, marker)
     return marker
-
-
-def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str, Any]:
-    """Compute the report (and the pre-flight for chat tasks) and keep it beside the dataset."""
-    from worker.errors import UserError
-
-    path = report_path(dataset, base_model, max_length)
-    validation = dataset.validation_rows_path if dataset.validation_rows_path.is_file() else None
-    try:
-        with _LOADING:
-            from worker.models import resolve_base
-            from worker.preflight import preflight_examples
-            from worker.quality import compute_report
-
-            model_dir = resolve_base(base_model)
-        report = compute_report(
-            dataset.rows_path,
-            dataset.task,
-            model_dir,
-            max_length,
-            validation,
-            validation_fraction=_DEFAULT_SPEC["validation_fraction"],
-            seed=_DEFAULT_SPEC["seed"],
-        )
-        if dataset.task in PREFLIGHT_TASKS:
-            with _LOADING:  # it loads a transformers tokenizer
-                report["preflight"] = preflight_examples(
-                    dataset.rows_path, dataset.task, model_dir, max_length, report["longest_row"]
-                )
-        report["state"] = "done"
-    except (UserError, ValueError, OSError) as exc:
-        report = {"state": "failed", "message": f"The report could not be computed: {exc}"}
-    except Exception:
-        log.exception("quality report of dataset %s failed", dataset.id)
-        report = {
-            "state": "failed",
-            "message": "The report could not be computed (an internal error; see the worker log).",
-        }
-    report.update(base_model=base_model, base_model_name=CATALOG[base_model].name, max_length=max_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(report), encoding="utf-8")
-    os.replace(partial, path)
-    path.with_suffix(".pending").unlink(missing_ok=True)
-    return report
-
-
-_DEFAULT_SPEC = TrainChoices.defaults()
