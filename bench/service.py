@@ -44,21 +44,17 @@ from bench.served import ServedApp, served_app
 from worker.capabilities import KEY_PREFIX
 from worker.catalog import DEFAULT_BASE_MODEL
 from worker.models import REPO_ROOT
-from worker.spec import TrainSpec
+from worker.spec import TrainChoices
 
 WORK_DIR = REPO_ROOT / "var" / "bench"
 FINAL = ("succeeded", "failed", "cancelled")
 GOALS = {"first_step_s": 10.0, "latency_p95_s": 0.25, "web_cpu_cores": 1.0, "throughput_loss": 0.05}
 # The form's defaults for instruction tuning (what a user who changes nothing submits).
-_DEFAULTS = TrainSpec(base_model=DEFAULT_BASE_MODEL, dataset_path="", output_dir="")
-DEFAULT_FORM = {
-    "base_model": DEFAULT_BASE_MODEL, "method": "lora", "lora_r": _DEFAULTS.lora_r, "lora_alpha": _DEFAULTS.lora_alpha,
-    "lora_dropout": _DEFAULTS.lora_dropout, "lora_target_modules": _DEFAULTS.lora_target_modules,
-    "learning_rate": _DEFAULTS.learning_rate, "epochs": _DEFAULTS.epochs, "max_steps": _DEFAULTS.max_steps,
-    "batch_size": _DEFAULTS.batch_size, "max_seq_length": _DEFAULTS.max_seq_length,
-    "validation_fraction": _DEFAULTS.validation_fraction, "dpo_beta": _DEFAULTS.dpo_beta,
-    "dpo_sft_weight": _DEFAULTS.dpo_sft_weight,
-}  # fmt: skip
+FORM_FIELDS = (
+    "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "epochs", "max_steps",
+    "batch_size", "max_seq_length", "validation_fraction", "dpo_beta", "dpo_sft_weight",
+)  # fmt: skip
+DEFAULT_FORM = {"base_model": DEFAULT_BASE_MODEL} | {name: TrainChoices.defaults()[name] for name in FORM_FIELDS}
 # A short job for (b) and (c): short steps, no evaluation.
 STREAM_JOB = {"max_steps": 24, "batch_size": 4, "max_seq_length": 96, "validation_fraction": 0}
 
