@@ -21,6 +21,7 @@ from webapp.datasets import reports
 from webapp.datasets.models import Dataset
 from worker.catalog import CATALOG
 from worker.errors import UserError
+from worker.families import FAMILIES
 from worker.spec import TrainChoices
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ _LOADING = threading.Lock()
 two reports started together failed with "cannot import name 'AutoTokenizer'" (and their pending
 markers then stood for half an hour). Importing, resolving the model and the pre-flight take
 turns; the statistics themselves run side by side."""
-PREFLIGHT_TASKS = ("sft", "dpo")
 
 
 @shared_task(name="webapp.datasets.parse_dataset", acks_late=True, ignore_result=True)
@@ -95,7 +95,7 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
             validation_fraction=_DEFAULT_SPEC["validation_fraction"],
             seed=_DEFAULT_SPEC["seed"],
         )
-        if dataset.task in PREFLIGHT_TASKS:
+        if FAMILIES[dataset.task].generative:  # the pre-flight shows the chat template's tokens
             with _LOADING:  # it loads a transformers tokenizer
                 report["preflight"] = preflight_examples(
                     dataset.rows_path, dataset.task, model_dir, max_length, report["longest_row"]
