@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_callback import PrinterCallback
 
 from worker.events import Reporter
+from worker.hardware import bf16_supported
 from worker.models import REPO_ROOT, resolve_base
 from worker.recipes import sft
 from worker.spec import TrainSpec
@@ -209,7 +210,7 @@ def run_app(method: str, plan: Plan) -> dict[str, Any]:
     emits = [seconds for kind, step, seconds in reporter.emit_seconds if kind == "metric" and step > plan.warmup_steps]
     return {
         "batches": batches[: plan.steps],
-        "bf16": sft.bf16_supported(),
+        "bf16": bf16_supported(),
         "logged_at": {step: metrics[step]["t"] for step in metrics},
         "losses": {step: metrics[step]["loss"] for step in metrics},
         "train_started_at": training,
@@ -361,7 +362,7 @@ def matmul_peak(dtype_name: str, size: int = 3072, repeats: int = 5) -> float:
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = size * 4 if device == "cuda" else size  # a GPU needs a bigger matmul to reach its peak
-    if device == "cpu" and dtype == torch.bfloat16 and not sft.bf16_supported():
+    if device == "cpu" and dtype == torch.bfloat16 and not bf16_supported():
         size, repeats = 512, 2
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     a @ b
@@ -611,7 +612,7 @@ def measure_peaks(plan: Plan) -> dict[str, float]:
     torch.set_num_threads(plan.threads)
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     no_bf16 = (
-        "" if torch.cuda.is_available() or sft.bf16_supported() else " (no bf16 instructions: the app trains in fp32)"
+        "" if torch.cuda.is_available() or bf16_supported() else " (no bf16 instructions: the app trains in fp32)"
     )
     print(
         f"matmul peak ({plan.threads} threads, best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "

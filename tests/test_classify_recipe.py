@@ -24,6 +24,7 @@ from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import load_sequence_classifier
 from worker.recipes import classify
+from worker.rows import stratified_split
 from worker.spec import TrainSpec
 
 GROUPS = {
@@ -453,16 +454,16 @@ def test_a_validation_label_that_no_training_row_has_is_refused(tiny_bert_dir, t
 def test_the_split_is_stratified_seeded_and_keeps_every_label_in_training():
     rows = [{"label": "a", "i": i} for i in range(29)] + [{"label": "b", "i": i} for i in range(11)]
     rows.append({"label": "c", "i": 0})
-    train_rows, held_out = classify.stratified_split(rows, 0.25, seed=1)
+    train_rows, held_out = stratified_split(rows, 0.25, seed=1)
     # 10 = round(0.25 · 41) rows: shares 7.25 and 2.75 (and 0.25), the larger remainder rounds up.
     assert sorted(row["label"] for row in held_out) == ["a"] * 7 + ["b"] * 3
     assert {row["label"] for row in train_rows} == {"a", "b", "c"}
-    assert classify.stratified_split(rows, 0.25, seed=1) == (train_rows, held_out)
-    assert classify.stratified_split(rows, 0.25, seed=2)[1] != held_out
-    assert len(classify.stratified_split(rows[:4], 0.01, seed=1)[1]) == 1  # at least one
-    assert classify.stratified_split(rows, 0.0, seed=1) == (rows, [])
+    assert stratified_split(rows, 0.25, seed=1) == (train_rows, held_out)
+    assert stratified_split(rows, 0.25, seed=2)[1] != held_out
+    assert len(stratified_split(rows[:4], 0.01, seed=1)[1]) == 1  # at least one
+    assert stratified_split(rows, 0.0, seed=1) == (rows, [])
     singles = [{"label": str(i)} for i in range(5)]
-    assert classify.stratified_split(singles, 0.5, seed=1) == (singles, [])
+    assert stratified_split(singles, 0.5, seed=1) == (singles, [])
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_sft_counts_duplicates_and_missing_optional_fields(tmp_path, smollm2_dir
 
 
 def test_overlap_follows_the_workers_seeded_split(tmp_path, smollm2_dir):
-    from worker.recipes.sft import split_rows
+    from worker.rows import split_rows
 
     rows = [{"instruction": f"q{n % 10}", "response": f"a{n}"} for n in range(40)]  # each prompt 4 times
     report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 64, seed=7)
@@ -103,7 +103,7 @@ def test_dpo_pairs_measure_the_longer_answer_and_flag_same_answers(tmp_path, smo
 def test_classification_reports_label_balance_and_the_stratified_split(tmp_path, minilm_dir):
     from transformers import AutoTokenizer
 
-    from worker.recipes.classify import stratified_split
+    from worker.rows import stratified_split
 
     rows = [{"text": f"message {n}", "label": ["spam", "ham ", "ham"][n % 3]} for n in range(30)]
     rows.append({"text": "word " * 300, "label": "spam"})
@@ -170,7 +170,7 @@ def test_embedding_overlap_is_by_query(tmp_path, minilm_dir):
 
 @pytest.mark.parametrize("count", [0, 1, 2, 7, 100])
 def test_split_positions_hold_out_what_split_rows_holds_out(count):
-    from worker.recipes.sft import split_rows
+    from worker.rows import split_rows
 
     _, held = split_rows(list(range(count)), 0.2, 3)
     assert sorted(quality.split_positions(count, 0.2, 3).tolist()) == held

@@ -8,6 +8,8 @@ import torch
 
 from worker import token_cache
 from worker.events import Reporter
+from worker.generation import SAMPLE_COUNT, generate_replies
+from worker.hardware import bf16_supported
 from worker.models import apply_method, load_causal_lm
 from worker.recipes import sft
 from worker.spec import TrainSpec
@@ -88,11 +90,11 @@ def test_a_lora_jobs_replies_before_training_are_the_untouched_base_models(tiny_
     spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path / "job", validation_fraction=0.2, max_steps=6)
     samples = sft.run(spec, Reporter())["samples"]
     base, tokenizer = load_causal_lm(spec)
-    if sft.bf16_supported():  # the job's frozen weights were stored in bf16 (the same matmuls)
+    if bf16_supported():  # the job's frozen weights were stored in bf16 (the same matmuls)
         sft.store_frozen_linears_in_bf16(base.requires_grad_(False))
     _, _, held_out = sft.prepare_data(spec, tokenizer, Reporter())
-    prompts = [sft.prompt_messages(row) for row in held_out[: sft.SAMPLE_COUNT]]
-    assert [sample["before"] for sample in samples] == sft.generate_replies(base, tokenizer, prompts)
+    prompts = [sft.prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
+    assert [sample["before"] for sample in samples] == generate_replies(base, tokenizer, prompts)
     assert [sample["before"] for sample in samples] != [sample["after"] for sample in samples]
 
 

@@ -18,6 +18,7 @@ from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.models import load_causal_lm
 from worker.recipes import sft
+from worker.rows import read_rows, split_rows
 from worker.spec import TrainSpec
 
 
@@ -229,13 +230,13 @@ def test_a_literal_end_of_turn_in_the_data_stays_text(tiny_llama_dir):
 
 def test_the_split_is_seeded_stable_and_holds_out_at_least_one_row():
     rows = list(range(50))
-    train_rows, held_out = sft.split_rows(rows, 0.1, seed=1)
+    train_rows, held_out = split_rows(rows, 0.1, seed=1)
     assert len(held_out) == 5 and sorted(train_rows + held_out) == rows
-    assert sft.split_rows(rows, 0.1, seed=1) == (train_rows, held_out)
-    assert sft.split_rows(rows, 0.1, seed=2) != (train_rows, held_out)
-    assert len(sft.split_rows(rows[:3], 0.01, seed=1)[1]) == 1
-    assert sft.split_rows(rows[:1], 0.5, seed=1) == ([0], [])
-    assert sft.split_rows(rows, 0.0, seed=1) == (rows, [])
+    assert split_rows(rows, 0.1, seed=1) == (train_rows, held_out)
+    assert split_rows(rows, 0.1, seed=2) != (train_rows, held_out)
+    assert len(split_rows(rows[:3], 0.01, seed=1)[1]) == 1
+    assert split_rows(rows[:1], 0.5, seed=1) == ([0], [])
+    assert split_rows(rows, 0.0, seed=1) == (rows, [])
 
 
 def test_the_padding_collator_pads_to_the_longest_row():
@@ -271,7 +272,7 @@ def test_it_refuses_malformed_data(content, message, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        sft.read_rows(path)
+        read_rows(path, sft.FIELDS)
 
 
 def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, sft_jsonl, tmp_path):

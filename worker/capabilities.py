@@ -40,8 +40,9 @@ def detect() -> dict[str, Any]:
     with TRAINING_IMPORTS:
         import torch
 
+        from worker.hardware import bf16_supported
         from worker.models import qlora_problem
-    bf16_supported = load_recipe("sft").bf16_supported
+    load_recipe("sft")  # imported now, so that the worker's first job starts warm
 
     cuda = torch.cuda.is_available()
     return {

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,17 @@ def keep_baseline(spec: TrainSpec, baseline: Any) -> None:
     path = Path(spec.output_dir) / BASELINE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(baseline))
+
+
+def resume_or_measure(spec: TrainSpec, reporter: Reporter, measure: Callable[[], Any]) -> tuple[str | None, Any]:
+    """(the checkpoint to resume from, the baseline the first attempt kept), or (None, measure()):
+    the baseline measured now, and kept for a later attempt."""
+    resume_from, kept = resume_point(spec, reporter)
+    if resume_from is not None:
+        return resume_from, kept
+    baseline = measure()
+    keep_baseline(spec, baseline)
+    return None, baseline
 
 
 class AdapterResume:

@@ -352,7 +352,7 @@ def _read_json(path: Path) -> dict:
 
 
 def split_positions(count: int, fraction: float, seed: int) -> np.ndarray:
-    """The positions worker.recipes.sft.split_rows holds out of `count` items (a seeded shuffle)."""
+    """The positions worker.rows.split_rows holds out of `count` items (a seeded shuffle)."""
     if fraction <= 0 or count < 2:
         return np.zeros(0, dtype=np.int64)
     order = array("q", range(count))  # 8 bytes an item, shuffled exactly as a list would be
@@ -362,7 +362,7 @@ def split_positions(count: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def stratified_positions(labels: np.ndarray, names: list[str], fraction: float, seed: int) -> np.ndarray:
-    """The rows worker.recipes.classify.stratified_split holds out; labels[i] indexes names."""
+    """The rows worker.rows.stratified_split holds out; labels[i] indexes names."""
     if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
     by_label = {names[k]: np.flatnonzero(labels == k) for k in np.unique(labels)}

@@ -26,23 +26,25 @@ setup → train → save, on transformers' Trainer.
 from __future__ import annotations
 
 import json
-import random
-from collections import defaultdict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from worker import training
 from worker.artifacts import artifact_name, write_card_and_spec
-from worker.checkpoints import Checkpointing, keep_baseline, resume_point
+from worker.checkpoints import Checkpointing, resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_sequence_classifier
 from worker.params import census
-from worker.recipes.sft import bf16_supported
+from worker.progress import ReportProgress
+from worker.rows import read_rows as read_jsonl_rows
+from worker.rows import stratified_split
 from worker.spec import TrainSpec
 
 FIELDS = {"classify": ("text", "label"), "pair": ("text_a", "text_b", "label")}
@@ -52,7 +54,34 @@ PRIMARY_METRIC = "accuracy"
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
-    # Setup: data, base model with a new head, method.
+    setup = set_up(spec, reporter)
+    resume_from, baseline = measure_baseline(setup)
+    step = training.train(setup.trainer, resume_from, reporter)
+    metrics_after, confusion_after = evaluate_after_training(setup, step)
+    return save(setup, baseline, metrics_after, confusion_after, step)
+
+
+@dataclass
+class Setup:
+    """What one classification run trains and evaluates."""
+
+    spec: TrainSpec
+    reporter: Reporter
+    model: Any
+    tokenizer: Any
+    trainer: Trainer
+    progress: ReportProgress
+    labels: list[str]
+    max_length: int
+    """The tokens a text (or a pair) is cut to: the spec's, or less where the model reads less."""
+    held_out: list[dict]
+    """The held-out rows as read; empty when nothing is held out (no metrics)."""
+    evaluate: Any
+    """() → (metrics, confusion, probabilities) of the model on the held-out rows (evaluate_rows)."""
+
+
+def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
+    """The rows, the base model with a new head and its method applied, and a Trainer over them."""
     reporter.state("preparing")
     set_seed(spec.seed)
     train_rows, held_out, labels = prepare_rows(spec)
@@ -61,14 +90,13 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     )
     model, tokenizer = load_sequence_classifier(spec, labels)
     max_length = min(spec.max_seq_length, getattr(model.config, "max_position_embeddings", None) or spec.max_seq_length)
-    label_ids = {label: index for index, label in enumerate(labels)}
-    encode = partial(encode_row, tokenizer=tokenizer, label_ids=label_ids, max_length=max_length, task=spec.task)
-    train_examples, eval_examples = [encode(row) for row in train_rows], [encode(row) for row in held_out]
+    encode = partial(encode_rows, tokenizer=tokenizer, labels=labels, max_length=max_length, task=spec.task)
+    train_examples, eval_examples = encode(train_rows), encode(held_out)
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     collate = DataCollatorWithPadding(tokenizer)
     evaluate = partial(evaluate_rows, model, eval_examples, collate, labels, spec.batch_size)
-    progress = ReportProgress(reporter, evaluate if eval_examples else None, spec.eval_every)
+    progress = ReportProgress(reporter, (lambda: eval_values(*evaluate()[:2])) if held_out else None, spec.eval_every)
     trainer = Trainer(
         model=model,
         args=training_arguments(spec),
@@ -77,106 +105,62 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         callbacks=[progress, Checkpointing(spec, reporter)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
+    return Setup(spec, reporter, model, tokenizer, trainer, progress, labels, max_length, held_out, evaluate)
 
-    # The untouched model on the held-out rows (a resumed job keeps the one it measured first), then train.
-    resume_from, baseline = resume_point(spec, reporter)
-    if resume_from is None:
-        before, confusion_before = evaluate()[:2] if eval_examples else ({}, None)
-        keep_baseline(spec, {"metrics": before, "confusion": confusion_before})
-        if eval_examples:
-            reporter.eval(0, baseline=True, **before, confusion=confusion_before)
-        else:
-            reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
-    else:
-        before, confusion_before = baseline["metrics"], baseline["confusion"]
-    reporter.raise_if_stopped()
-    trainer.train(resume_from_checkpoint=resume_from)
-    reporter.raise_if_stopped()
-    # Training wrapped the model's forward in bf16 autocast; the final metrics and predictions
-    # are those of the plain fp32 model that is exported.
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    step = trainer.state.global_step
-    after, confusion_after, probabilities = {}, None, []
-    if eval_examples:
-        reporter.state("evaluating")
-        after, confusion_after, probabilities = evaluate()
-        reporter.eval(step, final=True, **after, confusion=confusion_after)
-    write_predictions(Path(spec.output_dir) / "eval_predictions.json", held_out, labels, probabilities)
 
-    # Save.
-    reporter.state("exporting")
-    metrics = {"train_loss": progress.last_loss, "steps": step, "metrics_before": before, "metrics_after": after}
-    artifact_dir = export(model, tokenizer, spec, metrics, labels, max_length, Path(spec.output_dir) / "final")
-    reporter.artifact(str(artifact_dir), method=spec.method, train_loss=progress.last_loss, steps=step, **after)
+def training_arguments(spec: TrainSpec) -> TrainingArguments:
+    return training.arguments(
+        spec, train_sampling_strategy="group_by_length", remove_unused_columns=False, label_names=["labels"]
+    )
+
+
+def measure_baseline(setup: Setup) -> tuple[str | None, dict[str, Any]]:
+    """(the checkpoint to resume from, or None; the untouched model's metrics and confusion
+    matrix): a resumed job keeps the one its first attempt measured."""
+    return resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
+
+
+def held_out_baseline(setup: Setup) -> dict[str, Any]:
+    if not setup.held_out:
+        setup.reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
+        return {"metrics": {}, "confusion": None}
+    metrics, confusion = setup.evaluate()[:2]
+    setup.reporter.eval(0, baseline=True, **eval_values(metrics, confusion))
+    return {"metrics": metrics, "confusion": confusion}
+
+
+def evaluate_after_training(setup: Setup, step: int) -> tuple[dict[str, float], dict | None]:
+    """The held-out metrics and confusion matrix ({} and None when nothing is held out), and
+    eval_predictions.json."""
+    # The final metrics and predictions are those of the plain fp32 model that is exported.
+    training.without_autocast(setup.trainer, setup.model)
+    metrics, confusion, probabilities = {}, None, []
+    if setup.held_out:
+        setup.reporter.state("evaluating")
+        metrics, confusion, probabilities = setup.evaluate()
+        setup.reporter.eval(step, final=True, **eval_values(metrics, confusion))
+    write_predictions(
+        Path(setup.spec.output_dir) / "eval_predictions.json", setup.held_out, setup.labels, probabilities
+    )
+    return metrics, confusion
+
+
+def save(setup: Setup, baseline: dict, after: dict, confusion_after: dict | None, step: int) -> dict[str, Any]:
+    """The artifact folder; the job's result."""
+    spec, train_loss = setup.spec, setup.progress.last_loss
+    setup.reporter.state("exporting")
+    metrics = {"train_loss": train_loss, "steps": step, "metrics_before": baseline["metrics"], "metrics_after": after}
+    out_dir = Path(spec.output_dir) / "final"
+    artifact_dir = export(setup.model, setup.tokenizer, spec, metrics, setup.labels, setup.max_length, out_dir)
+    setup.reporter.artifact(str(artifact_dir), method=spec.method, train_loss=train_loss, steps=step, **after)
     return {
         **metrics,
         "artifact_dir": str(artifact_dir),
         "primary_metric": PRIMARY_METRIC,
-        "confusion_before": confusion_before,
+        "confusion_before": baseline["confusion"],
         "confusion_after": confusion_after,
-        "labels": labels,
+        "labels": setup.labels,
     }
-
-
-class ReportProgress(TrainerCallback):
-    """Trainer events → reporter events, with the held-out metrics every `eval_every` steps; a
-    requested stop ends training after the current step."""
-
-    def __init__(self, reporter: Reporter, evaluate, eval_every: int):
-        self.reporter = reporter
-        self.evaluate = evaluate
-        self.eval_every = eval_every
-        self.last_loss: float | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.reporter.state("training")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.last_loss = float(logs["loss"])
-            values = {key: float(logs[key]) for key in ("learning_rate", "grad_norm") if key in logs}
-            self.reporter.metric(
-                state.global_step,
-                loss=self.last_loss,
-                total_steps=state.max_steps,
-                epoch=round(float(state.epoch or 0), 4),
-                **values,
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.reporter.stop_requested.is_set():
-            control.should_training_stop = True
-        last = control.should_training_stop or state.global_step >= state.max_steps
-        if self.evaluate and state.global_step % self.eval_every == 0 and not last:
-            metrics, confusion, _ = self.evaluate()  # the recipe evaluates the last step itself
-            self.reporter.eval(state.global_step, **metrics, confusion=confusion)
-
-
-def training_arguments(spec: TrainSpec) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=spec.output_dir,
-        per_device_train_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0.05,  # a ratio of the total steps when below 1
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        logging_steps=1,
-        eval_strategy="no",  # the callback evaluates: accuracy and friends, not only the loss
-        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
-        save_steps=spec.checkpoint_every,
-        report_to="none",
-        activation_checkpointing=False,
-        dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length",
-        remove_unused_columns=False,
-        label_names=["labels"],
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
 
 
 # Data -----------------------------------------------------------------------------------------
@@ -202,20 +186,11 @@ def prepare_rows(spec: TrainSpec) -> tuple[list[dict], list[dict], list[str]]:
 
 def read_rows(path: Path, fields: tuple[str, ...], source: str = "the dataset") -> list[dict[str, str]]:
     """The rows of `path` with their `fields` (all text); labels trimmed of surrounding spaces."""
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
-        if not isinstance(row, dict) or not all(isinstance(row.get(name), str) for name in fields):
-            raise UserError(f"Line {number} of {source} needs text fields {', '.join(fields)}.")
-        rows.append({name: row[name] for name in fields} | {"label": row["label"].strip()})
-    if not rows:
-        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
-    return rows
+
+    def keep(row: dict, where: str) -> dict[str, str]:
+        return {name: row[name] for name in fields} | {"label": row["label"].strip()}
+
+    return read_jsonl_rows(path, fields, source, keep, fields_named=", ".join(fields))
 
 
 def label_names(rows: list[dict[str, str]]) -> list[str]:
@@ -225,32 +200,9 @@ def label_names(rows: list[dict[str, str]]) -> list[str]:
     return labels
 
 
-def stratified_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held out): round(fraction · rows) rows held out (at least one), shared among the
-    labels in proportion to their size (largest remainders first), every label keeping at least
-    one training row; which rows of a label are held out is a seeded shuffle."""
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(rows):
-        by_label[row["label"]].append(index)
-    if fraction <= 0:
-        return rows, []
-    shares = {label: fraction * len(indices) for label, indices in by_label.items()}
-    counts = {label: min(int(share), len(by_label[label]) - 1) for label, share in shares.items()}
-    missing = max(1, round(fraction * len(rows))) - sum(counts.values())
-    for label in sorted(by_label, key=lambda name: (int(shares[name]) - shares[name], name)):
-        if missing > 0 and counts[label] < len(by_label[label]) - 1:
-            counts[label] += 1
-            missing -= 1
-    rng = random.Random(seed)
-    held_out: set[int] = set()
-    for label in sorted(by_label):
-        indices = by_label[label]
-        rng.shuffle(indices)
-        held_out.update(indices[: counts[label]])
-    return (
-        [row for i, row in enumerate(rows) if i not in held_out],
-        [row for i, row in enumerate(rows) if i in held_out],
-    )
+def encode_rows(rows: list[dict], tokenizer, labels: list[str], max_length: int, task: str) -> list[dict]:
+    label_ids = {label: index for index, label in enumerate(labels)}
+    return [encode_row(row, tokenizer, label_ids, max_length, task) for row in rows]
 
 
 def encode_row(row: dict[str, str], tokenizer, label_ids: dict[str, int], max_length: int, task: str) -> dict:
@@ -269,6 +221,11 @@ def evaluate_rows(model, examples: list[dict], collate, labels: list[str], batch
     gold = [example["labels"] for example in examples]
     metrics, confusion = classification_metrics(probabilities, gold, labels)
     return {**metrics, "eval_loss": loss}, confusion, probabilities
+
+
+def eval_values(metrics: dict[str, float], confusion: dict | None) -> dict[str, Any]:
+    """An evaluation as an eval event's values."""
+    return {**metrics, "confusion": confusion}
 
 
 @torch.no_grad()

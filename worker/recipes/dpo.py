@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,28 +40,75 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
+from worker import training
 from worker.artifacts import export
-from worker.checkpoints import Checkpointing, keep_baseline, resume_point
+from worker.checkpoints import Checkpointing, resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.generation import SAMPLE_COUNT, generate_replies
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
-from worker.recipes.sft import (
-    SAMPLE_COUNT,
-    ReportProgress,
-    bf16_supported,
-    generate_replies,
-    read_rows,
-    split_rows,
-)
+from worker.progress import METRIC_KEYS, ReportProgress
+from worker.rows import read_rows, split_rows
 from worker.spec import TrainSpec
 
 FIELDS = ("prompt", "chosen", "rejected")
 PAIRS_PER_FORWARD = 4  # held-out pairs scored per forward pass; bounds the memory of the full logits
+PREFERENCE_KEYS = METRIC_KEYS | {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
+"""DPO's reward accuracy and margin (TRL's, per batch) are reported with each step's loss."""
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
-    # Setup: base model, data, method, reference.
+    setup = set_up(spec, reporter)
+    resume_from, baseline = measure_baseline(setup)
+    progress = report_progress(setup, baseline)
+    step = training.train(setup.trainer, resume_from, reporter)
+    after = evaluate_after_training(setup, baseline, step)
+    return save(setup, baseline, after, progress.last_loss, step)
+
+
+@dataclass
+class Setup:
+    """What one DPO run trains and evaluates."""
+
+    spec: TrainSpec
+    reporter: Reporter
+    model: Any
+    tokenizer: Any
+    trainer: DPOTrainer
+    eval_pairs: list[tuple[dict, dict]]
+    """The held-out pairs as (row, token ids); empty when nothing is held out."""
+
+    def scores(self) -> torch.Tensor:
+        return score_pairs(self.model, self.eval_pairs, self.spec.max_seq_length)
+
+    def replies(self) -> list[str]:
+        """The model's replies to the first held-out prompts."""
+        rows = [row for row, _ in self.eval_pairs[:SAMPLE_COUNT]]
+        return generate_replies(self.model, self.tokenizer, [prompt_messages(row) for row in rows])
+
+
+@dataclass
+class Baseline:
+    """The untouched model on the held-out pairs. It is also the reference, so its scores are
+    kept (with the baseline, for a resumed job: by then the model has moved)."""
+
+    metrics: dict[str, float]
+    replies: list[str]
+    reference_scores: torch.Tensor
+
+
+@dataclass
+class Evaluation:
+    """The held-out pairs after training (all empty when nothing is held out)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+
+
+def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
+    """The base model with its method applied, its reference, the pairs, and a DPOTrainer over them."""
     reporter.state("preparing")
     set_seed(spec.seed)
     datasets.disable_progress_bars()  # events go through the reporter, not stderr
@@ -83,107 +130,77 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         # nothing yet), so the base with adapters switched off is the same reference, for free.
         model.delete_adapter("ref")
     trainer.remove_callback(PrinterCallback)
+    return Setup(spec, reporter, model, tokenizer, trainer, eval_pairs)
 
-    # The untouched model on the held-out pairs. It is also the reference, so its scores are kept
-    # (with the baseline, for a resumed job: by then the model has moved).
-    sample_pairs = [row for row, _ in eval_pairs[:SAMPLE_COUNT]]
-    resume_from, baseline = resume_point(spec, reporter)
-    if resume_from is None:
-        reference_scores = score_pairs(model, eval_pairs, spec.max_seq_length)
-        metrics_before = preference_metrics(reference_scores, reference_scores, spec.dpo_beta) if eval_pairs else {}
-        replies_before = generate_replies(model, tokenizer, [prompt_messages(row) for row in sample_pairs])
-        keep_baseline(spec, [metrics_before, replies_before, reference_scores.tolist()])
-        if eval_pairs:
-            reporter.eval(0, baseline=True, **metrics_before)
-    else:
-        metrics_before, replies_before, reference = baseline
-        reference_scores = torch.tensor(reference).view(-1, 2, 2)
+
+def measure_baseline(setup: Setup) -> tuple[str | None, Baseline]:
+    """(the checkpoint to resume from, or None; the untouched model's baseline): a resumed job
+    keeps the one its first attempt measured."""
+    resume_from, kept = resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
+    metrics, replies, reference_scores = kept
+    return resume_from, Baseline(metrics, replies, torch.tensor(reference_scores).view(-1, 2, 2))
+
+
+def held_out_baseline(setup: Setup) -> list:
+    """[metrics, replies, reference scores], as JSON."""
+    scores = setup.scores()
+    metrics = preference_metrics(scores, scores, setup.spec.dpo_beta) if setup.eval_pairs else {}
+    if setup.eval_pairs:
+        setup.reporter.eval(0, baseline=True, **metrics)
+    return [metrics, setup.replies(), scores.tolist()]
+
+
+def report_progress(setup: Setup, baseline: Baseline) -> ReportProgress:
+    """Each step's loss and rewards, and the held-out metrics every eval_every steps."""
 
     def evaluate() -> dict[str, float]:
-        return preference_metrics(score_pairs(model, eval_pairs, spec.max_seq_length), reference_scores, spec.dpo_beta)
+        return preference_metrics(setup.scores(), baseline.reference_scores, setup.spec.dpo_beta)
 
-    progress = ReportPreferenceProgress(reporter, evaluate if eval_pairs else None, spec.eval_every)
-    trainer.add_callback(progress)
+    evaluate_held_out = evaluate if setup.eval_pairs else None
+    progress = ReportProgress(setup.reporter, evaluate_held_out, setup.spec.eval_every, PREFERENCE_KEYS)
+    setup.trainer.add_callback(progress)
+    return progress
 
-    # Train, then evaluate once more on the held-out pairs.
-    reporter.raise_if_stopped()
-    trainer.train(resume_from_checkpoint=resume_from)
-    reporter.raise_if_stopped()
-    step = trainer.state.global_step
-    metrics_after, samples, predictions = {}, [], []
-    if eval_pairs:
-        reporter.state("evaluating")
-        scores = score_pairs(model, eval_pairs, spec.max_seq_length)
-        metrics_after = preference_metrics(scores, reference_scores, spec.dpo_beta)
-        predictions = pair_predictions(eval_pairs, scores, reference_scores, spec.dpo_beta)
-        replies_after = generate_replies(model, tokenizer, [prompt_messages(row) for row in sample_pairs])
-        samples = [
-            {"instruction": row["prompt"], "reference": row["chosen"], "before": before, "after": after}
-            for row, before, after in zip(sample_pairs, replies_before, replies_after, strict=True)
-        ]
-        reporter.eval(step, final=True, **metrics_after, samples=samples)
 
-    # Save.
-    reporter.state("exporting")
-    metrics = {"train_loss": progress.last_loss, "eval_loss": metrics_after.get("eval_loss"), "steps": step}
+def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> Evaluation:
+    """The held-out metrics, a record per pair, and the sample replies before and after training."""
+    if not setup.eval_pairs:
+        return Evaluation()
+    setup.reporter.state("evaluating")
+    scores = setup.scores()
+    metrics = preference_metrics(scores, baseline.reference_scores, setup.spec.dpo_beta)
+    predictions = pair_predictions(setup.eval_pairs, scores, baseline.reference_scores, setup.spec.dpo_beta)
+    sample_pairs = [row for row, _ in setup.eval_pairs[:SAMPLE_COUNT]]
+    samples = [
+        {"instruction": row["prompt"], "reference": row["chosen"], "before": before, "after": after}
+        for row, before, after in zip(sample_pairs, baseline.replies, setup.replies(), strict=True)
+    ]
+    setup.reporter.eval(step, final=True, **metrics, samples=samples)
+    return Evaluation(metrics, samples, predictions)
+
+
+def save(setup: Setup, baseline: Baseline, after: Evaluation, train_loss: float | None, step: int) -> dict[str, Any]:
+    """The artifact folder and eval_predictions.json; the job's result."""
+    spec = setup.spec
+    setup.reporter.state("exporting")
+    metrics = {"train_loss": train_loss, "eval_loss": after.metrics.get("eval_loss"), "steps": step}
     summary = {
         "primary_metric": "preference_accuracy",
-        "metrics_before": metrics_before,
-        "metrics_after": metrics_after,
+        "metrics_before": baseline.metrics,
+        "metrics_after": after.metrics,
     }
     # The card's before → after table holds eval_loss; a top-level one would add a "perplexity",
     # which means nothing for a DPO loss.
-    card_metrics = {"train_loss": progress.last_loss, "steps": step, **summary}
-    artifact_dir = export(model, tokenizer, spec, card_metrics, Path(spec.output_dir) / "final")
-    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(predictions, indent=2) + "\n")
-    reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "samples": samples, "artifact_dir": str(artifact_dir)}
-
-
-class ReportPreferenceProgress(ReportProgress):
-    """SFT's progress reporting, plus DPO's reward accuracy and margin with each step's loss, and a
-    held-out evaluation every `eval_every` steps (the last step is left to the recipe)."""
-
-    metric_keys = ReportProgress.metric_keys | {
-        "rewards/accuracies": "reward_accuracy",
-        "rewards/margins": "reward_margin",
-    }
-
-    def __init__(self, reporter: Reporter, evaluate: Callable[[], dict[str, float]] | None, eval_every: int):
-        super().__init__(reporter)
-        self.evaluate = evaluate
-        self.eval_every = eval_every
-
-    def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        if self.evaluate and state.global_step % self.eval_every == 0 and not control.should_training_stop:
-            self.reporter.eval(state.global_step, **self.evaluate())
+    card_metrics = {"train_loss": train_loss, "steps": step, **summary}
+    artifact_dir = export(setup.model, setup.tokenizer, spec, card_metrics, Path(spec.output_dir) / "final")
+    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(after.predictions, indent=2) + "\n")
+    setup.reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
+    return {**metrics, **summary, "samples": after.samples, "artifact_dir": str(artifact_dir)}
 
 
 def dpo_arguments(spec: TrainSpec) -> DPOConfig:
-    return DPOConfig(
-        output_dir=spec.output_dir,
-        beta=spec.dpo_beta,
-        **preference_loss(spec),
-        max_length=spec.max_seq_length,
-        per_device_train_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0.05,  # a ratio of the total steps when below 1
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        logging_steps=1,
-        eval_strategy="no",  # the recipe evaluates held-out pairs itself (see ReportPreferenceProgress)
-        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
-        save_steps=spec.checkpoint_every,
-        report_to="none",
-        activation_checkpointing=False,  # DPOConfig turns it on by default: slower, and not needed here
-        dataloader_num_workers=0,
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=bf16_supported(),  # DPOConfig defaults to bf16 even where it is slow
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
+    return training.arguments(
+        spec, DPOConfig, beta=spec.dpo_beta, **preference_loss(spec), max_length=spec.max_seq_length
     )
 
 

@@ -27,6 +27,9 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,16 @@ from sentence_transformers.sentence_transformer.training_args import BatchSample
 from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from worker.artifacts import artifact_name, write_card_and_spec
-from worker.checkpoints import AdapterResume, Checkpointing, keep_baseline, resume_point
+from worker import sentence_models, training
+from worker.artifacts import artifact_name
+from worker.checkpoints import AdapterResume, Checkpointing, resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import lora_config
 from worker.params import census
-from worker.recipes.rerank import ReportProgress
-from worker.recipes.sft import bf16_supported, split_rows
+from worker.progress import ReportProgress, report_baseline
+from worker.rows import hold_out_queries
+from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
 PRIMARY_METRIC = "recall@1"
@@ -57,7 +62,37 @@ CUTOFF = 10  # how deep the metrics look into each ranking
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
-    # Setup: data, base model, method.
+    setup = set_up(spec, reporter)
+    resume_from, metrics_before = resume_or_measure(spec, reporter, partial(report_baseline, reporter, setup.evaluate))
+    step = training.train(setup.trainer, resume_from, reporter)
+    metrics_after = evaluate_after_training(setup, step)
+    return save(setup, metrics_before, metrics_after, step)
+
+
+@dataclass
+class Setup:
+    """What one embedding run trains and evaluates."""
+
+    spec: TrainSpec
+    reporter: Reporter
+    model: SentenceTransformer
+    trainer: SentenceTransformerTrainer
+    progress: ReportProgress
+    queries: list[str]
+    """The held-out queries (empty when nothing is held out: no metrics)..."""
+    corpus: list[str]
+    """...the held-out corpus they search..."""
+    relevant: list[set[int]]
+    """...and per query the corpus indices of its positives (retrieval_task)."""
+    evaluate: Callable[[], dict[str, float]] | None
+    """The model's retrieval metrics on the held-out queries (None when nothing is held out)."""
+
+    def search(self) -> list[list[tuple[int, float]]]:
+        return search(self.model, self.queries, self.corpus)
+
+
+def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
+    """The rows, the base as a bi-encoder with its method applied, and a trainer over them."""
     reporter.state("preparing")
     set_seed(spec.seed)
     train_rows, held_out = prepare_data(spec, reporter)
@@ -69,78 +104,49 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     progress = ReportProgress(reporter, evaluate, spec.eval_every)
     trainer = EmbeddingTrainer(
         model=model,
-        args=training_arguments(spec),
+        # A duplicate in a batch would be a false in-batch negative.
+        args=training.arguments(spec, SentenceTransformerTrainingArguments, batch_sampler=BatchSamplers.NO_DUPLICATES),
         train_dataset=training_dataset(train_rows, spec.seed),
         loss=MultipleNegativesRankingLoss(model),
         callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-
-    # The untouched model on the held-out queries (a resumed job keeps the one it measured first).
-    resume_from, metrics_before = resume_point(spec, reporter)
-    if resume_from is None:
-        metrics_before = evaluate() if evaluate else {}
-        keep_baseline(spec, metrics_before)
-        if evaluate:
-            reporter.eval(0, baseline=True, **metrics_before)
-
-    # Train, then search the held-out corpus once more.
-    reporter.raise_if_stopped()
-    trainer.train(resume_from_checkpoint=resume_from)
-    reporter.raise_if_stopped()
-    # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
-    # evaluation and the artifact see the model as a user runs it, in full precision.
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    step = trainer.state.global_step
-    rankings = []
-    metrics_after = {}
-    if queries:
-        reporter.state("evaluating")
-        rankings = search(model, queries, corpus)
-        metrics_after = retrieval_metrics(relevant, rankings)
-        reporter.eval(step, final=True, **metrics_after)
-    write_predictions(Path(spec.output_dir) / "eval_predictions.json", queries, corpus, relevant, rankings)
-
-    # Save.
-    reporter.state("exporting")
-    result = {
-        "train_loss": progress.last_loss,
-        "steps": step,
-        "primary_metric": PRIMARY_METRIC,
-        "metrics_before": metrics_before,
-        "metrics_after": metrics_after,
-    }
-    artifact_dir = export(model, spec, result, Path(spec.output_dir) / "final")
-    reporter.artifact(str(artifact_dir), method=spec.method, **result)
-    return {**result, "artifact_dir": str(artifact_dir)}
+    return Setup(spec, reporter, model, trainer, progress, queries, corpus, relevant, evaluate)
 
 
 class EmbeddingTrainer(AdapterResume, SentenceTransformerTrainer):
     """SentenceTransformerTrainer that resumes a LoRA model's checkpoint (see AdapterResume)."""
 
 
-def training_arguments(spec: TrainSpec) -> SentenceTransformerTrainingArguments:
-    return SentenceTransformerTrainingArguments(
-        output_dir=spec.output_dir,
-        per_device_train_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0.05,  # a ratio of the total steps when below 1
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        logging_steps=1,
-        eval_strategy="no",  # the callback searches the held-out corpus itself
-        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
-        save_steps=spec.checkpoint_every,
-        report_to="none",
-        dataloader_num_workers=0,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate would be a false in-batch negative
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
+def evaluate_after_training(setup: Setup, step: int) -> dict[str, float]:
+    """The retrieval metrics of the held-out queries ({} when nothing is held out), and
+    eval_predictions.json."""
+    training.without_autocast(setup.trainer, setup.model)
+    rankings, metrics = [], {}
+    if setup.queries:
+        setup.reporter.state("evaluating")
+        rankings = setup.search()
+        metrics = retrieval_metrics(setup.relevant, rankings)
+        setup.reporter.eval(step, final=True, **metrics)
+    path = Path(setup.spec.output_dir) / "eval_predictions.json"
+    write_predictions(path, setup.queries, setup.corpus, setup.relevant, rankings)
+    return metrics
+
+
+def save(setup: Setup, metrics_before: dict, metrics_after: dict, step: int) -> dict[str, Any]:
+    """The artifact folder; the job's result."""
+    setup.reporter.state("exporting")
+    result = {
+        "train_loss": setup.progress.last_loss,
+        "steps": step,
+        "primary_metric": PRIMARY_METRIC,
+        "metrics_before": metrics_before,
+        "metrics_after": metrics_after,
+    }
+    out_dir = Path(setup.spec.output_dir) / "final"
+    artifact_dir = sentence_models.export(setup.model, setup.spec, result, out_dir, usage(setup.spec))
+    setup.reporter.artifact(str(artifact_dir), method=setup.spec.method, **result)
+    return {**result, "artifact_dir": str(artifact_dir)}
 
 
 # Model -----------------------------------------------------------------------------------------
@@ -148,20 +154,7 @@ def training_arguments(spec: TrainSpec) -> SentenceTransformerTrainingArguments:
 
 def load_sentence_transformer(spec: TrainSpec) -> SentenceTransformer:
     """The base as a bi-encoder (a plain encoder folder gets mean pooling)."""
-    from worker.models import resolve_encoder
-
-    path = resolve_encoder(spec, "an embedding model")
-    try:
-        model = SentenceTransformer(
-            path,
-            trust_remote_code=False,
-            local_files_only=True,
-            model_kwargs={"dtype": torch.float32, "use_safetensors": True},
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"Could not load {spec.base_model} as an embedding model: {exc}") from exc
-    model.max_seq_length = min(spec.max_seq_length, model.max_seq_length)
-    return model
+    return sentence_models.load(SentenceTransformer, spec, "an embedding model", "an embedding model")
 
 
 def apply_method(model: SentenceTransformer, spec: TrainSpec) -> None:
@@ -183,16 +176,6 @@ def search(model: SentenceTransformer, queries: list[str], corpus: list[str]) ->
     scores = model.similarity(model.encode(queries, **encode), model.encode(corpus, **encode))
     top = torch.topk(scores.float(), k=min(CUTOFF, len(corpus)), dim=1)
     return [list(zip(indices.tolist(), values.tolist(), strict=True)) for values, indices in zip(*top, strict=True)]
-
-
-def export(model: SentenceTransformer, spec: TrainSpec, metrics: dict[str, Any], out_dir: Path) -> Path:
-    """A folder SentenceTransformer(folder) loads as is: LoRA is merged into the weights first."""
-    transformer = model[0]
-    if spec.method == "lora":
-        transformer.model = transformer.model.merge_and_unload()
-    model.save(str(out_dir), create_model_card=False, safe_serialization=True)
-    write_card_and_spec(out_dir, spec, {**metrics, "library": "sentence-transformers"}, usage(spec))
-    return out_dir
 
 
 def usage(spec: TrainSpec) -> str:
@@ -273,9 +256,7 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[list[dict], list[
         train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
     else:
         queries = list(dict.fromkeys(row["query"] for row in rows))
-        _, held = split_rows(queries, spec.validation_fraction, spec.seed)
-        train = [row for row in rows if row["query"] not in set(held)]
-        held_out = [row for row in rows if row["query"] in set(held)]
+        train, held_out = hold_out_queries(rows, queries, spec.validation_fraction, spec.seed)
     reporter.log(
         f"{len({row['query'] for row in train})} training queries ({len(train)} rows), "
         f"{len({row['query'] for row in held_out})} held-out queries ({len(held_out)} rows)."
@@ -302,19 +283,9 @@ def borrowed_negative(row: dict, rows: list[dict], rng: random.Random) -> str:
 
 
 def read_rows(path: Path, source: str = "the dataset") -> list[dict[str, str]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("query", "positive")):
-            raise UserError(f"Line {number} of {source} needs text fields query and positive.")
+    def keep(row: dict, where: str) -> dict[str, str]:
         if not isinstance(row.get("negative", ""), str):
-            raise UserError(f"Line {number} of {source}: negative must be text.")
-        rows.append({key: row[key] for key in ("query", "positive", "negative") if row.get(key)})
-    if not rows:
-        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
-    return rows
+            raise UserError(f"{where}: negative must be text.")
+        return {key: row[key] for key in ("query", "positive", "negative") if row.get(key)}
+
+    return read_jsonl_rows(path, ("query", "positive"), source, keep)

@@ -27,23 +27,27 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import ListNetLoss
-from transformers import PreTrainedModel, TrainerCallback, set_seed
+from transformers import PreTrainedModel, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from worker.artifacts import artifact_name, write_card_and_spec
-from worker.checkpoints import AdapterResume, Checkpointing, keep_baseline, resume_point
+from worker import sentence_models, training
+from worker.artifacts import artifact_name
+from worker.checkpoints import AdapterResume, Checkpointing, resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import lora_config
 from worker.params import census
-from worker.recipes.sft import bf16_supported, split_rows
+from worker.progress import ReportProgress, report_baseline
+from worker.rows import hold_out_queries
+from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
 PRIMARY_METRIC = "ndcg@10"
@@ -51,7 +55,30 @@ CUTOFF = 10  # the @10 of the metrics: how deep a user looks into a ranking
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
-    # Setup: data, base model, method.
+    setup = set_up(spec, reporter)
+    resume_from, metrics_before = resume_or_measure(spec, reporter, partial(report_baseline, reporter, setup.evaluate))
+    step = training.train(setup.trainer, resume_from, reporter)
+    metrics_after = evaluate_after_training(setup, step)
+    return save(setup, metrics_before, metrics_after, step)
+
+
+@dataclass
+class Setup:
+    """What one reranking run trains and evaluates."""
+
+    spec: TrainSpec
+    reporter: Reporter
+    model: CrossEncoder
+    trainer: CrossEncoderTrainer
+    progress: ReportProgress
+    held_out: list[dict]
+    """The held-out rows; empty when nothing is held out (no metrics)."""
+    evaluate: Callable[[], dict[str, float]] | None
+    """The model's ranking metrics on the held-out queries (None when nothing is held out)."""
+
+
+def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
+    """The queries, the base as a cross-encoder with its method applied, and a trainer over them."""
     reporter.state("preparing")
     set_seed(spec.seed)  # the fresh scoring head is drawn from the seeded generator
     train_lists, held_out = prepare_data(spec, reporter)
@@ -62,7 +89,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     progress = ReportProgress(reporter, evaluate, spec.eval_every)
     trainer = RerankTrainer(
         model=model,
-        args=training_arguments(spec),
+        args=training.arguments(spec, CrossEncoderTrainingArguments),
         train_dataset=train_lists,
         # All pairs of a batch in one forward pass (by default it takes batch_size pairs at a
         # time, which is slower and saves no memory: every chunk waits for the backward pass).
@@ -70,103 +97,41 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
         callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-
-    # The untouched model on the held-out queries (a resumed job keeps the one it measured first).
-    resume_from, metrics_before = resume_point(spec, reporter)
-    if resume_from is None:
-        metrics_before = evaluate() if evaluate else {}
-        keep_baseline(spec, metrics_before)
-        if evaluate:
-            reporter.eval(0, baseline=True, **metrics_before)
-
-    # Train, then rank the held-out queries once more.
-    reporter.raise_if_stopped()
-    trainer.train(resume_from_checkpoint=resume_from)
-    reporter.raise_if_stopped()
-    # Training ran the forward pass under autocast (accelerate wraps model.forward); the final
-    # evaluation and the artifact see the model as a user runs it, in full precision.
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    step = trainer.state.global_step
-    scores = []
-    metrics_after = {}
-    if held_out:
-        reporter.state("evaluating")
-        scores = predict(model, held_out)
-        metrics_after = ranking_metrics(held_out, scores)
-        reporter.eval(step, final=True, **metrics_after)
-    write_predictions(Path(spec.output_dir) / "eval_predictions.json", held_out, scores)
-
-    # Save.
-    reporter.state("exporting")
-    result = {
-        "train_loss": progress.last_loss,
-        "steps": step,
-        "primary_metric": PRIMARY_METRIC,
-        "metrics_before": metrics_before,
-        "metrics_after": metrics_after,
-    }
-    artifact_dir = export(model, spec, result, Path(spec.output_dir) / "final")
-    reporter.artifact(str(artifact_dir), method=spec.method, **result)
-    return {**result, "artifact_dir": str(artifact_dir)}
+    return Setup(spec, reporter, model, trainer, progress, held_out, evaluate)
 
 
 class RerankTrainer(AdapterResume, CrossEncoderTrainer):
     """CrossEncoderTrainer that resumes a LoRA model's checkpoint (see AdapterResume)."""
 
 
-class ReportProgress(TrainerCallback):
-    """Trainer events → reporter events, an evaluation every `every` steps (run in the training
-    precision), and a requested stop ends training after the current step."""
-
-    def __init__(self, reporter: Reporter, evaluate: Callable[[], dict[str, float]] | None, every: int):
-        self.reporter = reporter
-        self.evaluate = evaluate
-        self.every = every
-        self.last_loss: float | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.reporter.state("training")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.reporter.stop_requested.is_set():
-            control.should_training_stop = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        self.last_loss = float(logs["loss"])
-        values = {key: float(logs[key]) for key in ("learning_rate", "grad_norm") if key in logs}
-        step = state.global_step
-        self.reporter.metric(
-            step, loss=self.last_loss, total_steps=state.max_steps, epoch=round(float(state.epoch or 0), 4), **values
-        )
-        # After the step's loss, like the Trainer's own evaluation; the last step is evaluated
-        # by the recipe (final=True), and a stopping run is not evaluated at all.
-        if self.evaluate and step % self.every == 0 and not control.should_training_stop:
-            self.reporter.eval(step, **self.evaluate())
+def evaluate_after_training(setup: Setup, step: int) -> dict[str, float]:
+    """The ranking metrics of the held-out queries ({} when nothing is held out), and
+    eval_predictions.json."""
+    training.without_autocast(setup.trainer, setup.model)
+    scores, metrics = [], {}
+    if setup.held_out:
+        setup.reporter.state("evaluating")
+        scores = predict(setup.model, setup.held_out)
+        metrics = ranking_metrics(setup.held_out, scores)
+        setup.reporter.eval(step, final=True, **metrics)
+    write_predictions(Path(setup.spec.output_dir) / "eval_predictions.json", setup.held_out, scores)
+    return metrics
 
 
-def training_arguments(spec: TrainSpec) -> CrossEncoderTrainingArguments:
-    return CrossEncoderTrainingArguments(
-        output_dir=spec.output_dir,
-        per_device_train_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0.05,  # a ratio of the total steps when below 1
-        max_steps=spec.max_steps or -1,
-        num_train_epochs=spec.epochs,
-        logging_steps=1,
-        eval_strategy="no",  # the callback ranks the held-out queries itself
-        save_strategy="steps",  # resumable checkpoints; worker.checkpoints signs and prunes them
-        save_steps=spec.checkpoint_every,
-        report_to="none",
-        dataloader_num_workers=0,
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
+def save(setup: Setup, metrics_before: dict, metrics_after: dict, step: int) -> dict[str, Any]:
+    """The artifact folder; the job's result."""
+    setup.reporter.state("exporting")
+    result = {
+        "train_loss": setup.progress.last_loss,
+        "steps": step,
+        "primary_metric": PRIMARY_METRIC,
+        "metrics_before": metrics_before,
+        "metrics_after": metrics_after,
+    }
+    out_dir = Path(setup.spec.output_dir) / "final"
+    artifact_dir = sentence_models.export(setup.model, setup.spec, result, out_dir, usage(setup.spec))
+    setup.reporter.artifact(str(artifact_dir), method=setup.spec.method, **result)
+    return {**result, "artifact_dir": str(artifact_dir)}
 
 
 # Model -----------------------------------------------------------------------------------------
@@ -174,21 +139,7 @@ def training_arguments(spec: TrainSpec) -> CrossEncoderTrainingArguments:
 
 def load_cross_encoder(spec: TrainSpec) -> CrossEncoder:
     """The base as a cross-encoder with one output (a fresh scoring head unless it has one)."""
-    from worker.models import resolve_encoder
-
-    path = resolve_encoder(spec, "a reranker")
-    try:
-        model = CrossEncoder(
-            path,
-            num_labels=1,
-            trust_remote_code=False,
-            local_files_only=True,
-            model_kwargs={"dtype": torch.float32, "use_safetensors": True},
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"Could not load {spec.base_model} as a cross-encoder: {exc}") from exc
-    model.max_seq_length = min(spec.max_seq_length, model.max_seq_length)
-    return model
+    return sentence_models.load(CrossEncoder, spec, "a reranker", "a cross-encoder", num_labels=1)
 
 
 def apply_method(model: CrossEncoder, spec: TrainSpec) -> None:
@@ -219,16 +170,6 @@ def predict(model: CrossEncoder, rows: list[dict]) -> list[float]:
     """One relevance score per row (the sigmoid of the logit, as CrossEncoder.predict gives it)."""
     pairs = [(row["query"], row["document"]) for row in rows]
     return model.predict(pairs, batch_size=64, show_progress_bar=False).tolist()
-
-
-def export(model: CrossEncoder, spec: TrainSpec, metrics: dict[str, Any], out_dir: Path) -> Path:
-    """A folder CrossEncoder(folder) loads as is: LoRA is merged into the weights first."""
-    transformer = model[0]
-    if spec.method == "lora":
-        transformer.model = transformer.model.merge_and_unload()
-    model.save(str(out_dir), create_model_card=False, safe_serialization=True)
-    write_card_and_spec(out_dir, spec, {**metrics, "library": "sentence-transformers"}, usage(spec))
-    return out_dir
 
 
 def usage(spec: TrainSpec) -> str:
@@ -284,18 +225,12 @@ def write_predictions(path: Path, rows: list[dict], scores: list[float]) -> None
 def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[Dataset, list[dict]]:
     """The training queries as ranked lists, and the held-out rows (split by query)."""
     rows = read_rows(Path(spec.dataset_path))
-    if not any(row["relevance"] > 0 for row in rows):
-        raise UserError(
-            "No document has a relevance above 0, so there is nothing to rank first. Mark the "
-            "documents that answer each query with relevance 1 (or 1-3 for graded relevance)."
-        )
+    require_relevant(rows, "No document has a relevance above 0, so there is nothing to rank first.")
     if spec.validation_path:
         train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
-        if not any(row["relevance"] > 0 for row in held_out):
-            raise UserError(
-                "No document in the validation file has a relevance above 0, so no ranking can be scored. "
-                "Mark the documents that answer each query with relevance 1 (or 1-3 for graded relevance)."
-            )
+        require_relevant(
+            held_out, "No document in the validation file has a relevance above 0, so no ranking can be scored."
+        )
     else:
         train, held_out = split_by_query(rows, spec.validation_fraction, spec.seed)
     lists = query_lists(train)
@@ -304,6 +239,18 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[Dataset, list[dic
             "No query has documents of different relevance, so there is no order to learn. Give "
             "each query documents that answer it (relevance 1 or more) and some that do not (0)."
         )
+    log_split(reporter, train, lists, held_out)
+    return lists, held_out
+
+
+def require_relevant(rows: list[dict], problem: str) -> None:
+    if not any(row["relevance"] > 0 for row in rows):
+        raise UserError(
+            f"{problem} Mark the documents that answer each query with relevance 1 (or 1-3 for graded relevance)."
+        )
+
+
+def log_split(reporter: Reporter, train: list[dict], lists: Dataset, held_out: list[dict]) -> None:
     queries = len({row["query"] for row in train})
     held_queries = len({row["query"] for row in held_out})
     reporter.log(
@@ -315,7 +262,6 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[Dataset, list[dic
             f"{queries - len(lists)} training queries are not trained on: all of their documents "
             "have the same relevance, so they teach no order."
         )
-    return lists, held_out
 
 
 def query_lists(rows: list[dict]) -> Dataset:
@@ -341,26 +287,14 @@ def split_by_query(rows: list[dict], fraction: float, seed: int) -> tuple[list[d
     best: dict[str, float] = {}
     for row in rows:
         best[row["query"]] = max(best.get(row["query"], 0.0), row["relevance"])
-    _, held = split_rows([query for query, top in best.items() if top > 0], fraction, seed)
-    held = set(held)
-    return [row for row in rows if row["query"] not in held], [row for row in rows if row["query"] in held]
+    return hold_out_queries(rows, [query for query, top in best.items() if top > 0], fraction, seed)
 
 
 def read_rows(path: Path, source: str = "the dataset") -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} of {source} is not valid JSON: {exc.msg}.") from exc
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("query", "document")):
-            raise UserError(f"Line {number} of {source} needs text fields query and document.")
+    def keep(row: dict, where: str) -> dict[str, Any]:
         relevance = row.get("relevance")
         if isinstance(relevance, bool) or not isinstance(relevance, int | float) or not 0 <= relevance < math.inf:
-            raise UserError(f"Line {number} of {source}: relevance must be a number of at least 0 (got {relevance!r}).")
-        rows.append({"query": row["query"], "document": row["document"], "relevance": float(relevance)})
-    if not rows:
-        raise UserError(f"{source[0].upper()}{source[1:]} has no rows.")
-    return rows
+            raise UserError(f"{where}: relevance must be a number of at least 0 (got {relevance!r}).")
+        return {"query": row["query"], "document": row["document"], "relevance": float(relevance)}
+
+    return read_jsonl_rows(path, ("query", "document"), source, keep)

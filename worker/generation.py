@@ -1,0 +1,48 @@
+"""Replies of a causal LM to a few held-out conversations, before and after training: what a
+person reads to see what changed (the SFT and DPO recipes' samples)."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.hardware import bf16_supported
+
+SAMPLE_COUNT = 3  # held-out instructions answered before and after training
+SAMPLE_NEW_TOKENS = 48
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[str]:
+    """Greedy replies (up to SAMPLE_NEW_TOKENS tokens) to each conversation, in one left-padded batch."""
+    if not conversations:
+        return []
+    prompts = [
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True
+        )
+        for messages in conversations
+    ]
+    width = max(len(prompt) for prompt in prompts)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=_decode_in_bf16(model)):
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=SAMPLE_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    model.train(was_training)
+    return [reply.strip() for reply in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+
+def _decode_in_bf16(model) -> bool:
+    # On a CPU, decoding a few rows a token at a time is bound by reading the weights, and
+    # autocast re-casts every fp32 weight to bf16 at every token: fp32 decodes 2.3× faster,
+    # unless the weights are stored in bf16 already (the SFT recipe's store_frozen_linears_in_bf16).
+    stored_bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    return bf16_supported() and (model.device.type != "cpu" or stored_bf16)
