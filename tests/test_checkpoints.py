@@ -60,3 +60,20 @@ def test_the_best_checkpoint_is_judged_by_the_named_metric_of_the_latest_eval_du
     reporter.eval(20, **{"ndcg@10": 0.7})
     assert checkpointing.score(10) == -0.5
     assert checkpointing.score(25) == -0.7
+
+
+def test_every_checkpoint_folder_carries_the_resolved_spec(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from worker.checkpoints import Checkpointing
+    from worker.events import Reporter
+    from worker.spec import TrainSpec
+
+    spec = TrainSpec(base_model="m", dataset_path="d", output_dir=str(tmp_path), task="rerank", method="full", seed=7)
+    folder = make_checkpoint(tmp_path, 10)
+    state = SimpleNamespace(global_step=10, max_steps=30)
+    Checkpointing(spec, Reporter()).on_save(SimpleNamespace(output_dir=str(tmp_path)), state, TrainerControl())
+    assert TrainSpec.from_json((folder / "train_spec.json").read_text()) == spec
+    assert is_signed(folder), "the spec is signed with the rest of the checkpoint"

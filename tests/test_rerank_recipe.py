@@ -12,6 +12,7 @@ import pytest
 from tests.support.model_fixtures import write_jsonl
 from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
 from webapp.datasets.samples import rerank as sample
+from worker.checkpoints import latest_checkpoint
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.params import census
@@ -227,6 +228,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
     assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"])
     assert result["metrics_before"] == baseline(first)
     assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
+    checkpoint = Path(latest_checkpoint(tmp_path / "resumed"))
+    assert TrainSpec.from_json((checkpoint / "train_spec.json").read_text()) == spec, "a checkpoint says how it was made"
 
 
 def test_an_uploaded_validation_file_is_the_held_out_set_ranked_by_query(tiny_bert_dir, tmp_path):

@@ -5,7 +5,9 @@ the data position) under the job's output folder. After each save we sign the fo
 HMAC, keyed by the server's SECRET_KEY, over the SHA-256 of every file. A requeued job resumes
 from the newest folder whose signature checks out, so a file planted in the output folder is
 never loaded (Trainer's resume reads pickled optimizer and RNG state). Old checkpoints are
-pruned: the last one and the one with the best held-out score stay.
+pruned: the last one and the one with the best held-out score stay. Each folder carries the
+resolved spec as ``train_spec.json`` (signed with the rest), so a checkpoint alone says how it
+was made.
 
 A resumed job keeps the step-0 baseline its first attempt measured (``baseline.json``): the
 untouched model is gone by then, and its numbers are already on the job page.
@@ -32,6 +34,7 @@ from worker.spec import TrainSpec
 log = logging.getLogger(__name__)
 
 SIGNATURE = "specialist-signature.json"
+SPEC = "train_spec.json"  # the name the final artifact gives it too (worker.artifacts)
 PREFIX = "checkpoint-"
 BASELINE = "baseline.json"
 FLUSH_SECONDS = 60  # how long a checkpoint waits for the events before it to be recorded
@@ -177,6 +180,7 @@ class Checkpointing(TrainerCallback):
         if not folder.is_dir():
             return
         if self.resumable(state):
+            (folder / SPEC).write_text(self.spec.to_json() + "\n")
             sign(folder, self.score(state.global_step))
             prune(Path(args.output_dir))
             self.reporter.log(f"Checkpoint saved at step {state.global_step}.", step=state.global_step)
