@@ -47,7 +47,7 @@ def test_pruning_keeps_the_last_and_the_best(tmp_path):
 
 
 def test_the_best_checkpoint_is_judged_by_the_named_metric_of_the_latest_eval_during_training(tmp_path):
-    from worker.checkpoints import Checkpointing
+    from worker.checkpointing import Checkpointing
     from worker.events import Reporter
     from worker.spec import TrainSpec
 
@@ -67,7 +67,7 @@ def test_every_checkpoint_folder_carries_the_resolved_spec(tmp_path):
 
     from transformers import TrainerControl
 
-    from worker.checkpoints import Checkpointing
+    from worker.checkpointing import Checkpointing
     from worker.events import Reporter
     from worker.spec import TrainSpec
 

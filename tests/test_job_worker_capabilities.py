@@ -11,7 +11,8 @@ from django.conf import settings
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
 from worker import capabilities
-from worker.capabilities import Publisher, detect, key, publish
+from worker.announce import Publisher, detect
+from worker.capabilities import key, publish
 
 pytestmark = pytest.mark.django_db
 

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from worker import checkpoints
+
 PREFIX = "attempt-"
 PUBLISHED = ("final", "eval_predictions.json")
 
@@ -30,8 +32,6 @@ def folder_of(job_dir: Path, attempt: int) -> Path:
 
 def prepare(job_dir: Path, attempt: int) -> Path:
     """Make attempt `attempt`'s folder, seeded with the checkpoint it resumes from, if any."""
-    from worker import checkpoints  # transformers: on a training worker only
-
     folder = folder_of(job_dir, attempt)
     folder.mkdir(parents=True, exist_ok=True)
     earlier = [f for f in _attempt_folders(job_dir) if _number(f) < attempt]

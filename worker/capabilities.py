@@ -1,28 +1,18 @@
-"""What a training worker can do, published to Redis for the new-job form.
+"""What a training worker can do, as records in Redis: the contract between the worker that
+writes them (worker/announce.py) and the new-job form that reads them (webapp.jobs.workers).
 
-A training worker imports this module (``celery worker -I worker.capabilities``, as ``manage.py
-serve`` starts it). When the worker is ready, a background thread detects the hardware (CUDA,
-bf16, bitsandbytes, the device's name) and writes it to Redis under
-``specialist:worker:<name>:capabilities`` with a short expiry, renewed while the worker lives: a
-record that exists belongs to a live worker. The web app reads the records
-(webapp.jobs.workers) and offers QLoRA or gradient checkpointing only when a live worker can
-run them. Detecting imports torch and the SFT recipe, so the worker's first job starts warm.
+Each live training worker keeps one JSON record under ``specialist:worker:<name>:capabilities``
+with a short expiry, renewed while the worker lives: a record that exists belongs to a live
+worker. Plain data and Redis; no torch, so the web side may import it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import logging
-import threading
 import time
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = "specialist:worker:"
 TTL_SECONDS = 60
@@ -33,71 +23,18 @@ def key(worker_name: str) -> str:
     return f"{KEY_PREFIX}{worker_name}:capabilities"
 
 
-def detect() -> dict[str, Any]:
-    """This machine's training capabilities (imports torch and the SFT recipe)."""
-    from worker.run import TRAINING_IMPORTS, load_recipe
-
-    with TRAINING_IMPORTS:
-        import torch
-
-        from worker.hardware import bf16_supported
-        from worker.models import qlora_problem
-    load_recipe("sft")  # imported now, so that the worker's first job starts warm
-
-    cuda = torch.cuda.is_available()
-    return {
-        "cuda": cuda,
-        "device": torch.cuda.get_device_name(0) if cuda else "CPU",
-        "bf16": bf16_supported(),
-        "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
-        "qlora": not qlora_problem(),
-        "gradient_checkpointing": True,  # torch.utils.checkpoint runs on every device
-    }
-
-
 def publish(client: redis.Redis, worker_name: str, capabilities: dict[str, Any]) -> None:
     record = {**capabilities, "worker": worker_name, "t": round(time.time(), 3)}
     client.set(key(worker_name), json.dumps(record), ex=TTL_SECONDS)
 
 
-class Publisher:
-    """Detects once, then keeps this worker's record alive until the worker stops."""
-
-    def __init__(self, redis_url: str, worker_name: str):
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
-        self.worker_name = worker_name
-        self.stopped = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="capabilities", daemon=True).start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        with contextlib.suppress(redis.RedisError):  # if Redis is away, the record expires on its own
-            self.client.delete(key(self.worker_name))
-
-    def _run(self) -> None:
-        capabilities = detect()
-        log.info("worker capabilities: %s", capabilities)
-        while not self.stopped.is_set():
-            try:
-                publish(self.client, self.worker_name, capabilities)
-            except redis.RedisError as exc:
-                log.warning("could not publish the worker's capabilities: %s", exc)
-            self.stopped.wait(RENEW_SECONDS)
-
-
-_publisher: Publisher | None = None
-
-
-@worker_ready.connect
-def _start_publishing(sender, **kwargs) -> None:
-    global _publisher
-    _publisher = Publisher(sender.app.conf.broker_url, sender.hostname)
-    _publisher.start()
-
-
-@worker_shutdown.connect
-def _stop_publishing(sender=None, **kwargs) -> None:
-    if _publisher is not None:
-        _publisher.stop()
+def live_records(client: redis.Redis) -> list[dict[str, Any]]:
+    """The records of the training workers that are up, one per worker (raises redis.RedisError)."""
+    keys = list(client.scan_iter(match=f"{KEY_PREFIX}*:capabilities", count=100))
+    records = []
+    for value in client.mget(keys) if keys else []:
+        try:
+            records.append(json.loads(value))
+        except (TypeError, ValueError):
+            continue  # expired between SCAN and MGET, or not ours
+    return records

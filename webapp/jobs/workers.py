@@ -1,4 +1,4 @@
-"""The live training workers' capabilities, as they publish them (worker.capabilities).
+"""The live training workers' capabilities, as they announce them (worker.announce, worker.capabilities).
 
 A record exists only while its worker renews it, so what is read here is what the running
 workers can do now. Redis being unreachable reads as "no worker has said": the form then
@@ -7,30 +7,21 @@ offers only what every worker can run.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
 from django.conf import settings
 
-from worker.capabilities import KEY_PREFIX
+from worker.capabilities import live_records
 
 
 def live_capabilities() -> list[dict[str, Any]]:
     """The records of the training workers that are up, one per worker."""
     try:
         client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=1)
-        keys = list(client.scan_iter(match=f"{KEY_PREFIX}*:capabilities", count=100))
-        values = client.mget(keys) if keys else []
+        return live_records(client)
     except redis.RedisError:
         return []
-    records = []
-    for value in values:
-        try:
-            records.append(json.loads(value))
-        except (TypeError, ValueError):
-            continue  # expired between SCAN and MGET, or not ours
-    return records
 
 
 def supported(feature: str, records: list[dict[str, Any]] | None = None) -> bool:

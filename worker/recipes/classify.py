@@ -37,7 +37,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from worker import training
 from worker.artifacts import artifact_name, write_card_and_spec
-from worker.checkpoints import Checkpointing, resume_or_measure
+from worker.checkpointing import Checkpointing
+from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import apply_method, load_sequence_classifier

@@ -42,7 +42,8 @@ from trl.data_utils import common_prefix_length
 
 from worker import training
 from worker.artifacts import export
-from worker.checkpoints import Checkpointing, resume_or_measure
+from worker.checkpointing import Checkpointing
+from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.generation import SAMPLE_COUNT, generate_replies

@@ -40,7 +40,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from worker import sentence_models, training
 from worker.artifacts import artifact_name
-from worker.checkpoints import AdapterResume, Checkpointing, resume_or_measure
+from worker.checkpointing import AdapterResume, Checkpointing
+from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.models import lora_config

@@ -37,7 +37,8 @@ from transformers.trainer_callback import PrinterCallback
 from worker import microbatches, token_cache, training
 from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
-from worker.checkpoints import Checkpointing, keep_baseline, resume_point
+from worker.checkpointing import Checkpointing
+from worker.checkpoints import keep_baseline, resume_point
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.generation import SAMPLE_COUNT, generate_replies

@@ -60,11 +60,11 @@ def web_command(python: str, host: str, port: int) -> list[str]:
 def train_worker_command(python: str, name: str = "train") -> list[str]:
     """One training job at a time; the solo pool keeps imported libraries warm between jobs.
 
-    worker.capabilities publishes what the worker can run (CUDA, QLoRA, ...) for the new-job form,
+    worker.announce publishes what the worker can run (CUDA, QLoRA, ...) for the new-job form,
     and imports torch and the recipes when the worker starts rather than when its first job does.
     """
     return [python, "-m", "celery", "-A", "webapp", "worker", "-Q", "train", "--pool", "solo", "--concurrency", "1",
-            "-n", f"{name}@%h", "-I", "worker.capabilities", "--loglevel", "INFO", "--without-gossip",
+            "-n", f"{name}@%h", "-I", "worker.announce", "--loglevel", "INFO", "--without-gossip",
             "--without-mingle"]
 
 
