@@ -1,12 +1,11 @@
 """One micro-batch per CPU core: how a training step uses every core of a CPU worker.
 
 A small model's step on a CPU is thousands of modest operations (matmuls of a few hundred rows,
-norms, activations, attention on ~100 tokens). Spread over two cores each of them gains little:
-a bf16 LoRA step of SmolLM2 ran 1.07× faster on two cores than on one, where large matmuls gain
-1.9×. Cut the batch into one micro-batch per core instead, and run each micro-batch's forward
-and backward pass on a thread of its own with one core's worth of torch threads: every operation
-runs at its single-core speed and all cores stay busy (the bench's LoRA step on 2 cores: 5.13 →
-3.79 s, docs/performance.md).
+norms, activations, attention on ~100 tokens). Spread over two cores each of them gains little,
+where large matmuls gain almost twice (docs/performance.md). Cut the batch into one micro-batch
+per core instead, and run each micro-batch's forward and backward pass on a thread of its own
+with one core's worth of torch threads: every operation runs at its single-core speed and all
+cores stay busy (the bench's figures: docs/performance.md).
 
 The gradients are the batch's: each micro-batch's loss is its summed token losses divided by
 the token count of the whole batch, and autograd adds the micro-batches' parameter gradients

@@ -119,9 +119,9 @@ EAGER_ATTENTION_LIMIT = 8 * 512**2
 
 def attention_implementation(spec: TrainSpec) -> str:
     """SDPA on CUDA (flash-attention kernels in bf16). On a CPU, eager attention (matmul + softmax):
-    torch's CPU flash-attention backward is slow in bf16, and eager steps measured 18–25 % faster
-    (docs/performance.md). Eager keeps every attention matrix for the backward pass, so beyond
-    EAGER_ATTENTION_LIMIT (8 rows of 512 tokens: ~3.5 GiB more for SmolLM2) memory wins: SDPA."""
+    torch's CPU flash-attention backward is slow in bf16, and eager steps are faster
+    (docs/performance.md, "Levers the app uses"). Eager keeps every attention matrix for the backward pass, so beyond
+    EAGER_ATTENTION_LIMIT (8 rows of 512 tokens) memory wins: SDPA."""
     import torch
 
     if torch.cuda.is_available() or spec.batch_size * spec.max_seq_length**2 > EAGER_ATTENTION_LIMIT:

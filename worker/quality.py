@@ -20,7 +20,8 @@ transformers' own renderer (`render_jinja_template`), as `apply_chat_template` d
 splits and message layout are mirrored here; tests/test_quality.py compares both with the
 worker's functions so they cannot drift apart silently.
 
-Speed: rendering the template row by row took a third of the time, so the template is rendered
+Speed: rendering the template row by row dominated the report (docs/performance.md, "Dataset
+reading and quality statistics at scale"), so the template is rendered
 once per message layout (which roles, which contents empty) with placeholder contents, and each
 row's contents are put in between the template's pieces by string concatenation. A layout uses
 this fast path only once the real renderer agrees with it on tricky probe contents and on the
@@ -55,6 +56,8 @@ from transformers.utils.chat_template_utils import (
     render_jinja_template,
 )
 
+from worker.families import FAMILIES, generative_keys
+
 BATCH_ROWS = 512
 """Rows tokenized per call of the tokenizer's batch encoder."""
 HISTOGRAM_BINS = 40
@@ -69,18 +72,11 @@ SNIPPET_CHARS = 160
 CHECKED_ROWS = 32
 """Rows of each message layout rendered by both the real renderer and the fast path, which is
 trusted for that layout only if they all agree."""
-CHAT_TASKS = ("sft", "dpo")
-INPUT_FIELDS = {
-    # What a model reads from a row: two rows with the same input in training and validation
-    # measure memory, not generalisation.
-    "sft": ("system", "instruction", "input"),
-    "dpo": ("system", "prompt"),
-    "classify": ("text",),
-    "pair": ("text_a", "text_b"),
-    "rerank": ("query", "document"),
-    "embed": ("query",),
-}
-OPTIONAL_FIELDS = {"sft": ("system", "input"), "dpo": ("system",), "embed": ("negative",)}
+CHAT_TASKS = generative_keys()
+INPUT_FIELDS = {key: f.inputs for key, f in FAMILIES.items()}
+"""What a model reads from a row: two rows with the same input in training and validation
+measure memory, not generalisation."""
+OPTIONAL_FIELDS = {key: f.optional for key, f in FAMILIES.items() if f.optional}
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Placeholder contents: private-use characters that neither transformers' control-token markers
 # (U+F0000, U+F0001) nor a template writes.

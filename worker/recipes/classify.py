@@ -41,6 +41,7 @@ from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.models import apply_method, load_sequence_classifier
 from worker.params import census
 from worker.progress import ReportProgress
@@ -48,10 +49,10 @@ from worker.rows import read_rows as read_jsonl_rows
 from worker.rows import stratified_split
 from worker.spec import TrainSpec
 
-FIELDS = {"classify": ("text", "label"), "pair": ("text_a", "text_b", "label")}
+FIELDS = {key: FAMILIES[key].required for key in ("classify", "pair")}
 # Label names that read as "yes": the positive label of a two-label task when exactly one is here.
 POSITIVE_NAMES = {"yes", "true", "1", "positive", "supported", "entailment", "entailed", "faithful", "relevant", "correct"}  # fmt: skip
-PRIMARY_METRIC = "accuracy"
+PRIMARY_METRIC = FAMILIES["classify"].primary_metric
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.generation import SAMPLE_COUNT, generate_replies
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
@@ -53,7 +54,7 @@ from worker.progress import METRIC_KEYS, ReportProgress
 from worker.rows import read_rows, split_rows
 from worker.spec import TrainSpec
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = FAMILIES["dpo"].required
 PAIRS_PER_FORWARD = 4  # held-out pairs scored per forward pass; bounds the memory of the full logits
 PREFERENCE_KEYS = METRIC_KEYS | {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
 """DPO's reward accuracy and margin (TRL's, per batch) are reported with each step's loss."""
@@ -186,7 +187,7 @@ def save(setup: Setup, baseline: Baseline, after: Evaluation, train_loss: float 
     setup.reporter.state("exporting")
     metrics = {"train_loss": train_loss, "eval_loss": after.metrics.get("eval_loss"), "steps": step}
     summary = {
-        "primary_metric": "preference_accuracy",
+        "primary_metric": FAMILIES["dpo"].primary_metric,
         "metrics_before": baseline.metrics,
         "metrics_after": after.metrics,
     }

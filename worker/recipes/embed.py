@@ -51,6 +51,7 @@ from worker.checkpointing import AdapterResume, Checkpointing
 from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
 from worker.progress import ReportProgress, report_baseline
@@ -58,7 +59,7 @@ from worker.rows import hold_out_queries
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
-PRIMARY_METRIC = "recall@1"
+PRIMARY_METRIC = FAMILIES["embed"].primary_metric
 CUTOFF = 10  # how deep the metrics look into each ranking
 
 
@@ -164,10 +165,10 @@ def apply_method(model: SentenceTransformer, spec: TrainSpec) -> None:
     if spec.method == "full":
         model.requires_grad_(True)
         return
-    from peft import TaskType, get_peft_model
+    from peft import get_peft_model
 
     transformer.model = get_peft_model(
-        transformer.model, lora_config(spec, transformer.model, TaskType.FEATURE_EXTRACTION)
+        transformer.model, lora_config(spec, transformer.model, FAMILIES["embed"].peft_task_type)
     )
 
 

@@ -44,6 +44,7 @@ from worker.checkpointing import AdapterResume, Checkpointing
 from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
 from worker.progress import ReportProgress, report_baseline
@@ -51,7 +52,7 @@ from worker.rows import hold_out_queries
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
-PRIMARY_METRIC = "ndcg@10"
+PRIMARY_METRIC = FAMILIES["rerank"].primary_metric
 CUTOFF = 10  # the @10 of the metrics: how deep a user looks into a ranking
 
 
@@ -151,10 +152,10 @@ def apply_method(model: CrossEncoder, spec: TrainSpec) -> None:
     elif spec.method == "head":
         freeze_all_but_head(transformer.model)
     else:
-        from peft import TaskType, get_peft_model
+        from peft import get_peft_model
 
         # SEQ_CLS keeps the scoring head trainable (peft's modules_to_save).
-        config = lora_config(spec, transformer.model, TaskType.SEQ_CLS)
+        config = lora_config(spec, transformer.model, FAMILIES["rerank"].peft_task_type)
         transformer.model = get_peft_model(transformer.model, config)
 
 

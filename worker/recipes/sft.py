@@ -41,6 +41,7 @@ from worker.checkpointing import Checkpointing
 from worker.checkpoints import keep_baseline, resume_point
 from worker.errors import UserError
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.generation import SAMPLE_COUNT, generate_replies
 from worker.hardware import bf16_supported
 from worker.models import apply_method, load_causal_lm
@@ -49,7 +50,7 @@ from worker.progress import ReportProgress
 from worker.rows import read_rows, split_rows
 from worker.spec import TrainSpec
 
-FIELDS = ("instruction", "response")
+FIELDS = FAMILIES["sft"].required
 IGNORE_INDEX = -100  # label value the loss skips
 TOKENIZE_VERSION = "1"  # part of the token cache's key: change it when tokenize_example changes
 
@@ -210,7 +211,7 @@ def save(setup: Setup, baseline: Baseline, metrics_after: dict, samples: list[di
     spec, reporter = setup.spec, setup.reporter
     reporter.state("exporting")
     metrics = {"train_loss": setup.progress.last_loss, "eval_loss": metrics_after.get("eval_loss"), "steps": step}
-    summary = {"primary_metric": "eval_loss", "metrics_before": baseline.metrics, "metrics_after": metrics_after}
+    summary = {"primary_metric": FAMILIES["sft"].primary_metric, "metrics_before": baseline.metrics, "metrics_after": metrics_after}
     artifact_dir = export(setup.model, setup.tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
     (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(samples, indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)

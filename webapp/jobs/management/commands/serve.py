@@ -71,8 +71,8 @@ def train_worker_command(python: str, name: str = "train") -> list[str]:
 TRAIN_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 """torch's OpenMP threads sleep while they wait instead of spinning. On a machine shared with
 other processes (the web server, a dataset upload, other services), spinning threads wait for
-descheduled ones: a LoRA step measured 20-36 s with spinning, 5-7 s with PASSIVE, on 2 cores at a
-load of 5-7 (docs/performance.md). Set before torch is imported, so it goes in the environment."""
+descheduled ones, and a loaded machine's steps take several times as long (docs/performance.md,
+"Levers the app uses"). Set before torch is imported, so it goes in the environment."""
 
 
 def train_worker_env() -> dict[str, str]:
