@@ -8,17 +8,17 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 import requests
+
+from webapp.jobs.management.commands.serve import free_port, fresh_database
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "a-long-bench-password-42"
@@ -99,8 +99,8 @@ def served_app(tmp: Path, redis_url: str, **env_overrides: str) -> Iterator[Serv
     This process talks to the same database through Django, so it takes the served environment
     before Django starts."""
     redis.Redis.from_url(redis_url).flushdb()
-    port = _free_port()
-    with fresh_database(tmp) as database_url:
+    port = free_port()
+    with fresh_database(tmp, "bench") as database_url:
         env = {
             **os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "SPECIALIST_VAR_DIR": str(tmp),
             "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1", **env_overrides,
@@ -123,24 +123,6 @@ def served_app(tmp: Path, redis_url: str, **env_overrides: str) -> Iterator[Serv
             connections.close_all()  # before a PostgreSQL database is dropped
 
 
-@contextlib.contextmanager
-def fresh_database(tmp: Path) -> Iterator[str]:
-    """PostgreSQL when DATABASE_URL names one (a new database, dropped afterwards), else a SQLite file."""
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith("postgres"):
-        yield f"sqlite:///{tmp / 'bench.sqlite3'}"
-        return
-    import psycopg
-
-    name = f"specialist_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield re.sub(r"/[^/]*$", f"/{name}", url)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _start_django(env: dict[str, str]) -> None:
     import django
 
@@ -152,12 +134,6 @@ def _start_django(env: dict[str, str]) -> None:
 def _children(pid: int) -> list[int]:
     tasks = Path(f"/proc/{pid}/task")
     return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(app: ServedApp) -> None:

@@ -11,8 +11,8 @@ import time
 import pytest
 import requests
 
-from tests.support.stack import PASSWORD, free_port, running_stack
-from webapp.jobs.management.commands.serve import web_command
+from tests.support.stack import PASSWORD, running_stack
+from webapp.jobs.management.commands.serve import free_port, web_command
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.support.stack import REPO, free_port
-from webapp.jobs.management.commands.serve import web_command
+from tests.support.stack import REPO
+from webapp.jobs.management.commands.serve import free_port, web_command
 
 pytestmark = pytest.mark.slow
 

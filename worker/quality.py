@@ -17,7 +17,8 @@ found by sorting digests, never by keeping strings.
 Torch-free on purpose (it runs in the "cpu" worker, called by webapp/datasets/tasks.py, and in
 the benchmark): it loads the tokenizer with `tokenizers` and renders the chat template with
 transformers' own renderer (`render_jinja_template`), as `apply_chat_template` does. The worker's
-splits and message layout are mirrored here; tests/test_quality.py compares both with the
+splits are taken on row numbers here, with the same held-out counts (worker.rows) and the same
+seeded shuffles, and the message layout is mirrored; tests/test_quality.py compares both with the
 worker's functions so they cannot drift apart silently.
 
 Speed: rendering the template row by row dominated the report (docs/performance.md, "Dataset
@@ -57,6 +58,7 @@ from transformers.utils.chat_template_utils import (
 )
 
 from worker.families import FAMILIES, generative_keys
+from worker.rows import held_count, stratified_counts
 
 BATCH_ROWS = 512
 """Rows tokenized per call of the tokenizer's batch encoder."""
@@ -353,8 +355,7 @@ def split_positions(count: int, fraction: float, seed: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     order = array("q", range(count))  # 8 bytes an item, shuffled exactly as a list would be
     random.Random(seed).shuffle(order)
-    held = min(max(1, round(fraction * count)), count - 1)
-    return np.frombuffer(order, dtype=np.int64)[:held].copy()
+    return np.frombuffer(order, dtype=np.int64)[: held_count(count, fraction)].copy()
 
 
 def stratified_positions(labels: np.ndarray, names: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -362,13 +363,7 @@ def stratified_positions(labels: np.ndarray, names: list[str], fraction: float, 
     if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
     by_label = {names[k]: np.flatnonzero(labels == k) for k in np.unique(labels)}
-    shares = {label: fraction * len(indices) for label, indices in by_label.items()}
-    counts = {label: min(int(share), len(by_label[label]) - 1) for label, share in shares.items()}
-    missing = max(1, round(fraction * len(labels))) - sum(counts.values())
-    for label in sorted(by_label, key=lambda name: (int(shares[name]) - shares[name], name)):
-        if missing > 0 and counts[label] < len(by_label[label]) - 1:
-            counts[label] += 1
-            missing -= 1
+    counts = stratified_counts({label: len(indices) for label, indices in by_label.items()}, fraction, len(labels))
     rng = random.Random(seed)
     held = []
     for label in sorted(by_label):

@@ -47,8 +47,7 @@ def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
         return rows, []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    held = min(max(1, round(fraction * len(rows))), len(rows) - 1)
-    held_out = set(order[:held])
+    held_out = set(order[: held_count(len(rows), fraction)])
     return (
         [row for i, row in enumerate(rows) if i not in held_out],
         [row for i, row in enumerate(rows) if i in held_out],
@@ -72,13 +71,7 @@ def stratified_split(rows: list[dict], fraction: float, seed: int) -> tuple[list
         by_label[row["label"]].append(index)
     if fraction <= 0:
         return rows, []
-    shares = {label: fraction * len(indices) for label, indices in by_label.items()}
-    counts = {label: min(int(share), len(by_label[label]) - 1) for label, share in shares.items()}
-    missing = max(1, round(fraction * len(rows))) - sum(counts.values())
-    for label in sorted(by_label, key=lambda name: (int(shares[name]) - shares[name], name)):
-        if missing > 0 and counts[label] < len(by_label[label]) - 1:
-            counts[label] += 1
-            missing -= 1
+    counts = stratified_counts({label: len(indices) for label, indices in by_label.items()}, fraction, len(rows))
     rng = random.Random(seed)
     held_out: set[int] = set()
     for label in sorted(by_label):
@@ -89,3 +82,22 @@ def stratified_split(rows: list[dict], fraction: float, seed: int) -> tuple[list
         [row for i, row in enumerate(rows) if i not in held_out],
         [row for i, row in enumerate(rows) if i in held_out],
     )
+
+
+def held_count(count: int, fraction: float) -> int:
+    """How many of `count` items a seeded split holds out: `fraction` of them, at least one, never all."""
+    return min(max(1, round(fraction * count)), count - 1)
+
+
+def stratified_counts(sizes: dict[str, int], fraction: float, total: int) -> dict[str, int]:
+    """How many rows of each label a stratified split holds out: round(fraction · total) in all
+    (at least one), shared in proportion to the labels' sizes (largest remainders first), every
+    label keeping at least one training row."""
+    shares = {label: fraction * size for label, size in sizes.items()}
+    counts = {label: min(int(share), sizes[label] - 1) for label, share in shares.items()}
+    missing = max(1, round(fraction * total)) - sum(counts.values())
+    for label in sorted(sizes, key=lambda name: (int(shares[name]) - shares[name], name)):
+        if missing > 0 and counts[label] < sizes[label] - 1:
+            counts[label] += 1
+            missing -= 1
+    return counts

@@ -11,6 +11,7 @@ import torch
 
 from worker.artifacts import write_card_and_spec
 from worker.errors import UserError
+from worker.families import FAMILIES
 from worker.models import resolve_encoder
 from worker.spec import TrainSpec
 
@@ -45,3 +46,20 @@ def export(model: Any, spec: TrainSpec, metrics: dict[str, Any], out_dir: Path, 
     model.save(str(out_dir), create_model_card=False, safe_serialization=True)
     write_card_and_spec(out_dir, spec, {**metrics, "library": "sentence-transformers"}, usage)
     return out_dir
+
+
+def save(setup: Any, metrics_before: dict, metrics_after: dict, step: int, usage: str) -> dict[str, Any]:
+    """Export the trained model to final/ and report it; the job's result. `setup` is the
+    recipe's (spec, reporter, model, progress)."""
+    spec, reporter = setup.spec, setup.reporter
+    reporter.state("exporting")
+    result = {
+        "train_loss": setup.progress.last_loss,
+        "steps": step,
+        "primary_metric": FAMILIES[spec.task].primary_metric,
+        "metrics_before": metrics_before,
+        "metrics_after": metrics_after,
+    }
+    artifact_dir = export(setup.model, spec, result, Path(spec.output_dir) / "final", usage)
+    reporter.artifact(str(artifact_dir), method=spec.method, **result)
+    return {**result, "artifact_dir": str(artifact_dir)}

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from tests.support.stack import free_port
+from webapp.jobs.management.commands.serve import free_port
 
 
 class PrivateRedis:

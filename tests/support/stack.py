@@ -8,12 +8,10 @@ import contextlib
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+
+from webapp.jobs.management.commands.serve import free_port, fresh_database
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "a-long-test-password-42"
@@ -212,36 +212,12 @@ def states(job: dict) -> list[str]:
     return [e["state"] for e in job["events"] if e["kind"] == "state"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def fresh_database(tmp: Path) -> Iterator[str]:
-    """A database for one stack: PostgreSQL when DATABASE_URL names one, else a SQLite file."""
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith("postgres"):
-        yield f"sqlite:///{tmp / 'e2e.sqlite3'}"
-        return
-    import psycopg
-
-    name = f"specialist_e2e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield re.sub(r"/[^/]*$", f"/{name}", url)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @contextlib.contextmanager
 def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker",), **env_overrides) -> Iterator[Stack]:
     redis.Redis.from_url(redis_url).flushdb()
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    with fresh_database(tmp) as database_url:
+    with fresh_database(tmp, "e2e") as database_url:
         env = {
             **os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "SPECIALIST_VAR_DIR": str(tmp),
             "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1", **env_overrides,

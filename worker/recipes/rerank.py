@@ -61,7 +61,7 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     resume_from, metrics_before = resume_or_measure(spec, reporter, partial(report_baseline, reporter, setup.evaluate))
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after = evaluate_after_training(setup, step)
-    return save(setup, metrics_before, metrics_after, step)
+    return sentence_models.save(setup, metrics_before, metrics_after, step, usage(setup.spec))
 
 
 @dataclass
@@ -118,22 +118,6 @@ def evaluate_after_training(setup: Setup, step: int) -> dict[str, float]:
         setup.reporter.eval(step, final=True, **metrics)
     write_predictions(Path(setup.spec.output_dir) / "eval_predictions.json", setup.held_out, scores)
     return metrics
-
-
-def save(setup: Setup, metrics_before: dict, metrics_after: dict, step: int) -> dict[str, Any]:
-    """The artifact folder; the job's result."""
-    setup.reporter.state("exporting")
-    result = {
-        "train_loss": setup.progress.last_loss,
-        "steps": step,
-        "primary_metric": PRIMARY_METRIC,
-        "metrics_before": metrics_before,
-        "metrics_after": metrics_after,
-    }
-    out_dir = Path(setup.spec.output_dir) / "final"
-    artifact_dir = sentence_models.export(setup.model, setup.spec, result, out_dir, usage(setup.spec))
-    setup.reporter.artifact(str(artifact_dir), method=setup.spec.method, **result)
-    return {**result, "artifact_dir": str(artifact_dir)}
 
 
 # Model -----------------------------------------------------------------------------------------

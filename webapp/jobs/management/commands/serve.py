@@ -11,13 +11,18 @@ stops: without them nothing works.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -175,3 +180,31 @@ def supervise(children: list[Child], out) -> None:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+# Running the stack once, on a scratch database (the service bench and the tests' stack) --------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fresh_database(tmp: Path, label: str) -> Iterator[str]:
+    """The URL of a database for one run of the stack, gone afterwards: a new PostgreSQL database
+    when DATABASE_URL names a server, else a SQLite file in `tmp`."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith("postgres"):
+        yield f"sqlite:///{tmp / f'{label}.sqlite3'}"
+        return
+    import psycopg
+
+    name = f"specialist_{label}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield re.sub(r"/[^/]*$", f"/{name}", url)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
