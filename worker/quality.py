@@ -433,17 +433,7 @@ def compute_report(
     counter = TokenCounter(model_dir, task, max_length)
     columns = _Columns()
     problems = _problems_for(task)
-    for batch in _batches(read_rows(rows_path), BATCH_ROWS):
-        rows = [row for _, row in batch]
-        lengths, prompt_lengths = counter.lengths(rows)
-        columns.length.extend(lengths)
-        for (number, row), length, prompt_length in zip(batch, lengths, prompt_lengths, strict=True):
-            if length > counter.cutoff:
-                problems["truncated"].add(number, tokens=length)
-            if prompt_length >= counter.cutoff:
-                problems["no_reply"].add(number, prompt_tokens=prompt_length)
-            _check_row(task, number, row, problems, columns)
-
+    _measure_rows(rows_path, task, counter, problems, columns)
     count = len(columns.length)
     lengths = np.frombuffer(columns.length, dtype=np.int64) if count else np.zeros(0, dtype=np.int64)
     row_digests = np.frombuffer(columns.row_digest, dtype=np.uint64)
@@ -468,6 +458,20 @@ def compute_report(
         ],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _measure_rows(rows_path, task: str, counter: TokenCounter, problems: dict[str, _Problem], columns: _Columns) -> None:
+    """One pass over the rows, a batch at a time: each row's tokens and its per-row checks."""
+    for batch in _batches(read_rows(rows_path), BATCH_ROWS):
+        rows = [row for _, row in batch]
+        lengths, prompt_lengths = counter.lengths(rows)
+        columns.length.extend(lengths)
+        for (number, row), length, prompt_length in zip(batch, lengths, prompt_lengths, strict=True):
+            if length > counter.cutoff:
+                problems["truncated"].add(number, tokens=length)
+            if prompt_length >= counter.cutoff:
+                problems["no_reply"].add(number, prompt_tokens=prompt_length)
+            _check_row(task, number, row, problems, columns)
 
 
 def _problems_for(task: str) -> dict[str, _Problem]:

@@ -110,13 +110,29 @@ class JobForm(forms.Form):
 
     def clean(self):
         data = super().clean()
+        self._check_active_jobs()
+        dataset = data.get("dataset")
+        base = self._check_base_model(data, dataset)
+        if self.errors or dataset is None:
+            return data
+        for feature, field_name, wanted in GATED_CHOICES:
+            if data.get(field_name) == wanted and not self.offers[feature]:
+                self.add_error(field_name, self._unsupported(feature))
+        if not self.errors:
+            self._validate_choices(data, dataset, base)
+        return data
+
+    def _check_active_jobs(self) -> None:
         active = Job.objects.filter(owner=self.user, state__in=Job.ACTIVE_STATES).count()
         if active >= settings.MAX_ACTIVE_JOBS_PER_USER:
             raise forms.ValidationError(
                 f"You have {active} jobs queued or running, the most one person may have at once on this server. "
                 "Wait for one to finish, or cancel one, then start this one."
             )
-        dataset = data.get("dataset")
+
+    def _check_base_model(self, data: dict, dataset: Dataset | None) -> str | None:
+        """The base model named (a catalog key, `job:<id>`, or the custom field's text); an error on
+        the field that names it when it may not be used, or cannot learn the dataset's family."""
         custom = data.get("base_model") == CUSTOM
         base = (data.get("custom_base_model") or "").strip() if custom else data.get("base_model")
         base_field = "custom_base_model" if custom else "base_model"
@@ -130,24 +146,20 @@ class JobForm(forms.Form):
             family = FAMILIES[dataset.task]
             self.add_error(base_field, f"{self._base_name(base)} is a {kind} model; {family.name.lower()} "
                                        f"needs a {' or '.join(family.base_kinds)} model.")
-        if self.errors or dataset is None:
-            return data
-        for feature, field_name, wanted in GATED_CHOICES:
-            if data.get(field_name) == wanted and not self.offers[feature]:
-                self.add_error(field_name, self._unsupported(feature))
-        if self.errors:
-            return data
+        return base
+
+    def _validate_choices(self, data: dict, dataset: Dataset, base: str) -> None:
+        """self.choices, or TrainChoices' complaint on the field it names."""
         values = {f: data.get(f) for f in SPEC_FIELDS}
         for dpo_field in ("dpo_beta", "dpo_sft_weight"):
             if values[dpo_field] is None:
                 values[dpo_field] = _DEFAULTS[dpo_field]
-        if kind == "encoder":
+        if self._base_kind(base) == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         try:
             self.choices = TrainChoices(base_model=base, task=dataset.task, **values)
         except SpecError as exc:
             self.add_error(exc.field if exc.field in self.fields else None, exc.message)
-        return data
 
     def _base_kind(self, base: str | None) -> str | None:
         if base in CATALOG:
