@@ -86,3 +86,14 @@ def test_the_reaper_gives_up_after_the_last_attempt(job, settings):
     Job.objects.filter(id=job.id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
     assert job.reap(timezone.now() - timedelta(seconds=settings.JOB_LEASE_SECONDS))
     assert job.state == "failed" and "stopped responding 1 times" in job.message
+
+
+def test_a_state_change_and_its_event_are_recorded_together(job, monkeypatch):
+    def fail(events, lease=None):
+        raise RuntimeError("the event could not be recorded")
+
+    monkeypatch.setattr(job, "append_events", fail)
+    with pytest.raises(RuntimeError):
+        job.transition("cancelled")
+    stored = Job.objects.get(id=job.id)
+    assert stored.state == "queued" and not stored.events.exists()

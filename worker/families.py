@@ -172,11 +172,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family(key: str) -> Family:
-    """The family named `key` (KeyError for an unknown one; TrainSpec refuses those with a message)."""
-    return FAMILIES[key]
-
-
 def suggested_settings() -> dict[str, dict[str, Any]]:
     """Every family's suggested settings, as the job form's script reads them."""
     return {key: f.suggested.for_form() for key, f in FAMILIES.items()}

@@ -29,7 +29,7 @@ from django.conf import settings
 
 from webapp.datasets.models import Dataset
 from worker.catalog import catalog_for
-from worker.families import FAMILIES as TASKS
+from worker.families import FAMILIES
 
 PENDING_SECONDS = 30 * 60
 QUEUE_DOWN = "The queue is unreachable (is Redis running?); the report is computed once it is back."
@@ -38,19 +38,19 @@ MIN_LENGTH, MAX_LENGTH = 8, 32768
 
 def base_model_choices(task: str) -> list[tuple[str, str]]:
     """The catalog models that can serve `task` (the only ones a report may name)."""
-    kinds = TASKS[task].base_kinds
+    kinds = FAMILIES[task].base_kinds
     return [(m.key, m.name) for kind in kinds for m in catalog_for(kind)]
 
 
 def defaults(task: str) -> tuple[str, int]:
     """(base model, max length) a new job on this task starts with."""
-    suggested = TASKS[task].suggested
+    suggested = FAMILIES[task].suggested
     return suggested.base_model, suggested.max_seq_length
 
 
 def choice_problem(task: str, base_model: str, max_length: int) -> str | None:
     if base_model not in dict(base_model_choices(task)):
-        return f"Choose one of the base models for {TASKS[task].name.lower()}."
+        return f"Choose one of the base models for {FAMILIES[task].name.lower()}."
     if not MIN_LENGTH <= max_length <= MAX_LENGTH:
         return f"The max length must be between {MIN_LENGTH} and {MAX_LENGTH} tokens."
     return None

@@ -134,9 +134,12 @@ class Job(models.Model):
             changes["finished_at"] = now
         if to == PREPARING:
             changes["started_at"] = now
-        moved = rows.update(**changes) == 1
-        if moved:
-            self.append_events([make_event("state", self.step, state=to, message=message)])
+        # One transaction: nobody reads the new state without the event that records it (a page
+        # or a test could see "succeeded" while the history still ended at "exporting").
+        with transaction.atomic():
+            moved = rows.update(**changes) == 1
+            if moved:
+                self.append_events([make_event("state", self.step, state=to, message=message)])
         self.refresh_from_db()
         return moved
 
