@@ -5,6 +5,7 @@ import zipfile
 import pytest
 from django.urls import URLPattern, get_resolver
 
+from webapp.accounts.models import ApiKey
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.django_db
 
 POST_ONLY = {
     "cancel_job", "delete_dataset", "dataset_mapping", "accept_dataset_rows", "replace_dataset_file",
-    "add_validation_file", "remove_validation_file",
+    "add_validation_file", "remove_validation_file", "revoke_key",
 }
 
 
@@ -24,7 +25,8 @@ def objects(owner, media_root):
     artifact.parent.mkdir(parents=True)
     zipfile.ZipFile(artifact, "w").close()
     Job.objects.filter(id=job.id).update(state="succeeded", result={"artifact_zip": str(artifact)})
-    return {"dataset_id": dataset.id, "job_id": job.id}
+    key, _ = ApiKey.issue(owner, "laptop")
+    return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id}
 
 
 def urls_with_ids(objects) -> list[tuple[str, str]]:
@@ -36,7 +38,8 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
                 continue
             kwargs = {name: objects[name] for name in inner.pattern.converters}
             found.append((inner.name, "/" + str(inner.pattern).replace("<int:job_id>", str(kwargs.get("job_id")))
-                          .replace("<int:dataset_id>", str(kwargs.get("dataset_id")))))
+                          .replace("<int:dataset_id>", str(kwargs.get("dataset_id")))
+                          .replace("<int:key_id>", str(kwargs.get("key_id")))))
     return found
 
 
@@ -49,7 +52,7 @@ def test_the_walk_covers_every_object_url(objects):
     assert names == {
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
         "accept_dataset_rows", "replace_dataset_file", "add_validation_file", "remove_validation_file",
-        "dataset_quality",
+        "dataset_quality", "revoke_key",
     }
 
 

@@ -84,6 +84,7 @@ INSTALLED_APPS = [
     "webapp.accounts",
     "webapp.datasets",
     "webapp.jobs",
+    "webapp.api",
 ]
 
 MIDDLEWARE = [

@@ -4,4 +4,5 @@ urlpatterns = [
     path("", include("webapp.accounts.urls")),
     path("", include("webapp.datasets.urls")),
     path("", include("webapp.jobs.urls")),
+    path("", include("webapp.api.urls")),
 ]

@@ -1,12 +1,17 @@
+from django import forms
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.views import LoginView
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods, require_POST
 
 from webapp.accounts import ratelimit
+from webapp.accounts.models import ApiKey
 
 
 class AdminCreationForm(UserCreationForm):
@@ -43,3 +48,36 @@ class RateLimitedLoginView(LoginView):
         response = super().post(request, *args, **kwargs)
         attempt.finish(failed=response.status_code == 200)  # the form came back: a wrong name or password
         return response
+
+
+MAX_LIVE_KEYS = 20
+"""API keys one person may hold at once (revoked ones do not count)."""
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=100, required=False, label="What the key is for",
+                           help_text="A name to tell your keys apart, such as a script or a server.")
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def account(request: HttpRequest) -> HttpResponse:
+    """The user's API keys: made here (shown once, in this response only), listed with their last use."""
+    form = ApiKeyForm(request.POST or None)
+    secret = None
+    if request.method == "POST" and form.is_valid():
+        if request.user.api_keys.filter(revoked_at__isnull=True).count() >= MAX_LIVE_KEYS:
+            form.add_error(None, f"You have {MAX_LIVE_KEYS} live keys, the most one person may hold; revoke one first.")
+        else:
+            _, secret = ApiKey.issue(request.user, form.cleaned_data["name"])
+            form = ApiKeyForm()
+    context = {"form": form, "keys": request.user.api_keys.all(), "secret": secret, "api_base": "/v1"}
+    return render(request, "accounts/account.html", context, status=400 if form.errors else 200)
+
+
+@require_POST
+def revoke_key(request: HttpRequest, key_id: int) -> HttpResponse:
+    key = get_object_or_404(ApiKey, id=key_id, owner=request.user)
+    if key.revoke():
+        messages.success(request, f"The key {key.name} ({key.prefix}…) no longer works.")
+    return redirect("account")
