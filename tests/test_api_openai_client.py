@@ -10,9 +10,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def keys(stack):
-    for name in ("carol", "dave"):
+    for name in ("api-owner", "api-other"):
         stack.create_user(name)
-    return {name: stack.manage("apikey", name).strip() for name in ("carol", "dave")}
+    return {name: stack.manage("apikey", name).strip() for name in ("api-owner", "api-other")}
 
 
 def client(stack, key: str) -> openai.OpenAI:
@@ -20,19 +20,19 @@ def client(stack, key: str) -> openai.OpenAI:
 
 
 def test_the_client_lists_the_bases_and_the_users_own_fine_tunes(stack, keys):
-    mine = stack.create_job("carol", state="succeeded")
-    theirs = stack.create_job("dave", state="succeeded")
-    names = [model.id for model in client(stack, keys["carol"]).models.list()]
+    mine = stack.create_job("api-owner", state="succeeded")
+    theirs = stack.create_job("api-other", state="succeeded")
+    names = [model.id for model in client(stack, keys["api-owner"]).models.list()]
     assert "smollm2-135m-instruct" in names and "all-minilm-l6-v2" in names
-    assert f"ft:x:carol:{mine}" in names and not [n for n in names if n.endswith(f":{theirs}")]
-    model = client(stack, keys["carol"]).models.retrieve(f"ft:x:carol:{mine}")
-    assert model.owned_by == "carol" and model.object == "model"
+    assert f"ft:x:api-owner:{mine}" in names and not [n for n in names if n.endswith(f":{theirs}")]
+    model = client(stack, keys["api-owner"]).models.retrieve(f"ft:x:api-owner:{mine}")
+    assert model.owned_by == "api-owner" and model.object == "model"
 
 
 def test_another_users_model_is_not_found_for_the_client(stack, keys):
-    theirs = stack.create_job("dave", state="succeeded")
+    theirs = stack.create_job("api-other", state="succeeded")
     with pytest.raises(openai.NotFoundError, match="does not exist or you do not have access"):
-        client(stack, keys["carol"]).models.retrieve(f"ft:x:dave:{theirs}")
+        client(stack, keys["api-owner"]).models.retrieve(f"ft:x:api-other:{theirs}")
 
 
 def test_a_wrong_key_is_an_authentication_error(stack, keys):
