@@ -86,6 +86,8 @@ def test_the_command_prints_a_key_for_a_user_and_refuses_an_unknown_one(owner):
     assert key.owner == owner and key.name == "ops"
     with pytest.raises(CommandError, match="No active user named 'nobody'"):
         call_command("apikey", "nobody")
+    call_command("apikey", "alice", "--name", "x" * 500, stdout=out)
+    assert ApiKey.objects.filter(owner=owner, name="x" * 100).exists()
 
 
 @pytest.mark.parametrize("header", [None, "Bearer ", "Bearer sk-spec-not-a-key", "Basic YWxpY2U6cHc="])

@@ -42,8 +42,8 @@ class ApiKey(models.Model):
     def issue(cls, owner, name: str) -> tuple[ApiKey, str]:
         """A new key for `owner`: the stored record, and the key itself (shown once, never stored)."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(owner=owner, name=name.strip() or "key", prefix=secret[:SHOWN_CHARS],
-                                 digest=digest(secret))
+        name = name.strip()[: cls._meta.get_field("name").max_length] or "key"
+        key = cls.objects.create(owner=owner, name=name, prefix=secret[:SHOWN_CHARS], digest=digest(secret))
         return key, secret
 
     @classmethod
