@@ -43,6 +43,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]
 def _decode_in_bf16(model) -> bool:
     # On a CPU, decoding a few rows a token at a time is bound by reading the weights, and
     # autocast re-casts every fp32 weight to bf16 at every token: fp32 decodes faster
-    # (docs/performance.md, the service path), unless the weights are stored in bf16 already (the SFT recipe's store_frozen_linears_in_bf16).
+    # (docs/performance.md, the service path), unless the weights are stored in bf16 already
+    # (the SFT recipe's store_frozen_linears_in_bf16).
     stored_bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
     return bf16_supported() and (model.device.type != "cpu" or stored_bf16)

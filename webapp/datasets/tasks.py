@@ -26,6 +26,8 @@ from worker.spec import TrainChoices
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = TrainChoices.defaults()
+"""The split a job makes unless the user changes it: the report measures overlap on that split."""
 _LOADING = threading.Lock()
 """transformers' lazy imports are not thread-safe, and the cpu worker runs its tasks on threads:
 two reports started together failed with "cannot import name 'AutoTokenizer'" (and their pending
@@ -92,8 +94,8 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
             model_dir,
             max_length,
             validation,
-            validation_fraction=_DEFAULT_SPEC["validation_fraction"],
-            seed=_DEFAULT_SPEC["seed"],
+            validation_fraction=DEFAULTS["validation_fraction"],
+            seed=DEFAULTS["seed"],
         )
         if FAMILIES[dataset.task].generative:  # the pre-flight shows the chat template's tokens
             with _LOADING:  # it loads a transformers tokenizer
@@ -113,5 +115,3 @@ def build_report(dataset: Dataset, base_model: str, max_length: int) -> dict[str
     reports.keep(dataset, base_model, max_length, report)
     return report
 
-
-_DEFAULT_SPEC = TrainChoices.defaults()
