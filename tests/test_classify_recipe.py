@@ -25,6 +25,7 @@ from worker.events import Reporter
 from worker.models import load_sequence_classifier
 from worker.recipes import classify
 from worker.rows import stratified_split
+from worker.sentence_models import ADAPTER_NOTE, ADAPTER_SUBDIR
 from worker.spec import TrainSpec
 
 GROUPS = {
@@ -319,6 +320,53 @@ def test_lora_artifact_has_no_adapter_weights_left(lora_run):
     assert {"query", "key", "value", "dense", "classifier"} == set(rows)
     assert rows["query"]["lora"] == 16 * (32 + 32) and rows["query"]["count"] == 2
     assert rows["classifier"]["lora"] is None
+
+
+@pytest.mark.parametrize(
+    ("run_name", "base_name", "head"),
+    [("lora_run", "wide_bert_dir", "classifier"), ("dora_run", "wide_bert_dir", "classifier"),
+     ("llama_run", "tiny_llama_dir", "score")],
+)  # fmt: skip
+def test_a_lora_artifact_keeps_its_unmerged_adapter_which_on_the_base_predicts_like_the_merged_model(
+    run_name, base_name, head, request
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run, base = request.getfixturevalue(run_name), request.getfixturevalue(base_name)
+    artifact = Path(run["result"]["artifact_dir"])
+    adapter = artifact / ADAPTER_SUBDIR
+    assert {path.name for path in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)  # base_reference: a local base is its path
+    assert config["task_type"] == "SEQ_CLS" and head in config["modules_to_save"]
+    assert config["use_dora"] is run["spec"].use_dora
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_A" in name for name in weights) and f"base_model.model.{head}.weight" in weights
+    for path in adapter.iterdir():  # readable like the rest of the artifact
+        assert path.stat().st_mode == (artifact / "model.safetensors").stat().st_mode
+    assert ADAPTER_NOTE in (artifact / "README.md").read_text()
+
+    merged = AutoModelForSequenceClassification.from_pretrained(artifact).eval()
+    labels = merged.config.id2label
+    fresh = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(labels), id2label=labels, label2id=merged.config.label2id,
+        pad_token_id=merged.config.pad_token_id,
+    )  # fmt: skip
+    served = PeftModel.from_pretrained(fresh, adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    inputs = tokenizer(["horse tiger zebra", "apple mango", "a truck and a boat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, got = merged(**inputs).logits, served(**inputs).logits
+    assert expected.std() > 1e-3  # a trained head, not a constant
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_full_head_or_pair_full_artifact_has_no_adapter_folder(full_run, head_run, pair_run):
+    for run in (full_run, head_run, pair_run):
+        artifact = Path(run["result"]["artifact_dir"])
+        assert not (artifact / ADAPTER_SUBDIR).exists()
+        assert ADAPTER_NOTE not in (artifact / "README.md").read_text()
 
 
 PIPELINE_SCRIPT = """

@@ -14,6 +14,7 @@ from webapp.datasets.samples import embed as sample
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.recipes import embed
+from worker.sentence_models import ADAPTER_NOTE, ADAPTER_SUBDIR
 from worker.spec import TrainSpec
 
 # Each tag stands for a topic word that shares nothing with it: only training can pair them.
@@ -159,6 +160,37 @@ def test_the_artifact_is_a_sentence_transformer_folder_with_weights_in_safetenso
     card = (Path(full_run["result"]["artifact_dir"]) / "README.md").read_text()
     assert 'SentenceTransformer("specialist-job-9-model")' in card and "library_name: sentence-transformers" in card
     assert "| recall@1 (held out) |" in card
+    assert not (Path(full_run["result"]["artifact_dir"]) / ADAPTER_SUBDIR).exists() and ADAPTER_NOTE not in card
+
+
+def test_a_lora_artifact_keeps_its_unmerged_adapter_which_on_the_base_encodes_like_the_merged_model(
+    lora_run, tiny_bert_dir
+):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    artifact = Path(lora_run["result"]["artifact_dir"])
+    adapter = artifact / ADAPTER_SUBDIR
+    assert {path.name for path in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_bert_dir) and config["task_type"] == "FEATURE_EXTRACTION"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)  # the encoder's adapters only: no head
+    for path in adapter.iterdir():
+        assert path.stat().st_mode == (artifact / "model.safetensors").stat().st_mode
+    assert ADAPTER_NOTE in (artifact / "README.md").read_text()
+
+    served = SentenceTransformer(str(tiny_bert_dir))
+    served[0].model = PeftModel.from_pretrained(served[0].model, adapter)
+    merged = SentenceTransformer(str(artifact))
+    texts = [row["query"] for row in tag_rows()[:4]] + [row["positive"] for row in tag_rows()[:4]]
+    expected = merged.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+    got = served.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+    bare = SentenceTransformer(str(tiny_bert_dir)).encode(texts, convert_to_tensor=True, show_progress_bar=False)
+    assert (bare - expected).abs().max() > 0.1  # the adapter moves the vectors: the check below means something
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_it_names_the_models_layers_when_a_lora_target_does_not_exist(tiny_bert_dir, tag_jsonl, tmp_path):

@@ -17,6 +17,7 @@ from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.params import census
 from worker.recipes import rerank
+from worker.sentence_models import ADAPTER_NOTE, ADAPTER_SUBDIR
 from worker.spec import TrainSpec
 
 ANIMALS = [
@@ -172,6 +173,44 @@ def test_the_artifact_is_a_cross_encoder_folder_with_weights_in_safetensors(full
     card = (Path(full_run["result"]["artifact_dir"]) / "README.md").read_text()
     assert 'CrossEncoder("specialist-job-7-model")' in card and "library_name: sentence-transformers" in card
     assert "| ndcg@10 (held out) |" in card
+    assert not (Path(full_run["result"]["artifact_dir"]) / ADAPTER_SUBDIR).exists() and ADAPTER_NOTE not in card
+
+
+def test_a_lora_artifact_keeps_its_unmerged_adapter_which_on_the_base_scores_like_the_merged_model(
+    lora_run, tiny_bert_dir
+):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from sentence_transformers import CrossEncoder
+    from torch.nn import Identity
+
+    artifact = Path(lora_run["result"]["artifact_dir"])
+    adapter = artifact / ADAPTER_SUBDIR
+    assert {path.name for path in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_bert_dir) and config["task_type"] == "SEQ_CLS"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert "base_model.model.classifier.weight" in weights  # the scoring head, from modules_to_save
+    assert any(name.endswith("lora_B.weight") and weights[name].abs().max() > 0 for name in weights)  # trained
+    for path in adapter.iterdir():
+        assert path.stat().st_mode == (artifact / "model.safetensors").stat().st_mode
+    assert ADAPTER_NOTE in (artifact / "README.md").read_text()
+
+    pairs = rerank_pairs(lora_run)
+    served = CrossEncoder(str(tiny_bert_dir), num_labels=1)
+    bare = served.predict(pairs, activation_fn=Identity(), show_progress_bar=False)
+    served[0].model = PeftModel.from_pretrained(served[0].model, adapter)
+    expected = CrossEncoder(str(artifact)).predict(pairs, activation_fn=Identity(), show_progress_bar=False)
+    got = served.predict(pairs, activation_fn=Identity(), show_progress_bar=False)
+    # The tiny encoder's logits spread over about 2e-4 (the scores all sit near 0.505); the
+    # reattached adapter matches them to float precision and ranks the documents the same way.
+    assert got == pytest.approx(expected, abs=1e-6) and (got.argsort() == expected.argsort()).all()
+    assert abs(bare - expected).max() > 1e-3  # without the adapter: another (random) head
+
+
+def rerank_pairs(run: dict) -> list[tuple[str, str]]:
+    rows = json.loads((Path(run["spec"].output_dir) / "eval_predictions.json").read_text())[:20]
+    return [(row["query"], row["document"]) for row in rows]
 
 
 def test_head_trains_only_the_scoring_head(tiny_bert_dir, marker_jsonl, tmp_path):

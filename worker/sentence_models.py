@@ -1,6 +1,9 @@
 """The models of the sentence-transformers recipes (rerank: a CrossEncoder, embed: a
 SentenceTransformer): the base loaded from its local folder in fp32, and the trained model saved
-as a folder its class loads as is."""
+as a folder its class loads as is.
+
+A LoRA job's folder also holds the unmerged adapter in ADAPTER_SUBDIR (save_adapter, which the
+classify recipe uses too), so one loaded base can serve many fine-tunes."""
 
 from __future__ import annotations
 
@@ -9,13 +12,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from worker.artifacts import write_card_and_spec
+from worker.artifacts import _point_adapter_at_base, make_readable, write_card_and_spec
 from worker.errors import UserError
 from worker.families import FAMILIES
 from worker.models import resolve_encoder
 from worker.spec import TrainSpec
 
 Model = TypeVar("Model")
+
+ADAPTER_SUBDIR = "adapter"
+"""The subfolder of an encoder-family LoRA artifact that holds the unmerged peft adapter."""
+ADAPTER_NOTE = (
+    f"{ADAPTER_SUBDIR}/ holds the same fine-tune as an unmerged LoRA adapter (peft), for serving many "
+    "fine-tunes on one base."
+)
+"""The model card's sentence about that subfolder."""
 
 
 def load(kind: type[Model], spec: TrainSpec, purpose: str, described: str, **options: Any) -> Model:
@@ -38,10 +49,11 @@ def load(kind: type[Model], spec: TrainSpec, purpose: str, described: str, **opt
 
 
 def export(model: Any, spec: TrainSpec, metrics: dict[str, Any], out_dir: Path, usage: str) -> Path:
-    """A folder the model's class loads as is (LoRA merged into the weights first), with the spec
-    and the card (`usage`: its how-to-use section)."""
+    """A folder the model's class loads as is (LoRA merged into the weights first, the unmerged
+    adapter kept in ADAPTER_SUBDIR), with the spec and the card (`usage`: its how-to-use section)."""
     transformer = model[0]
     if spec.method == "lora":
+        save_adapter(transformer.model, spec, out_dir)
         transformer.model = transformer.model.merge_and_unload()
     model.save(str(out_dir), create_model_card=False, safe_serialization=True)
     write_card_and_spec(out_dir, spec, {**metrics, "library": "sentence-transformers"}, usage)
@@ -63,3 +75,15 @@ def save(setup: Any, metrics_before: dict, metrics_after: dict, step: int, usage
     artifact_dir = export(setup.model, spec, result, Path(spec.output_dir) / "final", usage)
     reporter.artifact(str(artifact_dir), method=spec.method, **result)
     return {**result, "artifact_dir": str(artifact_dir)}
+
+
+def save_adapter(peft_model: Any, spec: TrainSpec, out_dir: Path) -> Path:
+    """Save `peft_model`'s adapter, unmerged, to out_dir/ADAPTER_SUBDIR (adapter_config.json naming
+    the portable base, adapter_model.safetensors with any modules_to_save head); before merging."""
+    adapter_dir = Path(out_dir) / ADAPTER_SUBDIR
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    _point_adapter_at_base(adapter_dir / "adapter_config.json", spec)
+    # peft's own card names the worker's local base folder; the artifact's README.md covers it.
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+    make_readable(adapter_dir)
+    return adapter_dir

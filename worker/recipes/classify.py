@@ -11,7 +11,8 @@ setup → train → save, on transformers' Trainer.
   {"text": a, "text_pair": b}; a decoder's tokenizer simply joins the two texts.
 - Methods: full (every weight), head (the base stays frozen, only the head learns), lora
   (adapters plus the head, merged into the weights at export: the artifact is a plain
-  classifier either way).
+  classifier either way; a LoRA artifact also keeps the unmerged adapter, the head in its
+  modules_to_save, in its adapter/ subfolder).
 - Split: stratified by label and seeded, so every label keeps its share of held-out rows.
 - Held-out metrics at step 0 (the untouched model), every eval_every steps and at the end:
   accuracy (the primary metric), macro F1, the confusion matrix (rows: true label, columns:
@@ -47,6 +48,7 @@ from worker.params import census
 from worker.progress import ReportProgress
 from worker.rows import read_rows as read_jsonl_rows
 from worker.rows import stratified_split
+from worker.sentence_models import ADAPTER_NOTE, save_adapter
 from worker.spec import TrainSpec
 
 FIELDS = {key: FAMILIES[key].required for key in ("classify", "pair")}
@@ -286,9 +288,11 @@ def write_predictions(path: Path, rows: list[dict], labels: list[str], probabili
 
 
 def export(model, tokenizer, spec: TrainSpec, metrics: dict, labels: list[str], max_length: int, out_dir: Path) -> Path:
-    """The whole classifier (LoRA merged in), its tokenizer, the spec and the card."""
+    """The whole classifier (LoRA merged in, the unmerged adapter in adapter/), its tokenizer, the
+    spec and the card."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if spec.method == "lora":
+        save_adapter(model, spec, out_dir)  # before merging: merging changes the base weights
         model = model.merge_and_unload()  # a plain classifier: users load it without peft
     model.save_pretrained(out_dir)  # config.json (with the label names) + model.safetensors
     tokenizer.model_max_length = max_length  # what truncation=True cuts to, as in training
@@ -302,7 +306,7 @@ def usage(spec: TrainSpec, labels: list[str]) -> str:
     text = '{"text": "First text", "text_pair": "Second text"}' if spec.task == "pair" else '"Your text here"'
     notes = {
         "lora": f"Trained with LoRA (rank {spec.lora_r}{', DoRA' if spec.use_dora else ''}); the adapters "
-        "are merged into the weights, so this folder is a complete model and needs no peft.",
+        f"are merged into the weights, so this folder is a complete model and needs no peft. {ADAPTER_NOTE}",
         "head": "Only the classification head was trained; the rest of the model is the unchanged base.",
         "full": "Every weight was fine-tuned.",
     }

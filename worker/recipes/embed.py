@@ -20,6 +20,7 @@ setup → train → save, on sentence-transformers' SentenceTransformerTrainer.
 - Methods: full (every weight); lora (adapters on the encoder's linear layers, merged into the
   weights before saving).
 - The artifact is a SentenceTransformer folder: ``SentenceTransformer(folder)`` loads it as is.
+  A LoRA artifact also keeps the unmerged adapter of the encoder in its adapter/ subfolder.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def search(model: SentenceTransformer, queries: list[str], corpus: list[str]) ->
 
 def usage(spec: TrainSpec) -> str:
     folder = artifact_name(spec)
+    note = f"\n\n{sentence_models.ADAPTER_NOTE}" if spec.method == "lora" else ""
     return f"""```python
 from sentence_transformers import SentenceTransformer
 
@@ -175,7 +177,7 @@ document_vectors = model.encode(documents)  # encode the collection once, then s
 query_vectors = model.encode(["How do I reset my password?"])
 scores = model.similarity(query_vectors, document_vectors)  # one row per query, higher = closer
 print(documents[scores[0].argmax()])
-```"""
+```{note}"""
 
 
 # Metrics ---------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ setup → train → save, on sentence-transformers' CrossEncoderTrainer.
 - Methods: full (every weight); lora (adapters on the encoder's linear layers, the fresh
   scoring head trained in full; merged into the weights before saving); head (only the scoring
   head trains).
-- The artifact is a CrossEncoder folder: ``CrossEncoder(folder)`` loads it as is.
+- The artifact is a CrossEncoder folder: ``CrossEncoder(folder)`` loads it as is. A LoRA
+  artifact also keeps the unmerged adapter (the scoring head in its modules_to_save) in its
+  adapter/ subfolder.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def predict(model: CrossEncoder, rows: list[dict]) -> list[float]:
 
 def usage(spec: TrainSpec) -> str:
     folder = artifact_name(spec)
+    note = f"\n\n{sentence_models.ADAPTER_NOTE}" if spec.method == "lora" else ""
     return f"""```python
 from sentence_transformers import CrossEncoder
 
@@ -169,7 +172,7 @@ documents = ["Open Settings, then Account, then Reset password.", "Our office is
 scores = model.predict([(query, document) for document in documents])  # higher = more relevant
 for hit in model.rank(query, documents, return_documents=True):
     print(f"{{hit['score']:.3f}}  {{hit['text']}}")
-```"""
+```{note}"""
 
 
 # Metrics ---------------------------------------------------------------------------------------
