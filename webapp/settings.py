@@ -185,6 +185,8 @@ LOGIN_FAILURES_PER_ACCOUNT = envint("SPECIALIST_LOGIN_FAILURES_PER_ACCOUNT", 5)
 # there is refused; a name with no failures of its own still gets its one check.
 LOGIN_FAILURES_PER_ADDRESS = envint("SPECIALIST_LOGIN_FAILURES_PER_ADDRESS", 30)
 LOGIN_FAILURE_WINDOW_SECONDS = envint("SPECIALIST_LOGIN_FAILURE_WINDOW_SECONDS", 15 * 60)
+# Requests one API key (or one signed-in user's playground) may make per minute; over it: 429.
+API_REQUESTS_PER_MINUTE = envint("SPECIALIST_API_REQUESTS_PER_MINUTE", 600)
 # The client's address is REMOTE_ADDR unless this names a header set by a reverse proxy (e.g.
 # X-Forwarded-For); then it is the entry SPECIALIST_TRUSTED_PROXIES from the right, the one the
 # outermost trusted proxy appended. Set it only when clients cannot reach the app directly.

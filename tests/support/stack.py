@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class Stack:
     media_root: Path
     logs: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    inference_url: str = ""
 
     # Processes ----------------------------------------------------------------------------
     def manage(self, *args: str) -> str:
@@ -56,6 +58,31 @@ class Stack:
         if running is None or running.poll() is not None:
             self.processes["cpu"] = self._spawn("cpu", cpu_worker_command(sys.executable, self.logs))
         return self.processes["cpu"]
+
+    def start_inference(self) -> str:
+        """The inference server (once per stack); returns its URL when it has registered in Redis."""
+        from webapp.jobs.management.commands.serve import TRAIN_WORKER_ENV, inference_command
+
+        running = self.processes.get("inference")
+        if running is None or running.poll() is not None:
+            port = free_port()
+            command = inference_command(sys.executable, port)
+            with open(self.logs / "inference.log", "a") as log:
+                self.processes["inference"] = subprocess.Popen(
+                    command, cwd=REPO, env={**TRAIN_WORKER_ENV, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+            self.inference_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        while time.monotonic() < deadline:
+            if any(key for key in client.scan_iter(match="specialist:inference:*")):
+                return self.inference_url
+            if self.processes["inference"].poll() is not None:
+                break
+            time.sleep(0.3)
+        raise RuntimeError("the inference server did not start:\n" + self.log_tail("inference"))
+
+    def inference_health(self) -> dict:
+        return requests.get(f"{self.inference_url}/health", timeout=10).json()
 
     def stop(self, name: str, kill: bool = False) -> None:
         process = self.processes.pop(name)
@@ -220,7 +247,8 @@ def running_stack(tmp: Path, redis_url: str, workers: tuple[str, ...] = ("worker
     with fresh_database(tmp, "e2e") as database_url:
         env = {
             **os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "SPECIALIST_VAR_DIR": str(tmp),
-            "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1", **env_overrides,
+            "SPECIALIST_MEDIA_ROOT": str(tmp / "media"), "PYTHONUNBUFFERED": "1",
+            "SPECIALIST_INFERENCE_TOKEN": uuid.uuid4().hex, **env_overrides,
         }
         stack = Stack(base_url=f"http://127.0.0.1:{port}", env=env, media_root=tmp / "media", logs=tmp)
         stack.manage("migrate", "--noinput")

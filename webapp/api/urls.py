@@ -5,4 +5,9 @@ from webapp.api import views
 urlpatterns = [
     path("v1/models", views.list_models, name="api_models"),
     path("v1/models/<path:model>", views.retrieve_model, name="api_model"),
+    path("v1/chat/completions", views.chat_completions, name="api_chat"),
+    path("v1/embeddings", views.embeddings, name="api_embeddings"),
+    path("v1/rerank", views.rerank, name="api_rerank"),
+    path("v1/classify", views.classify, name="api_classify"),
+    path("jobs/<int:job_id>/try/<str:which>/", views.try_job, name="try_job"),
 ]

@@ -1,9 +1,9 @@
 """`python manage.py serve`: the whole app in one foreground command (what `make run` runs).
 
 Makes sure Redis answers (starting a private redis-server if none listens and the binary
-exists), then runs the ASGI web server, a training worker, and a CPU worker that also runs the
-scheduler (the reaper of jobs whose worker died) side by side.
-Ctrl-C (or SIGTERM) stops all of them. A worker that dies (killed, out of memory, a Redis
+exists), then runs the ASGI web server, a training worker, a CPU worker that also runs the
+scheduler (the reaper of jobs whose worker died) and the inference server side by side.
+Ctrl-C (or SIGTERM) stops all of them. A worker or the inference server that dies (killed, out of memory, a Redis
 outage that crashes Celery) is started again, with a growing pause if it keeps dying; its job is
 resumed from its checkpoint by the reaper. If the web server or our redis-server dies, everything
 stops: without them nothing works.
@@ -38,9 +38,15 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
         parser.add_argument("--no-worker", action="store_true", help="Serve the web app only.")
+        parser.add_argument("--no-inference", action="store_true", help="Do not start the inference server.")
+        parser.add_argument("--inference-port", type=int,
+                            default=int(os.environ.get("SPECIALIST_INFERENCE_PORT", 8001)))
 
-    def handle(self, *args, host, port, no_worker, **options):
+    def handle(self, *args, host, port, no_worker, no_inference, inference_port, **options):
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+        # The web app and the inference server share a token: nothing else on the machine can
+        # call the inference server directly, past the web app's checks.
+        os.environ.setdefault("SPECIALIST_INFERENCE_TOKEN", uuid.uuid4().hex)
         children: list[Child] = []
         redis_server = ensure_redis(settings.REDIS_URL, self.stdout)
         if redis_server is not None:
@@ -50,6 +56,9 @@ class Command(BaseCommand):
         if not no_worker:
             children.append(Child("train worker", train_worker_command(python), env=train_worker_env(), restart=True))
             children.append(Child("cpu worker", cpu_worker_command(python, settings.VAR_DIR), restart=True))
+        if not no_inference:
+            children.append(Child("inference server", inference_command(python, inference_port),
+                                  env=inference_env(), restart=True))
         self.stdout.write(self.style.SUCCESS(f"Specialist is at http://{host}:{port}/  (Ctrl-C stops it)"))
         supervise(children, self.stderr)
 
@@ -83,6 +92,19 @@ descheduled ones, and a loaded machine's steps take several times as long (docs/
 def train_worker_env() -> dict[str, str]:
     """The training worker's environment: TRAIN_WORKER_ENV unless the environment says otherwise."""
     return TRAIN_WORKER_ENV | dict(os.environ)
+
+
+def inference_command(python: str, port: int) -> list[str]:
+    """The inference server (worker/inference/server.py) on an internal address; it registers
+    itself in Redis, where the web app finds it."""
+    return [python, "-m", "worker.inference.server", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def inference_env() -> dict[str, str]:
+    """Like a training worker, its OpenMP threads sleep while they wait (TRAIN_WORKER_ENV): on a
+    machine shared with the web server and a training job, spinning threads slow batched decoding
+    several times over (docs/performance.md)."""
+    return train_worker_env()
 
 
 def cpu_worker_command(python: str, var_dir: Path) -> list[str]:
