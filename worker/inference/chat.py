@@ -108,8 +108,12 @@ class CausalModel:
 
     def detach(self, folder: str) -> None:
         name = self.adapters.pop(folder, None)
-        if name is not None:
+        if name is None:
+            return
+        if self.adapters:
             self.model.delete_adapter(name)
+        else:  # the last one: back to the plain base (peft keeps no adapter-less PeftModel)
+            self.model = self.model.unload().eval()
 
     def adapter_in_use(self, folder: str) -> bool:
         name = self.adapters.get(folder)
@@ -130,7 +134,7 @@ class CausalModel:
         room = min(MAX_OUTPUT_TOKENS, self.context - len(prompt))
         wanted = request.max_tokens or room
         if wanted > room:
-            param = "max_completion_tokens" if request.max_tokens else "max_tokens"
+            param = request.max_tokens_param
             raise BadRequest(f"max_tokens is {wanted}; at most {room} are allowed with this prompt "
                              f"({len(prompt)} prompt tokens, a {self.context}-token context, at most "
                              f"{MAX_OUTPUT_TOKENS} generated).", param)

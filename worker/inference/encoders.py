@@ -72,8 +72,16 @@ class Encoder:
     def detach(self, folder: str) -> None:
         name = self.adapters.pop(folder, None)
         self.tokenizers.pop(folder, None)
-        if name is not None:
+        if name is None:
+            return
+        if self.adapters:
             self._network.delete_adapter(name)
+            return
+        plain = self._network.unload().eval()  # the last one: back to the plain base
+        if self.kind in ("embed", "rerank"):
+            self.model[0].model = plain
+        else:
+            self.model = plain
 
     @torch.inference_mode()
     def run(self, adapter: str | None, method: str, *args):

@@ -41,6 +41,8 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    max_tokens_param: str = "max_tokens"
+    """Which of max_tokens and max_completion_tokens the caller set (named in a refusal)."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,9 @@ def chat_request(body: Any) -> ChatRequest:
     response_format = read.get("response_format", {"type": "text"})
     if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
         raise BadRequest("Only response_format {\"type\": \"text\"} is supported.", "response_format")
-    max_tokens = read.integer("max_completion_tokens", low=1)
+    max_tokens, max_tokens_param = read.integer("max_completion_tokens", low=1), "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = read.integer("max_tokens", low=1)
+        max_tokens, max_tokens_param = read.integer("max_tokens", low=1), "max_tokens"
     stream = read.boolean("stream")
     options = read.get("stream_options", {})
     if not isinstance(options, dict):
@@ -144,6 +146,7 @@ def chat_request(body: Any) -> ChatRequest:
         seed=read.integer("seed"),
         stream=stream,
         include_usage=stream and include_usage,
+        max_tokens_param=max_tokens_param,
     )
 
 
