@@ -28,6 +28,8 @@ class Encoder:
         self.kind, self.path, self.labels = kind, path, labels
         self.adapters: dict[str, str] = {}
         self.tokenizers: dict[str, object] = {}
+        self.lengths: dict[str | None, int] = {}
+        """Per adapter folder, the input length its job trained with (None: the base's)."""
         options = {"trust_remote_code": False, "local_files_only": True, "device": device,
                    "model_kwargs": {"dtype": torch.float32, "use_safetensors": True}}
         if kind == "embed":
@@ -42,6 +44,8 @@ class Encoder:
             self.model, self.tokenizer = _classifier(path, labels, seed, device)
         self.model.eval()
         self.size = tensor_bytes(self.model)
+        if kind in ("embed", "rerank"):
+            self.lengths[None] = self.model[0].max_seq_length
 
     @property
     def _network(self):
@@ -67,11 +71,14 @@ class Encoder:
         self._network.eval()
         self.adapters[folder] = name
         self._tokenizer_for(folder)
+        if self.kind in ("embed", "rerank"):
+            self.lengths[folder] = _trained_length(folder, self.lengths[None])
         return name, tensor_bytes(self.model) - before
 
     def detach(self, folder: str) -> None:
         name = self.adapters.pop(folder, None)
         self.tokenizers.pop(folder, None)
+        self.lengths.pop(folder, None)
         if name is None:
             return
         if self.adapters:
@@ -87,6 +94,8 @@ class Encoder:
     def run(self, adapter: str | None, method: str, *args):
         """`method` ("embed", "scores" or "probabilities") through `adapter` (None: the base)."""
         network = self._network
+        if self.kind in ("embed", "rerank"):  # inputs cut where the job's own model cuts them
+            self.model[0].max_seq_length = self.lengths.get(adapter, self.lengths[None])
         if not self.adapters:
             return getattr(self, method)(adapter, *args)
         if adapter is None:
@@ -139,6 +148,16 @@ class Encoder:
     def _count_tokens(self, texts: list[str]) -> int:
         tokenizer = self.model.tokenizer
         return sum(len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"])
+
+
+def _trained_length(adapter: str, default: int) -> int:
+    """The max_seq_length saved with the job's merged model, beside its adapter/ folder."""
+    import json
+
+    try:
+        return int(json.loads((Path(adapter).parent / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def _classifier(path: str, labels: tuple[str, ...], seed: int, device: str):
