@@ -66,13 +66,21 @@ def compose_services() -> dict:
 
 def test_docker_compose_requires_a_secret_key_and_defaults_to_production():
     services = compose_services()
-    assert {"web", "worker", "cpu-worker"} <= set(services)
+    assert {"web", "worker", "cpu-worker", "inference"} <= set(services)
     for name, service in services.items():
         environment = service["environment"]
         # ${VAR:?message}: compose stops with the message when the variable is unset or empty.
         assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", environment["SECRET_KEY"]), name
         assert environment["SPECIALIST_PRODUCTION"] == "${SPECIALIST_PRODUCTION:-1}", name
     assert "change-me" not in (REPO / "docker-compose.yml").read_text()
+
+
+def test_the_inference_server_has_its_own_gpu_service_and_the_web_does_not_start_one():
+    services = compose_services()
+    assert "worker.inference.server" in services["inference"]["command"]
+    devices = services["inference"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "--no-inference" in services["web"]["command"] and "ports" not in services["inference"]
 
 
 def test_a_yes_no_setting_that_is_neither_stops_the_server_with_its_name():

@@ -44,9 +44,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, host, port, no_worker, no_inference, inference_port, **options):
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
-        # The web app and the inference server share a token: nothing else on the machine can
-        # call the inference server directly, past the web app's checks.
-        os.environ.setdefault("SPECIALIST_INFERENCE_TOKEN", uuid.uuid4().hex)
+        if not no_inference:
+            # The web app and the inference server share a token: nothing else on the machine
+            # can call the inference server directly, past the web app's checks.
+            os.environ.setdefault("SPECIALIST_INFERENCE_TOKEN", uuid.uuid4().hex)
         children: list[Child] = []
         redis_server = ensure_redis(settings.REDIS_URL, self.stdout)
         if redis_server is not None:
