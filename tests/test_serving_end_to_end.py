@@ -214,3 +214,42 @@ def test_another_users_key_gets_not_found_and_bad_requests_name_their_parameter(
                           headers={"Authorization": f"Bearer {keys[OWNER]}", "Content-Type": "application/json"})
     assert reply.status_code == 400 and "JSON" in reply.json()["error"]["message"]
     assert json.loads(reply.text)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_classifier_adapter_and_its_untrained_head_serve_label_probabilities(stack, served, tiny_bert_dir):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    job_id = make_job(stack, OWNER, {"task": "classify", "method": "lora", "base_model": str(tiny_bert_dir),
+                                     "seed": 5})
+    final = stack.media_root / "jobs" / str(job_id) / "final"
+    labels = {0: "fruit", 1: "animal"}
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, id2label=labels,
+                                                               label2id={v: k for k, v in labels.items()})
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(final / "adapter")
+    model.config.save_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    tokenizer.save_pretrained(final)
+
+    key, name = served["keys"][OWNER], f"ft:tiny-bert:{OWNER}:{job_id}"
+    reply = requests.post(f"{stack.base_url}/v1/classify", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": name, "input": ["apple pear", "cat dog"]})
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [d["labels"] for d in data] == [["fruit", "animal"]] * 2 and all(d["num_classes"] == 2 for d in data)
+    expected_model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2), final / "adapter").eval()
+    with torch.no_grad():
+        expected = torch.softmax(expected_model(**tokenizer(["apple pear", "cat dog"], padding=True,
+                                                             return_tensors="pt")).logits, -1)
+    assert torch.allclose(torch.tensor([d["probs"] for d in data]), expected, atol=1e-5)
+    http = served["http"]
+    base = http.post(f"{stack.base_url}/jobs/{job_id}/try/base/", json={"input": ["apple pear"]},
+                     headers={"X-CSRFToken": http.cookies["csrftoken"], "Referer": f"{stack.base_url}/jobs/{job_id}/"})
+    assert base.status_code == 200, base.text
+    assert base.json()["data"][0]["labels"] == ["fruit", "animal"]
+    assert not torch.allclose(torch.tensor(base.json()["data"][0]["probs"]), expected[0], atol=1e-3)
