@@ -253,3 +253,26 @@ def test_a_classifier_adapter_and_its_untrained_head_serve_label_probabilities(s
     assert base.status_code == 200, base.text
     assert base.json()["data"][0]["labels"] == ["fruit", "animal"]
     assert not torch.allclose(torch.tensor(base.json()["data"][0]["probs"]), expected[0], atol=1e-3)
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(stack, served):
+    import time
+
+    # The real SmolLM2 base writes long stories slowly enough on a CPU to leave mid-way.
+    key = served["keys"][OWNER]
+    before = stack.inference_health()["completion_tokens"]
+    body = {"model": "smollm2-135m-instruct", "max_tokens": 600, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon, at least 800 words."}]}
+    with requests.post(f"{stack.base_url}/v1/chat/completions", json=body, stream=True, timeout=120,
+                       headers={"Authorization": f"Bearer {key}"}) as reply:
+        assert reply.status_code == 200
+        pieces = (line for line in reply.iter_lines() if line.startswith(b"data: "))
+        for _ in range(4):
+            next(pieces)
+        assert stack.inference_health()["in_flight"] == 1
+    left = time.monotonic()
+    while stack.inference_health()["in_flight"] and time.monotonic() - left < 15:
+        time.sleep(0.05)
+    health = stack.inference_health()
+    assert health["in_flight"] == 0, "the row was not freed"
+    assert health["completion_tokens"] - before < 300  # stopped long before its 600 tokens
