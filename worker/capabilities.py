@@ -30,7 +30,12 @@ def publish(client: redis.Redis, worker_name: str, capabilities: dict[str, Any])
 
 def live_records(client: redis.Redis) -> list[dict[str, Any]]:
     """The records of the training workers that are up, one per worker (raises redis.RedisError)."""
-    keys = list(client.scan_iter(match=f"{KEY_PREFIX}*:capabilities", count=100))
+    return records_matching(client, f"{KEY_PREFIX}*:capabilities")
+
+
+def records_matching(client: redis.Redis, pattern: str) -> list[dict[str, Any]]:
+    """The JSON records under the keys matching `pattern` (also the inference servers' registry)."""
+    keys = list(client.scan_iter(match=pattern, count=100))
     records = []
     for value in client.mget(keys) if keys else []:
         try:

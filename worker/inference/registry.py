@@ -14,6 +14,8 @@ from typing import Any
 
 import redis
 
+from worker.capabilities import records_matching
+
 KEY_PREFIX = "specialist:inference:"
 TTL_SECONDS = 10
 RENEW_SECONDS = 2
@@ -33,14 +35,7 @@ def withdraw(client: redis.Redis, server_id: str) -> None:
 
 def live_servers(client: redis.Redis) -> list[dict[str, Any]]:
     """The records of the inference servers that are up (raises redis.RedisError)."""
-    keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=100))
-    records = []
-    for value in client.mget(keys) if keys else []:
-        try:
-            records.append(json.loads(value))
-        except (TypeError, ValueError):
-            continue  # expired between SCAN and MGET
-    return records
+    return records_matching(client, f"{KEY_PREFIX}*")
 
 
 def choose(servers: list[dict[str, Any]], folders: list[str]) -> dict[str, Any] | None:
