@@ -36,6 +36,7 @@
     }
     if (ev.state === "succeeded") {
       document.getElementById("download").classList.remove("hidden");
+      offerPlayground();
       const steps = state.lastStep || 0;
       setProgress(steps || 1, steps || 1, null);
       document.getElementById("progress-text").textContent = `done · ${steps} steps`;
@@ -48,6 +49,22 @@
       if (state.source) state.source.close();
       document.getElementById("eta").textContent = "";
     }
+  }
+
+  // The playground is drawn with the page of a succeeded job: a page that watched the job
+  // finish offers a reload instead of its "once the job succeeds" note.
+  function offerPlayground() {
+    const pending = document.querySelector("#playground-pending p");
+    if (!pending) return;
+    const reload = document.createElement("a");
+    reload.href = window.location.pathname + "#playground";
+    reload.textContent = "Reload the page to try the model";
+    reload.addEventListener("click", (event) => {
+      event.preventDefault();
+      window.location.hash = "playground";
+      window.location.reload();
+    });
+    pending.replaceChildren("The job succeeded. ", reload, ", side by side with the base model.");
   }
 
   function setProgress(step, total, eta) {

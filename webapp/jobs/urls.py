@@ -5,6 +5,7 @@ from webapp.jobs import sse, views
 urlpatterns = [
     path("", views.home, name="home"),
     path("jobs/new/", views.new_job, name="new_job"),
+    path("jobs/compare/", views.compare, name="compare_jobs"),
     path("jobs/<int:job_id>/", views.job_detail, name="job"),
     path("jobs/<int:job_id>/events/", sse.job_events, name="job_events"),
     path("jobs/<int:job_id>/cancel/", views.cancel_job, name="cancel_job"),

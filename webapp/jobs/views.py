@@ -5,6 +5,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from webapp.datasets.models import Dataset
+from webapp.jobs import playground
 from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
@@ -24,7 +25,8 @@ def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
 
 def home(request: HttpRequest) -> HttpResponse:
     jobs = _jobs_for_user(request.user)[:200]
-    return render(request, "jobs/list.html", {"jobs": jobs})
+    comparable = Job.objects.filter(owner=request.user, state=SUCCEEDED).count() >= 2
+    return render(request, "jobs/list.html", {"jobs": jobs, "comparable": comparable})
 
 
 def new_job(request: HttpRequest) -> HttpResponse:
@@ -67,8 +69,25 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     context = {
         "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]), "parent": job.parent(),
         "task": FAMILIES[job.spec.get("task", "sft")],
+        # The playground asks the owner's own models (staff may read another user's page, not run it).
+        "playground": playground.for_job(job) if job.state == SUCCEEDED and job.owner_id == request.user.id else None,
     }
     return render(request, "jobs/detail.html", context)
+
+
+def compare(request: HttpRequest) -> HttpResponse:
+    """?jobs=3,5,7: one input to the fine-tunes of up to four jobs of one task and base; without
+    ?jobs=, the user's succeeded jobs to choose from."""
+    chosen = request.GET.getlist("jobs")
+    if chosen:
+        try:
+            jobs = playground.jobs_to_compare(request.user, chosen)
+        except playground.NotComparable as refusal:
+            context = {"groups": playground.comparable_groups(request.user), "refusal": str(refusal)}
+            return render(request, "jobs/compare_pick.html", context, status=400)
+        context = {"jobs": jobs, "playground": playground.for_comparison(jobs), "title": playground.describe(jobs[0])}
+        return render(request, "jobs/compare.html", context)
+    return render(request, "jobs/compare_pick.html", {"groups": playground.comparable_groups(request.user)})
 
 
 @require_POST
