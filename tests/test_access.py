@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db
 
 POST_ONLY = {
     "cancel_job", "delete_dataset", "dataset_mapping", "accept_dataset_rows", "replace_dataset_file",
-    "add_validation_file", "remove_validation_file", "revoke_key",
+    "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
 }
 
 
@@ -52,7 +52,7 @@ def test_the_walk_covers_every_object_url(objects):
     assert names == {
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
         "accept_dataset_rows", "replace_dataset_file", "add_validation_file", "remove_validation_file",
-        "dataset_quality", "revoke_key",
+        "dataset_quality", "revoke_key", "try_base", "try_tuned",
     }
 
 
@@ -70,7 +70,10 @@ def test_other_users_get_404_for_everything(other_client, objects):
 
 def test_the_owner_gets_every_page(owner_client, objects):
     for name, path in urls_with_ids(objects):
-        assert request(owner_client, name, path).status_code in (200, 302), name
+        status = request(owner_client, name, path).status_code
+        # The playground answers the owner's empty call past the checks: a JSON refusal (400),
+        # or 503 (its model's files or an inference server are missing here), never a 404.
+        assert status in (200, 302) or (name.startswith("try_") and status in (400, 503)), name
 
 
 def test_staff_see_other_users_jobs(objects, django_user_model, client):

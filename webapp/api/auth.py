@@ -51,14 +51,16 @@ def api_key_required(view: Callable) -> Callable:
     return wrapped
 
 
-def api_view(view: Callable) -> Callable:
+def api_view(view: Callable | None = None, *, sign_in_page: bool = False) -> Callable:
     """An async API view for a key (`Authorization: Bearer`) or a signed-in session.
 
     A session request (the playground, or a script riding on a browser's cookies) must pass
     Django's CSRF check, since a browser sends cookies on its own. Both count against the same
-    per-minute limit (429 with Retry-After)."""
+    per-minute limit (429 with Retry-After). With `sign_in_page` (the playground's endpoints),
+    a visitor who is not signed in is sent to the sign-in page like on every other page."""
+    if view is None:
+        return lambda view: api_view(view, sign_in_page=sign_in_page)
 
-    @login_not_required
     @csrf_exempt
     @wraps(view)
     async def wrapped(request: HttpRequest, *args, **kwargs):
@@ -87,7 +89,7 @@ def api_view(view: Callable) -> Callable:
             return response
         return await view(request, *args, **kwargs)
 
-    return wrapped
+    return wrapped if sign_in_page else login_not_required(wrapped)
 
 
 RATE_KEY = "specialist:api-rate:"

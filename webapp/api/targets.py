@@ -59,7 +59,7 @@ def _job_named(user, name: str) -> Job:
 
 def of_job(job: Job, which: str) -> dict[str, Any]:
     """The playground's target for a job: its fine-tune ("tuned") or the model it started from ("base")."""
-    kind = KIND_OF_TASK[job.spec["task"]]
+    kind = KIND_OF_TASK[job.spec.get("task", "sft")]  # jobs from before task families were SFT
     target = tuned(job, kind, models_api.model_name(job))
     if which == "tuned":
         return target
@@ -73,7 +73,7 @@ def tuned(job: Job, kind: str, name: str) -> dict[str, Any]:
     if job.state != SUCCEEDED:
         raise Refusal(400, f"Job {job.id} is {job.state.replace('_', ' ')}: its model can be used once the job "
                            "has succeeded.", code="model_not_ready")
-    job_kind = KIND_OF_TASK[job.spec["task"]]
+    job_kind = KIND_OF_TASK[job.spec.get("task", "sft")]
     if job_kind != kind:
         raise _wrong_kind(name, job_kind, kind)
     try:

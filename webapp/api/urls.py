@@ -9,5 +9,6 @@ urlpatterns = [
     path("v1/embeddings", views.embeddings, name="api_embeddings"),
     path("v1/rerank", views.rerank, name="api_rerank"),
     path("v1/classify", views.classify, name="api_classify"),
-    path("jobs/<int:job_id>/try/<str:which>/", views.try_job, name="try_job"),
+    path("jobs/<int:job_id>/try/base/", views.try_job, {"which": "base"}, name="try_base"),
+    path("jobs/<int:job_id>/try/tuned/", views.try_job, {"which": "tuned"}, name="try_tuned"),
 ]

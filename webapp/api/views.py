@@ -68,19 +68,19 @@ classify = _model_call("classify")
 
 
 @require_POST
-@api_view
+@api_view(sign_in_page=True)
 async def try_job(request: HttpRequest, job_id: int, which: str) -> HttpResponse:
     """The playground: the same call on a job's fine-tune ("tuned") or its base ("base")."""
 
     def find_target() -> dict:
         job = Job.objects.filter(id=job_id, owner=request.user).select_related("owner").first()
-        if job is None or which not in ("base", "tuned"):
+        if job is None:
             raise targets.Refusal(404, "No such job.", param=None)
         return targets.of_job(job, which)
 
     try:
+        target = await sync_to_async(find_target)()  # another user's job is a 404 whatever the body
         body = _json_body(request)
-        target = await sync_to_async(find_target)()
     except targets.Refusal as refusal:
         return error(refusal.status, refusal.message, param=refusal.param, code=refusal.code)
     return await forward(targets.ENDPOINT_OF_KIND[target["kind"]], body, target)

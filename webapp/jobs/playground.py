@@ -66,7 +66,7 @@ def for_comparison(jobs: list[Job]) -> Playground:
 
 
 def _try_url(job: Job, which: str) -> str:
-    return reverse("try_job", args=[job.id, which])
+    return reverse(f"try_{which}", args=[job.id])
 
 
 # Starting values -------------------------------------------------------------------------------
