@@ -51,6 +51,7 @@ bench: install models
 	$(BIN)/python -m bench.training
 	$(BIN)/python -m bench.service
 	$(BIN)/python -m bench.datasets
+	$(BIN)/python -m bench.inference
 
 clean:
 	rm -rf $(VENV) var static/vendor
