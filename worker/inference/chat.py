@@ -84,6 +84,8 @@ class CausalModel:
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.adapters: dict[str, str] = {}
         """adapter folder → its name in the peft model."""
+        self.active: str | None = None
+        """The adapter peft has active (set_adapter), to skip setting it again."""
         self.batch = Batch()
         self.waiting: list[Reply] = []
         self.size = tensor_bytes(self.model)
@@ -104,12 +106,14 @@ class CausalModel:
             self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
         self.model.eval()
         self.adapters[folder] = name
+        self.active = None  # peft may have made the new adapter active
         return name, tensor_bytes(self.model) - before
 
     def detach(self, folder: str) -> None:
         name = self.adapters.pop(folder, None)
         if name is None:
             return
+        self.active = None
         if self.adapters:
             self.model.delete_adapter(name)
         else:  # the last one: back to the plain base (peft keeps no adapter-less PeftModel)
@@ -162,12 +166,13 @@ class CausalModel:
                   "past_key_values": cache, "use_cache": True}
         if not self.adapters:
             return self.model(**inputs).logits[:, -1, :]
-        if len(set(adapters)) > 1:
+        if len(set(adapters)) > 1 or adapters[0] == BASE_ADAPTER:
+            # Base rows go through peft's per-row path too: entering disable_adapter() at every
+            # step costs more than a decoding step (bench/inference.py).
             return self.model(**inputs, adapter_names=adapters).logits[:, -1, :]
-        if adapters[0] == BASE_ADAPTER:
-            with self.model.disable_adapter():
-                return self.model(**inputs).logits[:, -1, :]
-        self.model.set_adapter(adapters[0])
+        if self.active != adapters[0]:  # set_adapter walks every LoRA layer: only on a change
+            self.model.set_adapter(adapters[0])
+            self.active = adapters[0]
         return self.model(**inputs).logits[:, -1, :]
 
     def _prefill(self, replies: list[Reply]) -> None:
