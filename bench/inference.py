@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from typing import Any
 
 import httpx
 import redis
+
+from bench.served import stop
 
 REPO = Path(__file__).resolve().parent.parent
 WORK_DIR = REPO / "var" / "bench"
@@ -338,12 +339,7 @@ def inference_server(work: Path, redis_url: str) -> Iterator[tuple[str, subproce
                 time.sleep(0.3)
         yield url, process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=30)
         log.close()
 
 

@@ -117,7 +117,7 @@ def served_app(tmp: Path, redis_url: str, **env_overrides: str) -> Iterator[Serv
             _wait_until_up(app)
             yield app
         finally:
-            _stop(process)
+            stop(process)
             from django.db import connections
 
             connections.close_all()  # before a PostgreSQL database is dropped
@@ -147,11 +147,12 @@ def _wait_until_up(app: ServedApp) -> None:
     raise RuntimeError("the web server did not start:\n" + app.log_tail())
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM, as Ctrl-C: serve stops its web server and workers and waits for them."""
+def stop(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, as Ctrl-C (serve stops its web server and workers and waits for them); killed
+    after `timeout` seconds."""
     process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=60)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()

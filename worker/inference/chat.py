@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,6 @@ class Reply:
     sent: int = 0
     """Characters of the decoded reply already emitted."""
     generator: torch.Generator | None = None
-    started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
         if self.request.temperature > 0:

@@ -139,7 +139,7 @@ class Engine:
         target = work.target
         if target.kind == "rerank" and not (target.adapter or target.model):
             # A base alone ranks by its embeddings' cosine similarity.
-            encoder, adapter = self._encoder_for(Target(target.name, "embed", target.base)), None
+            encoder, _ = self._encoder_for(Target(target.name, "embed", target.base))
             (query, *documents), tokens = encoder.run(None, "embed", [work.args[0], *work.args[1]])
             query = torch.tensor(query)
             scores = torch.nn.functional.cosine_similarity(query[None], torch.tensor(documents)).tolist()
