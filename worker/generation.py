@@ -12,15 +12,19 @@ SAMPLE_NEW_TOKENS = 48
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[str]:
-    """Greedy replies (up to SAMPLE_NEW_TOKENS tokens) to each conversation, in one left-padded batch."""
+def generate_replies(
+    model, tokenizer, conversations: list[list[dict]], tools: list[list[dict] | None] | None = None
+) -> list[str]:
+    """Greedy replies (up to SAMPLE_NEW_TOKENS tokens) to each conversation (with its tools, as the
+    chat template takes them), in one left-padded batch."""
     if not conversations:
         return []
+    tools = tools or [None] * len(conversations)
     prompts = [
         tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True
+            messages, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True, tools=row_tools
         )
-        for messages in conversations
+        for messages, row_tools in zip(conversations, tools, strict=True)
     ]
     width = max(len(prompt) for prompt in prompts)
     pad_id = tokenizer.pad_token_id

@@ -57,6 +57,14 @@ from transformers.utils.chat_template_utils import (
     render_jinja_template,
 )
 
+from worker.conversations import (
+    CONVERSATION_FIELDS,
+    for_template,
+    last_reply,
+    prompt_messages,
+    reply_text,
+    transcript,
+)
 from worker.families import FAMILIES, generative_keys
 from worker.rows import held_count, stratified_counts
 
@@ -120,7 +128,7 @@ class TokenCounter:
     def lengths(self, rows: list[dict]) -> tuple[list[int], list[int]]:
         """(length of each row, prompt length of each row that is longer than the cutoff or -1)."""
         if self.task == "sft":
-            return self._chat_lengths(rows, [[_assistant(row["response"])] for row in rows])
+            return self._chat_lengths(rows, [[_assistant(reply_text(last_reply(row)))] for row in rows])
         if self.task == "dpo":
             return self._chat_lengths(
                 rows, [[_assistant(row["chosen"])] for row in rows], [[_assistant(row["rejected"])] for row in rows]
@@ -166,12 +174,9 @@ class TokenCounter:
         return lengths, prompt_lengths
 
     def prompt_messages(self, row: dict) -> list[dict[str, str]]:
-        """The system and user turns, as worker.recipes.sft.prompt_messages / dpo.prompt_messages."""
-        messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        if self.task == "dpo":
-            return messages + [{"role": "user", "content": row["prompt"]}]
-        user = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
-        return messages + [{"role": "user", "content": user}]
+        """The turns before the reply, as the recipes render them (worker.conversations); a
+        conversation's tools and tool calls in the Hermes text format, which every template takes."""
+        return for_template(prompt_messages(row), row.get("tools"), native=False)[0]
 
     def render(self, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
         """The chat template's text, with control tokens typed in the data marked as text
@@ -651,6 +656,8 @@ def _fill_snippets(rows_path, task: str, problems: dict[str, _Problem], validati
 
 
 def _snippet(task: str, row: dict) -> str:
+    if row.keys() & CONVERSATION_FIELDS:
+        return transcript(row, SNIPPET_CHARS)
     names = {
         "sft": ("instruction", "response"),
         "dpo": ("prompt", "chosen", "rejected"),

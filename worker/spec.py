@@ -24,6 +24,7 @@ ADAPTER_METHODS = ("lora", "qlora")
 # The linear layers of llama-style decoders; "all-linear" adapts every linear layer of any model.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
+LOSS_ON_TURNS = ("all", "last")
 
 
 class SpecError(ValueError):
@@ -58,10 +59,13 @@ class TrainChoices:
     use_dora: bool = False
     """DoRA: LoRA with a learned magnitude per output (often better at low rank, a bit slower)."""
     dpo_beta: float = 0.1
-    """DPO only: how far the tuned model may move from the base (higher stays closer)."""
+    """DPO and KTO: how far the tuned model may move from the base (higher stays closer)."""
     dpo_sft_weight: float = 1.0
     """DPO only: weight of a likelihood term on the chosen reply (RPO); without it (0, pure DPO)
     the model learns to rank the pair but its own replies barely change."""
+    loss_on_turns: str = "all"
+    """Instruction tuning on conversations: "all" puts the loss on every assistant turn, "last"
+    on the final one only (the earlier turns are then context). One exchange is the same either way."""
     learning_rate: float = 2e-3
     """Peak learning rate (linear decay after a short warm-up)."""
     epochs: float = 1.0
@@ -111,6 +115,8 @@ class TrainChoices:
             raise SpecError("dpo_beta", "must be greater than 0")
         if not self.dpo_sft_weight >= 0:
             raise SpecError("dpo_sft_weight", "must be 0 (pure DPO) or more")
+        if self.loss_on_turns not in LOSS_ON_TURNS:
+            raise SpecError("loss_on_turns", f"choose one of {', '.join(LOSS_ON_TURNS)}")
         if not self.learning_rate > 0:
             raise SpecError("learning_rate", "must be greater than 0")
         if self.learning_rate >= 1:
@@ -122,6 +128,9 @@ class TrainChoices:
         if self.max_steps is not None:
             _within("max_steps", self.max_steps, 1)
         _within("batch_size", self.batch_size, 1)
+        if self.task == "kto" and self.batch_size < 2:
+            raise SpecError("batch_size", "KTO needs at least 2 rows a batch (each row's prompt is paired with "
+                            "another row's completion to estimate how far the model has moved)")
         _within("max_seq_length", self.max_seq_length, 8)
         if not 0 <= self.validation_fraction < 1:
             raise SpecError("validation_fraction", "must be at least 0 and below 1")

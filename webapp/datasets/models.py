@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from webapp.datasets import checks
 from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
+from worker.conversations import CONVERSATION_FIELDS, transcript
 from worker.families import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,18 @@ class Dataset(models.Model):
     def preview_columns(self) -> list[str]:
         """The preview's fields: the task's, in their order."""
         present = {name for row in self.preview_rows for name in row}
-        return [name for name in self.fields["required"] + self.fields["optional"] if name in present]
+        conversation = ["conversation"] if present & CONVERSATION_FIELDS else []
+        return conversation + [name for name in self.fields["required"] + self.fields["optional"] if name in present]
 
     @property
     def preview_table(self) -> list[list[str]]:
-        return [[row.get(name, "") for name in self.preview_columns] for row in self.preview_rows]
+        """The preview rows as text; a conversation (several exchanges, tools) as a short transcript."""
+        def value(row: dict, name: str) -> str:
+            if name == "conversation":
+                return transcript(row) if row.keys() & CONVERSATION_FIELDS else ""
+            return row.get(name, "")
+
+        return [[value(row, name) for name in self.preview_columns] for row in self.preview_rows]
 
     @property
     def error_summary(self) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ CUSTOM = "custom"
 SPEC_FIELDS = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
-    "dpo_sft_weight", "gradient_checkpointing",
+    "dpo_sft_weight", "gradient_checkpointing", "loss_on_turns",
 )
 _DEFAULTS = TrainChoices.defaults()
 METHODS = [
@@ -95,6 +95,13 @@ class JobForm(forms.Form):
                   "to rank the pair but barely changes what the model writes.",
     )
 
+    loss_on_turns = forms.ChoiceField(
+        label="Loss on", initial=_DEFAULTS["loss_on_turns"], required=False,
+        choices=[("all", "every assistant turn"), ("last", "the last assistant turn only")],
+        help_text="Instruction tuning on conversations: which replies the model learns to write; "
+                  "the other turns are context.",
+    )
+
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
@@ -151,9 +158,9 @@ class JobForm(forms.Form):
     def _validate_choices(self, data: dict, dataset: Dataset, base: str) -> None:
         """self.choices, or TrainChoices' complaint on the field it names."""
         values = {f: data.get(f) for f in SPEC_FIELDS}
-        for dpo_field in ("dpo_beta", "dpo_sft_weight"):
-            if values[dpo_field] is None:
-                values[dpo_field] = _DEFAULTS[dpo_field]
+        for optional in ("dpo_beta", "dpo_sft_weight", "loss_on_turns"):
+            if values[optional] in (None, ""):
+                values[optional] = _DEFAULTS[optional]
         if self._base_kind(base) == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         try:

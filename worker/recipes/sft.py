@@ -2,10 +2,13 @@
 
 setup → train → save, on transformers' Trainer.
 
-- Data: JSONL rows {"instruction", "response", optional "system", optional "input"}, rendered
+- Data: JSONL rows {"instruction", "response", optional "system", optional "input"}, or a
+  conversation {"messages", optional "tools"} of any length (worker.conversations), rendered
   with the base model's chat template ("input", extra context, follows the instruction in the
-  user turn). The loss is on the response only (its tokens and the end-of-turn token): every
-  prompt token is labelled -100.
+  user turn; tools through the template where it knows them, else in the Hermes format). The
+  loss is on the assistant's turns only (their tokens and end-of-turn tokens; every one, or the
+  last with loss_on_turns="last"): system, user and tool-result tokens are labelled -100. A
+  conversation too long for max_seq_length keeps whole turns from the start.
 - Batches are padded to their longest row, and rows of similar length are batched together
   (worker.batching: length-sorted chunks, cut into batches, the batches shuffled; seeded).
 - Logits are computed only where the loss reads them (the positions before a response token):
@@ -39,6 +42,14 @@ from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
 from worker.checkpointing import Checkpointing
 from worker.checkpoints import keep_baseline, resume_point
+from worker.conversations import (
+    conversation,
+    for_template,
+    last_reply,
+    prompt_messages,
+    reply_text,
+    template_knows_tools,
+)
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
@@ -52,7 +63,7 @@ from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["sft"].required
 IGNORE_INDEX = -100  # label value the loss skips
-TOKENIZE_VERSION = "1"  # part of the token cache's key: change it when tokenize_example changes
+TOKENIZE_VERSION = "2"  # part of the token cache's key: change it when tokenize_example changes
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
@@ -79,11 +90,13 @@ class Setup:
     """The held-out rows as read (their instructions and reference responses)."""
 
     @property
-    def sample_prompts(self) -> list[list[dict[str, str]]]:
-        return [prompt_messages(row) for row in self.held_out[:SAMPLE_COUNT]]
+    def sample_prompts(self) -> list[tuple[list[dict], list[dict] | None]]:
+        """(messages, tools) of the first held-out rows, as the chat template takes them."""
+        return [template_messages(row, self.tokenizer, prompt_only=True) for row in self.held_out[:SAMPLE_COUNT]]
 
     def replies(self) -> list[str]:
-        return generate_replies(self.model, self.tokenizer, self.sample_prompts)
+        prompts = self.sample_prompts
+        return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
 
 
 @dataclass
@@ -199,7 +212,8 @@ def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> tupl
         with setup.model.disable_adapter():
             replies_before = setup.replies()
     samples = [
-        {"instruction": row["instruction"], "reference": row["response"], "before": before, "after": after}
+        {"instruction": prompt_messages(row)[-1]["content"], "reference": reply_text(last_reply(row)),
+         "before": before, "after": after}
         for row, before, after in zip(setup.held_out, replies_before, replies_after, strict=False)
     ]
     setup.reporter.eval(step, final=True, **metrics, samples=samples)
@@ -346,11 +360,13 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             f"{spec.base_model} has no chat template, so it cannot be instruction-tuned here. "
             "Choose an instruction (chat) model such as smollm2-135m-instruct."
         )
-    examples = tokenize_file(Path(spec.dataset_path), tokenizer, spec.max_seq_length, reporter)
+    examples = tokenize_file(
+        Path(spec.dataset_path), tokenizer, spec.max_seq_length, reporter, loss_on_turns=spec.loss_on_turns)
     if spec.validation_path:
         train = examples
         held = tokenize_file(
-            Path(spec.validation_path), tokenizer, spec.max_seq_length, reporter, "the validation file"
+            Path(spec.validation_path), tokenizer, spec.max_seq_length, reporter, "the validation file",
+            spec.loss_on_turns,
         )
     else:
         train, held = split_rows(examples, spec.validation_fraction, spec.seed)
@@ -366,20 +382,35 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
     return train_rows, eval_rows, held_out
 
 
-def tokenize_file(path: Path, tokenizer, max_length: int, reporter: Reporter, name: str = "") -> list[tuple[dict, Any]]:
+def tokenize_file(
+    path: Path, tokenizer, max_length: int, reporter: Reporter, name: str = "", loss_on_turns: str = "all"
+) -> list[tuple[dict, Any]]:
     """(row, tokenize_example(row)) for the rows of a JSONL file; the tokens come from the token
-    cache when this file was tokenised before with this tokenizer and max_length."""
+    cache when this file was tokenised before with this tokenizer, max_length and loss choice."""
     try:
-        rows = read_rows(path, FIELDS)
+        rows = read_rows(path, (), keep=_sft_row, fields_named="instruction and response, or messages")
     except UserError as exc:
         if not name:
             raise
         raise UserError(f"In {name}: {exc}") from exc
-    key = token_cache.cache_key(path, tokenizer, max_length, TOKENIZE_VERSION)
-    examples, hit = token_cache.cached(key, lambda: [tokenize_example(row, tokenizer, max_length) for row in rows])
+    key = token_cache.cache_key(path, tokenizer, max_length, f"{TOKENIZE_VERSION}:{loss_on_turns}")
+    examples, hit = token_cache.cached(
+        key, lambda: [tokenize_example(row, tokenizer, max_length, loss_on_turns) for row in rows])
     if hit:
         reporter.log(f"Tokenised rows of {name or 'the dataset'} reused from an earlier job.")
     return list(zip(rows, examples, strict=True))
+
+
+def _sft_row(row: dict, where: str) -> dict:
+    """A row with text in instruction and response, or a conversation ending with an assistant turn."""
+    messages = row.get("messages")
+    if messages is None:
+        if not all(isinstance(row.get(name), str) for name in FIELDS):
+            raise UserError(f"{where} needs text fields instruction and response, or messages.")
+        return row
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+        raise UserError(f"{where}: its messages must be a conversation ending with an assistant turn.")
+    return row
 
 
 def kept_examples(pairs: list[tuple[dict, dict | None]], max_length: int, reporter: Reporter, split: str) -> list[dict]:
@@ -390,28 +421,55 @@ def kept_examples(pairs: list[tuple[dict, dict | None]], max_length: int, report
             f"Skipped {len(pairs) - len(kept)} of {len(pairs)} {split} rows: after truncation to "
             f"{max_length} tokens no response token was left."
         )
+    cut = [example["turns_cut"] for example in kept if example.get("turns_cut")]
+    if cut:
+        reporter.log(
+            f"{len(cut)} {split} conversations are longer than {max_length} tokens: each was cut after "
+            f"its last assistant turn that fits, {sum(cut)} later turns in all."
+        )
     return kept
 
 
-def tokenize_example(row: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int]] | None:
-    """input_ids and labels for one row (labels -100 on the prompt); None if no response fits."""
-    messages = prompt_messages(row)
+def tokenize_example(
+    row: dict, tokenizer, max_length: int, loss_on_turns: str = "all"
+) -> dict[str, Any] | None:
+    """input_ids and labels for one row (labels -100 except on the assistant turns that carry the
+    loss: each one, or with loss_on_turns="last" the final one); None if no labelled token fits.
+
+    A conversation longer than max_length keeps whole turns from the start, up to the last
+    labelled assistant turn that fits ("turns_cut": how many turns were left out); when not even
+    the first labelled turn fits whole, its reply is cut at max_length, as a single exchange's is."""
+    rendered, tools = template_messages(row, tokenizer)
     # sanitize_control_tokens: a literal "<|im_end|>" typed in the data stays text.
-    render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True)
-    prompt = render(messages, add_generation_prompt=True)
-    full = render(messages + [{"role": "assistant", "content": row["response"]}])
-    prompt_length = _common_prefix_length(prompt, full)
-    labels = [IGNORE_INDEX] * prompt_length + full[prompt_length:]
-    if prompt_length >= max_length:
+    render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True, tools=tools)
+    full = render(rendered)
+    turns = [i for i, message in enumerate(rendered) if message["role"] == "assistant"]
+    labelled = turns[-1:] if loss_on_turns == "last" else turns
+    labels = [IGNORE_INDEX] * len(full)
+    spans = {}
+    for i in labelled:
+        # A turn's tokens: after the conversation up to it with the assistant's header, up to the
+        # conversation through it (its end-of-turn token included).
+        start = _common_prefix_length(render(rendered[:i], add_generation_prompt=True), full)
+        end = len(full) if i == len(rendered) - 1 else _common_prefix_length(render(rendered[: i + 1]), full)
+        labels[start:end] = full[start:end]
+        spans[i] = (start, end)
+    if spans[labelled[0]][0] >= max_length:
         return None
-    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+    if len(full) <= max_length:
+        return {"input_ids": full, "labels": labels}
+    fitting = [i for i in labelled if spans[i][1] <= max_length]
+    if not fitting:
+        return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+    end = spans[fitting[-1]][1]
+    return {"input_ids": full[:end], "labels": labels[:end], "turns_cut": len(rendered) - 1 - fitting[-1]}
 
 
-def prompt_messages(row: dict[str, str]) -> list[dict[str, str]]:
-    """The system and user turns of a row, before the assistant's reply."""
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    user = f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
-    return messages + [{"role": "user", "content": user}]
+def template_messages(row: dict, tokenizer, prompt_only: bool = False) -> tuple[list[dict], list[dict] | None]:
+    """The row's conversation (or, prompt_only, the turns before its last reply) as the base's chat
+    template takes it, and its tools (worker.conversations.for_template)."""
+    messages = prompt_messages(row) if prompt_only else conversation(row)
+    return for_template(messages, row.get("tools"), template_knows_tools(tokenizer.chat_template))
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,7 @@
 """Is this data usable for preference tuning (DPO)? Pure Python, one pass, bounded memory.
 
-Rows are canonical {"prompt", "chosen", "rejected", optional "system"}. The data is refused when:
+Rows are canonical {"prompt", "chosen", "rejected", optional "system"}; a multi-turn prompt is
+{"prompt_messages"} instead of "prompt" (worker.conversations). The data is refused when:
 - it has no rows;
 - a prompt, chosen or rejected answer is missing or empty (the recipe would stop at that row);
 - more than half of the rows have the same chosen and rejected answer (compared with surrounding
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 EXAMPLES = 3  # how many offending rows a message quotes
-FIELDS = ("prompt", "chosen", "rejected")
+ANSWERS = ("chosen", "rejected")
 
 
 def check(rows: Iterable[dict]) -> list[str]:
@@ -27,7 +28,8 @@ def check(rows: Iterable[dict]) -> list[str]:
     same_count = 0
     for number, row in enumerate(rows, start=1):
         count += 1
-        if not all(_is_text(row.get(name)) for name in FIELDS):
+        has_prompt = bool(row.get("prompt_messages")) or _is_text(row.get("prompt"))
+        if not has_prompt or not all(_is_text(row.get(name)) for name in ANSWERS):
             missing_count += 1
             if len(missing) < EXAMPLES:
                 missing.append(f"row {number}")

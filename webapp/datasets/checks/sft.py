@@ -1,10 +1,11 @@
 """Is this data usable for instruction tuning (SFT)? Pure Python, one pass, bounded memory.
 
-Rows are canonical {"instruction", "response", optional "system", optional "input"}. The data
-is refused when:
+Rows are canonical {"instruction", "response", optional "system", optional "input"}, or a
+conversation {"messages", optional "tools"} (worker.conversations). The data is refused when:
 - it has no rows;
-- an instruction or response is missing or empty (the recipe would stop at that row);
-- every row (two or more) has the same response, compared with surrounding whitespace trimmed:
+- an instruction or response is missing or empty, or a conversation does not end with an
+  assistant turn (the recipe would stop at that row);
+- every row (two or more) has the same response (a conversation's last reply), compared with surrounding whitespace trimmed:
   the model would learn to give that one answer whatever it is asked, which is almost always a
   wrongly mapped column.
 Repeated instructions with different responses are not refused: noisy, but trainable.
@@ -13,6 +14,8 @@ Repeated instructions with different responses are not refused: noisy, but train
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from worker.conversations import reply_text
 
 EXAMPLES = 3  # how many offending rows a message quotes
 
@@ -26,7 +29,10 @@ def check(rows: Iterable[dict]) -> list[str]:
     same_response = True
     for number, row in enumerate(rows, start=1):
         count += 1
-        instruction, response = row.get("instruction"), row.get("response")
+        if "messages" in row:
+            instruction, response = _conversation_ends(row["messages"])
+        else:
+            instruction, response = row.get("instruction"), row.get("response")
         if not _is_text(instruction) or not _is_text(response):
             missing_count += 1
             if len(missing) < EXAMPLES:
@@ -47,6 +53,15 @@ def check(rows: Iterable[dict]) -> list[str]:
             "that answer to everything. Check that the response column holds each row's own answer."
         )
     return problems
+
+
+def _conversation_ends(messages: object) -> tuple[str | None, str | None]:
+    """(the first user text, the last reply as trained) of a conversation; None where missing."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return None, None
+    user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+    last = messages[-1]
+    return user, reply_text(last) if last.get("role") == "assistant" else None
 
 
 def _is_text(value: object) -> bool:
