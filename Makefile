@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models migrate run test test-fast bench lint chromium clean
+.PHONY: install models migrate run test test-serving test-fast bench lint chromium clean
 
 install: $(VENV)/.installed $(PLOTLY_JS)
 
@@ -40,7 +40,13 @@ chromium:
 
 test: install models chromium
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not serving"
+
+# The serving path end to end (jobs trained by the worker, served by the inference server
+# process, called with the openai client) and the playground in a browser: about three minutes
+# more than `make test` can hold within its 15 on two cores.
+test-serving: install models chromium
+	$(BIN)/pytest -m serving
 
 lint: install
 	$(BIN)/ruff check manage.py webapp worker tests bench

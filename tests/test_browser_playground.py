@@ -12,7 +12,7 @@ from tests.support.stack import PASSWORD
 from tests.test_browser import ARTIFACTS, browser  # noqa: F401 (browser: the fixture)
 from tests.test_classify_recipe import group_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
 FINAL = ("succeeded", "failed", "cancelled")
 

@@ -20,7 +20,7 @@ import requests
 
 from tests.support.model_fixtures import number_word, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
 OWNER, OTHER = "serena", "oscar"
 ASK = [{"role": "user", "content": "Say the word for 7."}]
