@@ -500,8 +500,8 @@ def test_a_validation_label_that_no_training_row_has_is_refused(tiny_bert_dir, t
 
 
 def test_the_split_is_stratified_seeded_and_keeps_every_label_in_training():
-    rows = [{"label": "a", "i": i} for i in range(29)] + [{"label": "b", "i": i} for i in range(11)]
-    rows.append({"label": "c", "i": 0})
+    rows = [{"text": f"a{i}", "label": "a"} for i in range(29)] + [{"text": f"b{i}", "label": "b"} for i in range(11)]
+    rows.append({"text": "c", "label": "c"})
     train_rows, held_out = stratified_split(rows, 0.25, seed=1)
     # 10 = round(0.25 · 41) rows: shares 7.25 and 2.75 (and 0.25), the larger remainder rounds up.
     assert sorted(row["label"] for row in held_out) == ["a"] * 7 + ["b"] * 3
@@ -510,7 +510,7 @@ def test_the_split_is_stratified_seeded_and_keeps_every_label_in_training():
     assert stratified_split(rows, 0.25, seed=2)[1] != held_out
     assert len(stratified_split(rows[:4], 0.01, seed=1)[1]) == 1  # at least one
     assert stratified_split(rows, 0.0, seed=1) == (rows, [])
-    singles = [{"label": str(i)} for i in range(5)]
+    singles = [{"text": str(i), "label": str(i)} for i in range(5)]
     assert stratified_split(singles, 0.5, seed=1) == (singles, [])
 
 

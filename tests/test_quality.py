@@ -52,15 +52,16 @@ def test_sft_counts_duplicates_and_missing_optional_fields(tmp_path, smollm2_dir
     assert report["tokens"]["truncated"] == 0 and report["labels"] is None
 
 
-def test_overlap_follows_the_workers_seeded_split(tmp_path, smollm2_dir):
+def test_the_seeded_split_keeps_a_repeated_prompt_on_one_side_as_the_worker_does(tmp_path, smollm2_dir):
     from worker.rows import split_rows
 
-    rows = [{"instruction": f"q{n % 10}", "response": f"a{n}"} for n in range(40)]  # each prompt 4 times
+    rows = [{"instruction": f"q{n % 10}" + " " * (n % 3), "response": f"a{n}"} for n in range(40)]  # 4 times each
     report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 64, seed=7)
     train, held = split_rows(rows, 0.1, 7)
-    leaked = [row for row in held if any(row["instruction"] == t["instruction"] for t in train)]
+    assert len({row["instruction"].strip() for row in held}) == 1 and len(held) == 4
+    assert not {row["instruction"].strip() for row in held} & {row["instruction"].strip() for row in train}
     assert report["split"] == {"kind": "seeded", "seed": 7, "fraction": 0.1, "train_rows": 36, "validation_rows": 4}
-    assert problem(report, "overlap")["count"] == len(leaked) == 4
+    assert problem(report, "overlap")["count"] == 0
 
 
 def test_an_uploaded_validation_file_replaces_the_split(tmp_path, smollm2_dir):
@@ -115,17 +116,9 @@ def test_classification_reports_label_balance_and_the_stratified_split(tmp_path,
     assert report["tokens"]["max"] == len(tokenizer("word " * 300)["input_ids"])
     trimmed = [row | {"label": row["label"].strip(), "n": n} for n, row in enumerate(rows)]
     _, held = stratified_split(trimmed, 0.1, 42)
-    assert sorted(quality.stratified_positions(*_label_numbers(trimmed), 0.1, 42).tolist()) == sorted(
-        row["n"] for row in held
-    )
+    assert sorted(quality_stratified(trimmed, 0.1, 42).tolist()) == sorted(row["n"] for row in held)
     assert report["split"]["validation_rows"] == len(held)
-
-
-def _label_numbers(rows):
-    import numpy as np
-
-    names = sorted({row["label"] for row in rows})
-    return np.array([names.index(row["label"]) for row in rows]), names
+    assert sum(row["text"] == "message 0" for row in held) in (0, 2)  # its two labels on one side
 
 
 def test_the_encoder_cutoff_is_the_models_own_limit_when_lower(tmp_path, minilm_dir):
@@ -133,7 +126,9 @@ def test_the_encoder_cutoff_is_the_models_own_limit_when_lower(tmp_path, minilm_
     report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "embed", minilm_dir, 4096)
     assert report["cutoff"] == 256  # sentence-transformers' max_seq_length for MiniLM
     assert report["tokens"]["truncated"] == 4
-    assert problem(report, "empty_negative")["count"] == 4
+    # No row has a negative: the dataset does not use the field, which is not a problem of each row.
+    assert "empty_negative" not in {p["key"] for p in report["problems"]}
+    assert report["unused_optional"] == ["negative"]
 
 
 def test_reranking_flags_queries_without_a_relevant_document(tmp_path, minilm_dir):
@@ -172,8 +167,42 @@ def test_embedding_overlap_is_by_query(tmp_path, minilm_dir):
 def test_split_positions_hold_out_what_split_rows_holds_out(count):
     from worker.rows import split_rows
 
-    _, held = split_rows(list(range(count)), 0.2, 3)
+    _, held = split_rows(list(range(count)), 0.2, 3, key=str)
     assert sorted(quality.split_positions(count, 0.2, 3).tolist()) == held
+
+
+def test_templating_placeholders_left_in_the_text_are_flagged_with_examples(tmp_path, smollm2_dir):
+    rows = [{"instruction": f"Question {n}?", "response": f"Answer {n}."} for n in range(8)]
+    rows[1]["instruction"] = "Write to {{ customer_name }} about the order."
+    rows[3]["response"] = "Dear {name}, thanks."
+    rows[4]["system"] = "You help ${company}'s customers."
+    rows[5]["response"] = r"Not a placeholder: \frac{a}{b}, \textbf{bold}, {\"json\": 1} and {{ }}."
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 128)
+    placeholders = problem(report, "placeholders")
+    assert placeholders["count"] == 3
+    assert [(e["row"], e["placeholder"]) for e in placeholders["examples"]] == [
+        (2, "{{ customer_name }}"), (4, "{name}"), (5, "${company}")
+    ]
+    assert "customer_name" in placeholders["examples"][0]["text"]
+
+
+def test_an_optional_field_no_row_fills_is_named_once_not_counted_as_a_problem(tmp_path, smollm2_dir):
+    rows = [{"instruction": f"Question {n}?", "response": f"Answer {n}."} for n in range(5)]
+    rows[2]["system"] = "Be brief."
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "sft", smollm2_dir, 128)
+    assert problem(report, "empty_system")["count"] == 4  # used by one row: the others lack it
+    assert "empty_input" not in {p["key"] for p in report["problems"]} and report["unused_optional"] == ["input"]
+
+
+def quality_stratified(rows: list[dict], fraction: float, seed: int):
+    import numpy as np
+
+    from worker.rows import row_input
+
+    names = sorted({row["label"] for row in rows})
+    labels = np.array([names.index(row["label"]) for row in rows], dtype=np.int64)
+    digests = np.array([quality._digest(row_input(row)) for row in rows], dtype=np.uint64)
+    return quality.stratified_positions(labels, names, *quality.first_appearance_groups(digests), fraction, seed)
 
 
 def tricky_conversations() -> list[list[dict]]:

@@ -229,13 +229,15 @@ def test_a_literal_end_of_turn_in_the_data_stays_text(tiny_llama_dir):
 
 
 def test_the_split_is_seeded_stable_and_holds_out_at_least_one_row():
-    rows = list(range(50))
+    rows = [{"instruction": f"q{n}", "response": "a"} for n in range(50)]
     train_rows, held_out = split_rows(rows, 0.1, seed=1)
-    assert len(held_out) == 5 and sorted(train_rows + held_out) == rows
+    assert len(held_out) == 5 and len(train_rows) == 45 and {r["instruction"] for r in train_rows + held_out} == {
+        r["instruction"] for r in rows
+    }
     assert split_rows(rows, 0.1, seed=1) == (train_rows, held_out)
     assert split_rows(rows, 0.1, seed=2) != (train_rows, held_out)
     assert len(split_rows(rows[:3], 0.01, seed=1)[1]) == 1
-    assert split_rows(rows[:1], 0.5, seed=1) == ([0], [])
+    assert split_rows(rows[:1], 0.5, seed=1) == (rows[:1], [])
     assert split_rows(rows, 0.0, seed=1) == (rows, [])
 
 

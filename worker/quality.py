@@ -66,7 +66,7 @@ from worker.conversations import (
     transcript,
 )
 from worker.families import FAMILIES, generative_keys
-from worker.rows import held_count, stratified_counts
+from worker.rows import held_count, held_groups, normalised, row_input, stratified_groups
 
 BATCH_ROWS = 512
 """Rows tokenized per call of the tokenizer's batch encoder."""
@@ -79,13 +79,11 @@ LABEL_LIMIT = 1000
 """Distinct labels (or relevance values) told apart; more are counted as one "other" (a classifier
 with more labels is refused by checks/classify.py anyway)."""
 SNIPPET_CHARS = 160
+_TEMPLATE_PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}|(?<![\w}\\])\$?\{[A-Za-z_]\w*\}")
 CHECKED_ROWS = 32
 """Rows of each message layout rendered by both the real renderer and the fast path, which is
 trusted for that layout only if they all agree."""
 CHAT_TASKS = generative_keys()
-INPUT_FIELDS = {key: f.inputs for key, f in FAMILIES.items()}
-"""What a model reads from a row: two rows with the same input in training and validation
-measure memory, not generalisation."""
 OPTIONAL_FIELDS = {key: f.optional for key, f in FAMILIES.items() if f.optional}
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Placeholder contents: private-use characters that neither transformers' control-token markers
@@ -363,19 +361,48 @@ def split_positions(count: int, fraction: float, seed: int) -> np.ndarray:
     return np.frombuffer(order, dtype=np.int64)[: held_count(count, fraction)].copy()
 
 
-def stratified_positions(labels: np.ndarray, names: list[str], fraction: float, seed: int) -> np.ndarray:
-    """The rows worker.rows.stratified_split holds out; labels[i] indexes names."""
-    if fraction <= 0:
+def grouped_positions(groups: np.ndarray, group_count: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows worker.rows.split_rows holds out; groups[i] numbers row i's input in order of
+    first appearance (first_appearance_groups)."""
+    if fraction <= 0 or len(groups) < 2:
         return np.zeros(0, dtype=np.int64)
-    by_label = {names[k]: np.flatnonzero(labels == k) for k in np.unique(labels)}
-    counts = stratified_counts({label: len(indices) for label, indices in by_label.items()}, fraction, len(labels))
-    rng = random.Random(seed)
-    held = []
-    for label in sorted(by_label):
-        indices = array("q", by_label[label].tolist())
-        rng.shuffle(indices)
-        held.append(np.frombuffer(indices, dtype=np.int64)[: counts[label]].copy())
-    return np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
+    sizes = np.bincount(groups, minlength=group_count).tolist()
+    held = held_groups(sizes, held_count(len(groups), fraction), seed)
+    return np.flatnonzero(np.isin(groups, np.array(held, dtype=np.int64)))
+
+
+def stratified_positions(
+    labels: np.ndarray, names: list[str], groups: np.ndarray, group_count: int, fraction: float, seed: int
+) -> np.ndarray:
+    """The rows worker.rows.stratified_split holds out; labels[i] indexes names, groups[i] numbers
+    row i's input in order of first appearance."""
+    if fraction <= 0 or not len(labels):
+        return np.zeros(0, dtype=np.int64)
+    pairs, counts = np.unique(groups * len(names) + labels, return_counts=True)  # by group, then label
+    pair_groups, pair_labels = pairs // len(names), pairs % len(names)
+    by_label = {names[k]: pair_groups[pair_labels == k] for k in np.unique(pair_labels)}
+    sizes = {names[k]: int(counts[pair_labels == k].sum()) for k in np.unique(pair_labels)}
+    compositions = _Compositions(np.searchsorted(pair_groups, np.arange(group_count + 1)), pair_labels, counts, names)
+    held = stratified_groups(by_label, compositions, sizes, fraction, seed)
+    return np.flatnonzero(np.isin(groups, np.array(held, dtype=np.int64)))
+
+
+@dataclass
+class _Compositions:
+    """Each group's rows by label, read off the sorted (group, label) pairs: a few arrays, not a
+    dict a group."""
+
+    starts: np.ndarray
+    labels: np.ndarray
+    counts: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, group: int) -> dict[str, int]:
+        start, end = self.starts[group], self.starts[group + 1]
+        return {self.names[k]: int(n) for k, n in zip(self.labels[start:end], self.counts[start:end], strict=True)}
 
 
 def first_appearance_groups(digests: np.ndarray) -> tuple[np.ndarray, int]:
@@ -447,6 +474,7 @@ def compute_report(
     split = _find_overlap(task, columns, input_digests, validation_path, validation_fraction, seed, problems["overlap"])
     if task == "rerank":
         _find_queries_without_relevant(columns, problems["no_relevant"])
+    unused = _unused_optional_fields(task, problems, count)
     _fill_snippets(rows_path, task, problems, validation_path)
     longest = int(np.argmax(lengths)) + 1 if count else None
     return {
@@ -458,6 +486,7 @@ def compute_report(
         "longest_row": longest,
         "labels": _label_balance(task, columns),
         "split": split,
+        "unused_optional": unused,
         "problems": [
             {"key": p.key, "title": p.title, "count": p.count, "examples": p.examples} for p in problems.values()
         ],
@@ -484,6 +513,7 @@ def _problems_for(task: str) -> dict[str, _Problem]:
         _Problem("truncated", "Rows longer than the cutoff (cut at the cutoff)"),
         _Problem("duplicates", "Exact duplicate rows"),
         _Problem("overlap", "Validation rows whose input is also in training"),
+        _Problem("placeholders", "Rows with a templating placeholder left in, such as {{name}} or {name}"),
     ]
     if task in CHAT_TASKS:
         problems.insert(1, _Problem("no_reply", "Rows whose prompt fills the cutoff (skipped: no reply token left)"))
@@ -499,9 +529,9 @@ def _problems_for(task: str) -> dict[str, _Problem]:
 def _check_row(task: str, number: int, row: dict, problems: dict[str, _Problem], columns: _Columns) -> None:
     """Per-row checks and the row's digests."""
     columns.row_digest.append(_digest(json.dumps(row, sort_keys=True, ensure_ascii=False)))
-    columns.input_digest.append(_digest("\x1f".join(str(row.get(name, "")) for name in INPUT_FIELDS[task])))
+    columns.input_digest.append(_digest(row_input(row)))
     if task in ("rerank", "embed"):
-        columns.group_digest.append(_digest(row["query"]))
+        columns.group_digest.append(_digest(normalised(row["query"])))
     if task == "rerank":
         columns.relevance.append(float(row["relevance"]))
     label = _label_of(task, row)
@@ -510,11 +540,35 @@ def _check_row(task: str, number: int, row: dict, problems: dict[str, _Problem],
         if number_of_label is None and len(columns.label_names) < LABEL_LIMIT:
             number_of_label = columns.label_names[label] = len(columns.label_names)
         columns.label.append(-1 if number_of_label is None else number_of_label)
-    for name in OPTIONAL_FIELDS.get(task, ()):
-        if not row.get(name):
-            problems[f"empty_{name}"].add(number)
+    if not row.keys() & CONVERSATION_FIELDS:  # a conversation's system prompt is one of its turns
+        for name in OPTIONAL_FIELDS.get(task, ()):
+            if not row.get(name):
+                problems[f"empty_{name}"].add(number)
+    placeholder = _placeholder_in(row)
+    if placeholder:
+        problems["placeholders"].add(number, placeholder=placeholder)
     if task == "dpo" and row["chosen"].strip() == row["rejected"].strip():
         problems["same_pair"].add(number)
+
+
+def _placeholder_in(value: Any) -> str | None:
+    """The first templating placeholder ({{name}}, {name}, ${name}) in the row's texts, if any:
+    a prompt template whose variables were never filled in. Braces after a word or a closing
+    brace are LaTeX (\\textbf{word}, \\frac{a}{b}), not placeholders."""
+    if isinstance(value, str):
+        found = _TEMPLATE_PLACEHOLDER.search(value) if "{" in value else None
+        return found.group(0) if found else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in items if (found := _placeholder_in(item))), None)
+
+
+def _unused_optional_fields(task: str, problems: dict[str, _Problem], count: int) -> list[str]:
+    """The optional fields no row fills: not a problem of every row, just a field this dataset
+    does not use; their checks are left out of the report, and the fields named instead."""
+    unused = [name for name in OPTIONAL_FIELDS.get(task, ()) if count and problems[f"empty_{name}"].count == count]
+    for name in unused:
+        del problems[f"empty_{name}"]
+    return unused
 
 
 def _label_of(task: str, row: dict) -> str | None:
@@ -553,7 +607,7 @@ def _find_overlap(
     if validation_path and Path(validation_path).is_file():
         held_digests = array("Q")
         for _, row in read_rows(validation_path):
-            held_digests.append(_digest("\x1f".join(str(row.get(name, "")) for name in INPUT_FIELDS[task])))
+            held_digests.append(_digest(row_input(row)))
         held = np.frombuffer(held_digests, dtype=np.uint64)
         in_training = np.isin(held, input_digests)
         problem.count = int(in_training.sum())
@@ -576,23 +630,27 @@ def _find_overlap(
 
 def _held_out_rows(task: str, columns: _Columns, fraction: float, seed: int) -> np.ndarray:
     """The row numbers (0-based) the worker's recipe for `task` holds out."""
-    count = len(columns.length)
-    if task in CHAT_TASKS:
-        return split_positions(count, fraction, seed)
     if task in ("classify", "pair"):
         names = sorted(columns.label_names)
         sorted_number = np.array([names.index(name) for name in columns.label_names], dtype=np.int64)
-        return stratified_positions(sorted_number[np.frombuffer(columns.label, dtype=np.int64)], names, fraction, seed)
+        labels = sorted_number[np.frombuffer(columns.label, dtype=np.int64)]
+        return stratified_positions(labels, names, *_input_groups(columns), fraction, seed)
+    if task not in ("rerank", "embed"):
+        return grouped_positions(*_input_groups(columns), fraction, seed)
     groups, group_count = first_appearance_groups(np.frombuffer(columns.group_digest, dtype=np.uint64))
     if task == "rerank":
         # Only queries with a relevant document are held out (rerank.split_by_query).
         best = np.zeros(group_count)
         np.maximum.at(best, groups, np.frombuffer(columns.relevance, dtype=np.float64))
         eligible = np.flatnonzero(best > 0)
-        held_groups = eligible[split_positions(len(eligible), fraction, seed)]
+        held = eligible[split_positions(len(eligible), fraction, seed)]
     else:
-        held_groups = split_positions(group_count, fraction, seed)
-    return np.flatnonzero(np.isin(groups, held_groups))
+        held = split_positions(group_count, fraction, seed)
+    return np.flatnonzero(np.isin(groups, held))
+
+
+def _input_groups(columns: _Columns) -> tuple[np.ndarray, int]:
+    return first_appearance_groups(np.frombuffer(columns.input_digest, dtype=np.uint64))
 
 
 def _find_queries_without_relevant(columns: _Columns, problem: _Problem) -> None:

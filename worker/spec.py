@@ -80,7 +80,11 @@ class TrainChoices:
     max_seq_length: int = 512
     """Tokens per row after the chat template; longer rows are truncated."""
     validation_fraction: float = 0.1
-    """Share of rows held out for the validation loss (seeded, stable split)."""
+    """Share of rows held out for the validation loss (seeded, stable split; rows with the same
+    input stay on one side)."""
+    drop_validation_overlap: bool = False
+    """With an uploaded validation file: leave out of training the rows whose input a validation
+    row also has, so that the held-out metrics measure generalisation, not memory."""
     eval_every: int = 10
     """Evaluate the validation loss every this many steps (and at the end)."""
     checkpoint_every: int = 50
@@ -140,6 +144,8 @@ class TrainChoices:
             raise SpecError("checkpoint_minutes", "must be greater than 0")
         if not isinstance(self.gradient_checkpointing, bool):
             raise SpecError("gradient_checkpointing", "must be true or false")
+        if not isinstance(self.drop_validation_overlap, bool):
+            raise SpecError("drop_validation_overlap", "must be true or false")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -13,7 +13,8 @@ setup → train → save, on transformers' Trainer.
   (adapters plus the head, merged into the weights at export: the artifact is a plain
   classifier either way; a LoRA artifact also keeps the unmerged adapter, the head in its
   modules_to_save, in its adapter/ subfolder).
-- Split: stratified by label and seeded, so every label keeps its share of held-out rows.
+- Split: stratified by label and seeded, so every label keeps its share of held-out rows, and
+  grouped by input, so a text (or pair) repeated in the file is never both trained on and held out.
 - Held-out metrics at step 0 (the untouched model), every eval_every steps and at the end:
   accuracy (the primary metric), macro F1, the confusion matrix (rows: true label, columns:
   predicted), the cross-entropy loss, and with exactly two labels the F1 of the positive label
@@ -47,7 +48,7 @@ from worker.models import apply_method, load_sequence_classifier
 from worker.params import census
 from worker.progress import ReportProgress
 from worker.rows import read_rows as read_jsonl_rows
-from worker.rows import stratified_split
+from worker.rows import stratified_split, validation_split
 from worker.sentence_models import ADAPTER_NOTE, save_adapter
 from worker.spec import TrainSpec
 
@@ -174,11 +175,12 @@ def prepare_rows(spec: TrainSpec) -> tuple[list[dict], list[dict], list[str]]:
     """(training rows, held-out rows, label names): the held-out rows are the uploaded validation
     file's when there is one, else a stratified share of the dataset."""
     rows = read_rows(Path(spec.dataset_path), FIELDS[spec.task])
-    labels = label_names(rows)
     if not spec.validation_path:
-        return *stratified_split(rows, spec.validation_fraction, spec.seed), labels
-    held_out = read_rows(Path(spec.validation_path), FIELDS[spec.task], "the validation file")
-    for number, row in enumerate(held_out, start=1):
+        return *stratified_split(rows, spec.validation_fraction, spec.seed), label_names(rows)
+    validation = read_rows(Path(spec.validation_path), FIELDS[spec.task], "the validation file")
+    rows, held_out = validation_split(rows, validation, spec.drop_validation_overlap)
+    labels = label_names(rows)
+    for number, row in enumerate(validation, start=1):
         if row["label"] not in labels:
             raise UserError(
                 f"Row {number} of the validation file has the label {row['label']!r}, which no training row has; "

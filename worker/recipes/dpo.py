@@ -51,7 +51,7 @@ from worker.generation import SAMPLE_COUNT, generate_replies
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import METRIC_KEYS, ReportProgress
-from worker.rows import read_rows, split_rows
+from worker.rows import read_rows, split_rows, validation_split
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["dpo"].required
@@ -225,7 +225,7 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
         )
     rows = read_rows(Path(spec.dataset_path), FIELDS)
     if spec.validation_path:
-        train, held_out = rows, validation_rows(Path(spec.validation_path))
+        train, held_out = validation_split(rows, validation_rows(Path(spec.validation_path)), spec.drop_validation_overlap)
     else:
         train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
     train_rows = [row for row, _ in tokenize_pairs(train, tokenizer, spec.max_seq_length, reporter, "training")]

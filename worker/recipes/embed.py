@@ -56,7 +56,7 @@ from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
 from worker.progress import ReportProgress, report_baseline
-from worker.rows import hold_out_queries
+from worker.rows import hold_out_queries, validation_split
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
@@ -241,7 +241,8 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[list[dict], list[
     if len(rows) < 2:
         raise UserError("The dataset needs at least 2 rows: the other rows' documents are the negatives.")
     if spec.validation_path:
-        train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
+        validation = read_rows(Path(spec.validation_path), "the validation file")
+        train, held_out = validation_split(rows, validation, spec.drop_validation_overlap)
     else:
         queries = list(dict.fromkeys(row["query"] for row in rows))
         train, held_out = hold_out_queries(rows, queries, spec.validation_fraction, spec.seed)

@@ -50,7 +50,7 @@ from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
 from worker.progress import ReportProgress, report_baseline
-from worker.rows import hold_out_queries
+from worker.rows import hold_out_queries, normalised, validation_split
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
 
@@ -216,7 +216,8 @@ def prepare_data(spec: TrainSpec, reporter: Reporter) -> tuple[Dataset, list[dic
     rows = read_rows(Path(spec.dataset_path))
     require_relevant(rows, "No document has a relevance above 0, so there is nothing to rank first.")
     if spec.validation_path:
-        train, held_out = rows, read_rows(Path(spec.validation_path), "the validation file")
+        validation = read_rows(Path(spec.validation_path), "the validation file")
+        train, held_out = validation_split(rows, validation, spec.drop_validation_overlap)
         require_relevant(
             held_out, "No document in the validation file has a relevance above 0, so no ranking can be scored."
         )
@@ -275,7 +276,8 @@ def split_by_query(rows: list[dict], fraction: float, seed: int) -> tuple[list[d
     out with all of its rows; every other row trains."""
     best: dict[str, float] = {}
     for row in rows:
-        best[row["query"]] = max(best.get(row["query"], 0.0), row["relevance"])
+        query = normalised(row["query"])
+        best[query] = max(best.get(query, 0.0), row["relevance"])
     return hold_out_queries(rows, [query for query, top in best.items() if top > 0], fraction, seed)
 
 

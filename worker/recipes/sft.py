@@ -58,7 +58,7 @@ from worker.hardware import bf16_supported
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
-from worker.rows import read_rows, split_rows
+from worker.rows import pair_input, read_rows, split_rows, validation_split
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["sft"].required
@@ -363,13 +363,13 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
     examples = tokenize_file(
         Path(spec.dataset_path), tokenizer, spec.max_seq_length, reporter, loss_on_turns=spec.loss_on_turns)
     if spec.validation_path:
-        train = examples
         held = tokenize_file(
             Path(spec.validation_path), tokenizer, spec.max_seq_length, reporter, "the validation file",
             spec.loss_on_turns,
         )
+        train, held = validation_split(examples, held, spec.drop_validation_overlap, key=pair_input)
     else:
-        train, held = split_rows(examples, spec.validation_fraction, spec.seed)
+        train, held = split_rows(examples, spec.validation_fraction, spec.seed, key=pair_input)
     train_rows = kept_examples(train, spec.max_seq_length, reporter, "training")
     eval_rows = kept_examples(held, spec.max_seq_length, reporter, "validation")
     held_out = [row for row, _ in held]
