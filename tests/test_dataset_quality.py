@@ -79,6 +79,24 @@ def test_hostile_text_is_escaped_in_the_preflight_and_the_table(tmp_path, smollm
     assert html.unescape(re.sub(r"<[^>]+>", "", page)).count('alert("x")') >= 3
 
 
+def test_the_table_names_unused_fields_placeholders_and_how_to_drop_an_overlap():
+    report = {
+        "rows": 5, "max_length": 64, "cutoff": 64, "tokens": {}, "unused_optional": ["system", "input"],
+        "split": {"kind": "file", "validation_rows": 3},
+        "problems": [
+            {"key": "overlap", "title": "Validation rows whose input is also in training", "count": 2,
+             "examples": [{"row": 1, "file": "validation", "text": "q3"}]},
+            {"key": "placeholders", "title": "Rows with a templating placeholder left in", "count": 1,
+             "examples": [{"row": 4, "placeholder": "{{ name }}", "text": "Dear {{ name }}"}]},
+        ],
+    }
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", render_to_string("datasets/_quality_table.html",
+                                                                            {"report": report}))).split())
+    assert "No row fills the optional fields system, input." in text
+    assert "row 4 · {{ name }}" in text
+    assert "a job can leave those inputs out of training" in text
+
+
 @pytest.mark.django_db
 def test_other_users_get_404_and_bad_choices_a_message(owner, owner_client, other_client, media_root):
     dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl", status="ready")

@@ -85,10 +85,35 @@ def test_the_job_sends_the_validation_files_rows_to_the_worker(owner_client, med
     assert job.train_spec().validation_path == str(dataset.validation_rows_path)
 
 
+def test_validation_rows_whose_input_is_in_training_are_counted_on_the_dataset_page(owner_client, media_root):
+    reply = upload(owner_client, b"question,answer\nq3,other\nnew,w\n q5  ,w\n")
+    dataset = Dataset.objects.get()
+    assert dataset.validation_overlap == 2
+    page = owner_client.get(reply.url).content.decode()
+    assert "2 validation rows have an input that is also in the training file" in page
+    assert "Drop the validation file's inputs from training" in page
+
+
+def test_a_validation_file_of_new_inputs_gets_no_warning(owner_client, media_root):
+    reply = upload(owner_client, HELD_OUT)
+    assert Dataset.objects.get().validation_overlap == 0
+    assert 'id="validation-overlap"' not in owner_client.get(reply.url).content.decode()
+
+
+def test_the_job_can_drop_the_validation_files_inputs_from_training(owner_client, media_root, train_queue):
+    upload(owner_client, b"question,answer\nq3,other\n")
+    dataset = Dataset.objects.get()
+    assert "Drop the validation file" in owner_client.get("/jobs/new/").content.decode()
+    owner_client.post("/jobs/new/", {**VALID, "dataset": dataset.id, "drop_validation_overlap": "on"})
+    job = Job.objects.get()
+    assert job.spec["drop_validation_overlap"] is True and job.train_spec().drop_validation_overlap
+
+
 def test_a_job_without_a_validation_file_holds_out_a_share(owner_client, media_root, train_queue):
     upload(owner_client, None)
     owner_client.post("/jobs/new/", {**VALID, "dataset": Dataset.objects.get().id})
     assert Job.objects.get().spec["validation_path"] == ""
+    assert Job.objects.get().spec["drop_validation_overlap"] is False
 
 
 def test_no_validation_file_can_be_added_once_a_job_used_the_dataset(owner_client, owner, media_root):

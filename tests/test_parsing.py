@@ -391,6 +391,12 @@ def test_it_gives_up_when_the_first_rows_are_all_bad(tmp_path):
     assert "response: empty (20 rows), e.g. line 1, column 'response': the value is empty" in report.fatal
 
 
+def test_a_file_whose_only_row_is_unreadable_says_so_in_the_singular(tmp_path):
+    assert _parse(tmp_path, "d.jsonl", '{"instruction": "a", \n').fatal.startswith("The first row could not be read.")
+    two = _parse(tmp_path, "e.jsonl", '{"a": 1,}\n{"b": \n').fatal
+    assert two.startswith("None of the first 2 rows could be read.")
+
+
 def test_it_keeps_a_few_examples_per_kind_but_counts_them_all(tmp_path):
     report = _parse(tmp_path, "d.jsonl", _jsonl(ROW, *[{"instruction": "a"}] * 20, *[{"response": "a"}] * 3))
     assert report.error_counts == {"response: missing": 20, "instruction: missing": 3}

@@ -24,6 +24,7 @@ from webapp.datasets import checks
 from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
 from worker.conversations import CONVERSATION_FIELDS, transcript
 from worker.families import FAMILIES
+from worker.rows import validation_rows_in_training
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ class Dataset(models.Model):
         return self.validation_report.get("rows_ok", 0)
 
     @property
+    def validation_overlap(self) -> int:
+        """Validation rows whose input is also a training row's (counted when the files are read)."""
+        return self.validation_report.get("in_training", 0)
+
+    @property
     def validation_rows_rejected(self) -> int:
         return self.validation_report.get("rows_total", 0) - self.validation_rows_ok
 
@@ -195,8 +201,9 @@ class Dataset(models.Model):
 
     def held_out_rows(self, fraction: float) -> int:
         """About how many rows a job holds out for validation at `fraction` (the recipes' seeded
-        split: at least one row, at least one left to train; classification splits by label and
-        reranking by query, so theirs can differ by a few rows)."""
+        split: at least one row, at least one left to train; rows with the same input stay on one
+        side, classification splits by label and reranking by query, so theirs can differ by a few
+        rows)."""
         if fraction <= 0 or self.rows_ok < 2:
             return 0
         return min(max(1, round(fraction * self.rows_ok)), self.rows_ok - 1)
@@ -455,7 +462,13 @@ class Dataset(models.Model):
             "error_counts": report.error_counts,
             "errors": [_error_dict(e) for e in report.errors],
             "fatal": report.fatal or "",
+            "in_training": 0 if report.fatal or not report.rows_ok else self._validation_rows_in_training(),
         }
+
+    def _validation_rows_in_training(self) -> int:
+        """How many validation rows have an input (worker.rows.row_input) a training row also has:
+        they measure memory, not generalisation, and a job may drop them from training."""
+        return validation_rows_in_training(self.validation_rows_path, self.rows_path)
 
 
 def _most_common_first(counts: dict[str, int]) -> list[tuple[str, int]]:

@@ -322,7 +322,8 @@ def _no_columns_message(peeked: list) -> str:
     if not problems:
         return "The rows have no fields: every object is empty."
     line, problem = problems[0]
-    return f"None of the first {len(peeked)} rows could be read. Line {line}: {problem}."
+    unread = "The first row could not" if len(peeked) == 1 else f"None of the first {len(peeked)} rows could"
+    return f"{unread} be read. Line {line}: {problem}."
 
 
 def _keys_in_order(peeked: list) -> list[str]:

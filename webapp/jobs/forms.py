@@ -18,7 +18,7 @@ CUSTOM = "custom"
 SPEC_FIELDS = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
-    "dpo_sft_weight", "gradient_checkpointing", "loss_on_turns",
+    "dpo_sft_weight", "gradient_checkpointing", "loss_on_turns", "drop_validation_overlap",
 )
 _DEFAULTS = TrainChoices.defaults()
 METHODS = [
@@ -86,6 +86,11 @@ class JobForm(forms.Form):
     max_seq_length = forms.IntegerField(label="Max sequence length (tokens)", initial=_DEFAULTS["max_seq_length"])
     validation_fraction = forms.FloatField(
         initial=_DEFAULTS["validation_fraction"], help_text="Ignored when the dataset has its own validation file."
+    )
+    drop_validation_overlap = forms.BooleanField(
+        label="Drop the validation file's inputs from training", required=False,
+        help_text="Training rows whose input a validation row also has are left out, so the held-out metrics "
+                  "measure generalisation, not memory (the dataset page counts them).",
     )
     dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS["dpo_beta"], required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
