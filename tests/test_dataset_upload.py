@@ -44,7 +44,8 @@ def test_files_are_stored_under_generated_names(owner_client, media_root):
         ("empty.jsonl", b"", "empty"),
         ("bad.jsonl", b'{"instruction": "a", "response": "b"\n', "line 1"),
         ("latin1.csv", "instruction,response\ncafé,ok\n".encode("latin-1"), "UTF-8"),
-        ("notes.txt", b"hello", "not a dataset format"),
+        ("notes.docx", b"hello", "not a dataset format"),
+        ("notes.txt", b"hello", "domain adaptation only"),
         ("fake.parquet", b"this is not parquet", "Parquet"),
     ],
 )

@@ -209,7 +209,7 @@ def test_it_proposes_a_mapping(columns, task, mapping):
 
 
 def test_every_task_has_required_and_optional_fields():
-    assert set(TASK_FIELDS) == {"sft", "classify", "pair", "rerank", "embed", "dpo"}
+    assert set(TASK_FIELDS) == {"sft", "domain", "classify", "pair", "rerank", "embed", "dpo"}
     assert all(spec["required"] and "optional" in spec for spec in TASK_FIELDS.values())
 
 

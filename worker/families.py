@@ -113,6 +113,17 @@ FAMILIES: dict[str, Family] = {
             generative=True,
         ),
         Family(
+            "domain", "Domain adaptation", "a document of raw domain text (.txt, .md, a .zip of them)",
+            required=("text",), optional=(), inputs=("text",),
+            methods=("lora", "qlora", "full"), base_kinds=("causal-lm",),
+            recipe="worker.recipes.domain", peft_task_type="CAUSAL_LM",
+            card="domain adaptation (continued pre-training on raw text, loss on every token)",
+            suggested=Suggested("smollm2-135m-instruct", "lora", {"lora": 2e-3, "qlora": 2e-3, "full": 5e-5},
+                                max_steps=30, batch_size=4, max_seq_length=256),
+            primary_metric="perplexity", metrics=("perplexity", "eval_loss"),
+            generative=True,
+        ),
+        Family(
             "classify", "Classification", "text → label (intent, topic, tool selection)",
             required=("text", "label"), optional=(), inputs=("text",),
             methods=("lora", "full", "head"), base_kinds=("encoder", "causal-lm"),

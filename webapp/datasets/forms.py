@@ -5,8 +5,11 @@ from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
 from webapp.datasets.models import Dataset
+from worker.families import FAMILIES
 
-ALLOWED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+DOCUMENT_EXTENSIONS = (".txt", ".md", ".zip")
+"""Plain-text documents (a .zip of them): raw text for domain adaptation, one document each."""
+ALLOWED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", *DOCUMENT_EXTENSIONS)
 FILE_HELP = f"{', '.join(ALLOWED_EXTENSIONS)} · UTF-8"
 
 
@@ -41,6 +44,17 @@ class UploadForm(forms.Form):
     def clean_validation_file(self):
         upload = self.cleaned_data["validation_file"]
         return check_upload(upload) if upload else None
+
+    def clean(self):
+        data = super().clean()
+        task = data.get("task")
+        for name in ("file", "validation_file"):
+            upload = data.get(name)
+            suffix = Path(upload.name).suffix.lower() if upload else ""
+            if suffix in DOCUMENT_EXTENSIONS and task and task != "domain":
+                self.add_error(name, f"A {suffix} file holds plain documents, which train domain adaptation only; choose "
+                               f"that task, or upload rows (JSONL, CSV, Parquet) for {FAMILIES[task].in_a_sentence}.")
+        return data
 
 
 class FileForm(forms.Form):

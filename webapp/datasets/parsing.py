@@ -1,6 +1,7 @@
 """Read an uploaded dataset file into canonical training rows, streaming.
 
-`parse_dataset()` checks an upload (JSON Lines, CSV, TSV, a JSON array or Parquet), maps its
+`parse_dataset()` checks an upload (JSON Lines, CSV, TSV, a JSON array, Parquet, or documents:
+.txt and .md files and zips of them, read by documents.py), maps its
 columns onto a task's canonical fields and, when asked, writes the accepted rows as normalised
 JSON Lines: one object per line holding only canonical fields. That file is what training reads.
 
@@ -42,6 +43,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
+from webapp.datasets.documents import DOCUMENT_FORMATS, DocumentError, declared_size, read_documents
 from worker.families import FAMILIES
 
 TASK_FIELDS: dict[str, dict[str, list[str]]] = {
@@ -110,6 +112,9 @@ _EXTENSIONS = {
     ".tab": "tsv",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".txt": "text",
+    ".md": "text",
+    ".zip": "zip",
 }
 _ARCHIVES = {b"PK\x03\x04": "a zip archive (an .xlsx spreadsheet?)", b"\x1f\x8b": "gzip-compressed"}
 _DELIMITERS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "pipes"}
@@ -221,6 +226,8 @@ def sniff_format(path: str | os.PathLike, filename: str) -> str:
         raise DatasetError("The file is empty.")
     if claimed == "parquet" or head.startswith(_PARQUET_MAGIC):
         return _check_parquet(path, head, claimed, filename)
+    if claimed == "zip":
+        return "zip"  # checked member by member as it is read (documents.py)
     _refuse_binary(head)
     text = head.removeprefix(_BOM).decode("utf-8", errors="replace")
     content = _json_kind(text, whole_file=len(head) < _CHUNK)
@@ -235,9 +242,11 @@ def sniff_format(path: str | os.PathLike, filename: str) -> str:
         return claimed
     if content:
         return content
+    if claimed == "text":
+        return "text"  # one document; a .txt of JSON rows is read as rows, above
     if claimed is None:
         suffix = Path(filename).suffix or "(no extension)"
-        raise DatasetError(f"Unsupported file type {suffix}. Upload .jsonl, .json, .csv, .tsv or .parquet.")
+        raise DatasetError(f"Unsupported file type {suffix}. Upload .jsonl, .json, .csv, .tsv or .parquet, or documents as .txt, .md or .zip.")
     if text.lstrip().startswith("{"):
         raise DatasetError(
             f"{filename} holds a single JSON object, not a list of rows. Upload a JSON array "
@@ -339,6 +348,9 @@ def _open_source(fmt: str, path: str | os.PathLike, max_line_bytes: int, max_dec
     if fmt == "parquet":
         yield _ParquetSource(path, max_line_bytes, max_decoded_bytes)
         return
+    if fmt in DOCUMENT_FORMATS:
+        yield _PeekedSource(_document_records(fmt, path, max_line_bytes, max_decoded_bytes), columns=["text"])
+        return
     with open(path, "rb") as f:
         if fmt == "jsonl":
             yield _PeekedSource(_jsonl_records(f, max_line_bytes))
@@ -346,6 +358,16 @@ def _open_source(fmt: str, path: str | os.PathLike, max_line_bytes: int, max_dec
             yield _PeekedSource(_JsonArrayScanner(f, max_line_bytes).records())
         else:
             yield _csv_source(f, fmt, max_line_bytes)
+
+
+def _document_records(fmt: str, path: str | os.PathLike, max_chars: int, max_decoded_bytes: int) -> Iterator:
+    """One record {"text": ...} per document (documents.py), at the document's number."""
+    try:
+        for document in read_documents(fmt, path, max_chars, max_decoded_bytes):
+            problem = _RowProblem(document.kind, None, document.problem) if document.problem else None
+            yield document.number, problem or {"text": document.text}
+    except DocumentError as error:
+        raise DatasetError(str(error)) from None
 
 
 def _text_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[str | None]:
@@ -852,9 +874,12 @@ def _too_much_text(what: str, limit: int) -> str:
 
 def unpacked_size(path: str | os.PathLike, filename: str) -> int:
     """About how many bytes reading the file handles: a Parquet file's uncompressed size from its
-    footer (a few KB can unpack to far more), any other file's own size."""
+    footer (a few KB can unpack to far more), a zip's from its index, any other file's own size."""
     size = os.path.getsize(path)
-    if _EXTENSIONS.get(Path(filename).suffix.lower()) != "parquet":
+    kind = _EXTENSIONS.get(Path(filename).suffix.lower())
+    if kind == "zip":
+        return max(size, declared_size(path))
+    if kind != "parquet":
         return size
     import pyarrow as pa
     import pyarrow.parquet as pq
