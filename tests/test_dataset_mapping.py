@@ -108,3 +108,33 @@ def test_a_dataset_a_job_used_cannot_be_remapped(owner_client, owner, media_root
     assert dataset.mapping["instruction"] == "question"
     assert "can no longer change" in owner_client.get(reply.url).content.decode()
     assert 'id="mapping-form"' not in owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+
+
+LABELLED_REPLIES = b"".join(
+    (f'{{"messages": [{{"role": "user", "content": "q{n}"}}, {{"role": "assistant", "content": "a{n}"}}], '
+     f'"label": {"true" if n % 2 else "false"}}}\n').encode() for n in range(6))
+
+
+def test_a_column_that_judges_each_row_is_never_dropped_silently(owner_client, media_root):
+    # KTO-shaped data uploaded for instruction tuning: training on it as is would teach the
+    # replies marked bad as targets, so the file waits for the user's choice.
+    dataset = upload(owner_client, "kto.jsonl", LABELLED_REPLIES)
+    assert dataset.status == "rejected" and "Column 'label' says something about each row" in dataset.message
+    page = owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+    assert 'id="columns-form"' in page and "Train on the rows it marks desirable only" in page
+
+    assert owner_client.post(f"/datasets/{dataset.id}/columns/", {}).status_code == 400
+    owner_client.post(f"/datasets/{dataset.id}/columns/", {"label": "desirable"})
+    dataset.refresh_from_db()
+    assert (dataset.rows_ok, dataset.rows_total) == (3, 6)
+    assert [row["response"] for row in dataset.preview_rows] == ["a1", "a3", "a5"]
+    assert dataset.error_counts == {"label: marked undesirable": 3}
+
+    owner_client.post(f"/datasets/{dataset.id}/columns/", {"label": "ignore"})
+    dataset.refresh_from_db()
+    assert (dataset.status, dataset.rows_ok, dataset.column_choices) == ("ready", 6, {"label": "ignore"})
+
+
+def test_another_users_dataset_columns_are_not_found(owner_client, other_client, media_root):
+    dataset = upload(owner_client, "kto.jsonl", LABELLED_REPLIES)
+    assert other_client.post(f"/datasets/{dataset.id}/columns/", {"label": "ignore"}).status_code == 404

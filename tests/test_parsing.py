@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from webapp.datasets.parsing import TASK_FIELDS, parse_dataset, propose_mapping, sniff_format
+from worker.families import FAMILIES
 
 ROW = {"instruction": "Say hi", "response": "Hi!"}
 MESSAGES = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
@@ -209,7 +210,7 @@ def test_it_proposes_a_mapping(columns, task, mapping):
 
 
 def test_every_task_has_required_and_optional_fields():
-    assert set(TASK_FIELDS) == {"sft", "domain", "classify", "pair", "rerank", "embed", "dpo"}
+    assert set(TASK_FIELDS) == set(FAMILIES) and {"sft", "classify", "pair", "rerank", "embed", "dpo"} <= set(FAMILIES)
     assert all(spec["required"] and "optional" in spec for spec in TASK_FIELDS.values())
 
 
@@ -273,20 +274,22 @@ ROW_ERROR_CASES = {
         '[{"instruction": "a", "response": "b"},\n' + "[" * 100_000 + "]" * 100_000 + "]",
         [(2, None, "nested too deeply", "the JSON is nested too deeply to read")],
     ),
-    "openai: multi-turn and unfinished conversations": (
+    "openai: unfinished and malformed conversations": (
         "chat.jsonl",
         _jsonl(
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2},
             {"messages": [{"role": "user", "content": "a"}]},
             {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
             {"messages": "hello"},
+            {"messages": [{"role": "robot", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
         ),
         [
-            (2, "messages", "messages: multi-turn conversation", "has 2 user messages; only single-turn"),
-            (3, "messages", "messages: no assistant reply", "does not end with an assistant reply"),
-            (4, "messages", "messages: unknown role", "message 2 has role 'tool'"),
-            (5, "messages", "messages: not a conversation", "expected a list of messages, got text"),
+            (2, "messages", "messages: no assistant reply", "does not end with an assistant reply"),
+            (3, "messages", "messages: tool result without a call", "message 2 is a tool result with no tool call"),
+            (4, "messages", "messages: not a conversation", "expected a list of messages, got text"),
+            (5, "messages", "messages: unknown role", "message 1 has role 'robot'"),
+            (6, "messages", "messages: misplaced system message", "message 2 is a system message"),
         ],
     ),
     "parquet: row numbers, numbers become text": (

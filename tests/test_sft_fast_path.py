@@ -93,7 +93,7 @@ def test_a_lora_jobs_replies_before_training_are_the_untouched_base_models(tiny_
     if bf16_supported():  # the job's frozen weights were stored in bf16 (the same matmuls)
         sft.store_frozen_linears_in_bf16(base.requires_grad_(False))
     _, _, held_out = sft.prepare_data(spec, tokenizer, Reporter())
-    prompts = [sft.prompt_messages(row) for row in held_out[:SAMPLE_COUNT]]
+    prompts = [sft.template_messages(row, tokenizer, prompt_only=True)[0] for row in held_out[:SAMPLE_COUNT]]
     assert [sample["before"] for sample in samples] == generate_replies(base, tokenizer, prompts)
     assert [sample["before"] for sample in samples] != [sample["after"] for sample in samples]
 

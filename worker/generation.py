@@ -13,9 +13,10 @@ SAMPLE_NEW_TOKENS = 48
 
 @torch.no_grad()
 def generate_replies(
-    model, tokenizer, conversations: list[list[dict]], tools: list[list[dict] | None] | None = None
+    model, tokenizer, conversations: list[list[dict]], tools: list[list[dict] | None] | None = None,
+    max_new_tokens: int = SAMPLE_NEW_TOKENS,
 ) -> list[str]:
-    """Greedy replies (up to SAMPLE_NEW_TOKENS tokens) to each conversation (with its tools, as the
+    """Greedy replies (up to max_new_tokens tokens) to each conversation (with its tools, as the
     chat template takes them), in one left-padded batch."""
     if not conversations:
         return []
@@ -36,7 +37,7 @@ def generate_replies(
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=SAMPLE_NEW_TOKENS,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
         )

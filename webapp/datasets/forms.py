@@ -98,3 +98,19 @@ class MappingForm(forms.Form):
 
     def mapping(self) -> dict[str, str]:
         return {name: column for name, column in self.cleaned_data.items() if column}
+
+
+class ColumnChoicesForm(forms.Form):
+    """Instruction tuning: what each column that judges its rows means (parsing.MEANING_COLUMNS)."""
+
+    CHOICES = [("desirable", "Train on the rows it marks desirable only"), ("ignore", "Ignore it: train on every row")]
+
+    def __init__(self, *args, dataset: Dataset, **kwargs):
+        super().__init__(*args, **kwargs)
+        for column in dataset.meaning_columns:
+            self.fields[column] = forms.ChoiceField(
+                label=f"Column '{column}'", choices=self.CHOICES, widget=forms.RadioSelect,
+                initial=dataset.column_choices.get(column),
+                error_messages={"required": f"Choose what column '{column}' means."},
+            )
+

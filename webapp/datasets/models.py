@@ -96,6 +96,12 @@ class Dataset(models.Model):
     chat_format = models.CharField(max_length=20, blank=True)
     columns = models.JSONField(default=list)
     user_mapping = models.JSONField(null=True, blank=True, help_text="The user's column choice; null: detect.")
+    column_choices = models.JSONField(
+        default=dict, blank=True,
+        help_text="Instruction tuning: what a column that judges its rows means (column -> desirable | ignore).",
+    )
+    meaning_columns = models.JSONField(
+        default=list, blank=True, help_text="The file's columns that judge its rows and that the task does not read.")
     mapping = models.JSONField(default=dict)
     rows_total = models.IntegerField(default=0)
     rows_ok = models.IntegerField(default=0)
@@ -309,6 +315,13 @@ class Dataset(models.Model):
         self.save()
         self.request_parse()
 
+    def set_column_choices(self, choices: dict[str, str]) -> None:
+        """Read the file again, each judging column read as the user chose (parsing.COLUMN_CHOICES)."""
+        self.check_can_change()
+        self.column_choices = choices
+        self.save(update_fields=["column_choices"])
+        self.request_parse()
+
     def set_mapping(self, mapping: dict[str, str] | None) -> None:
         """Read the file again with the user's mapping (canonical field -> column); None detects."""
         self.check_can_change()
@@ -404,12 +417,14 @@ class Dataset(models.Model):
             mapping=self.user_mapping,
             out_path=self.rows_path,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
+            column_choices=self.column_choices,
         )
         result = {
             "format": report.format,
             "chat_format": report.chat_format or "",
             "columns": report.columns,
             "mapping": report.mapping,
+            "meaning_columns": report.meaning_columns,
             "rows_total": report.rows_total,
             "rows_ok": report.rows_ok,
             "error_counts": report.error_counts,
@@ -448,6 +463,7 @@ class Dataset(models.Model):
             mapping=mapping,
             out_path=self.validation_rows_path,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
+            column_choices=main.column_choices,
         )
         if report.chat_format != main.chat_format and not report.fatal:
             report.fatal = (

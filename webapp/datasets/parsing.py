@@ -39,11 +39,17 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
+from webapp.datasets import conversations
+from webapp.datasets.conversations import RowProblem as _RowProblem
+from webapp.datasets.conversations import describe as _describe
 from webapp.datasets.documents import DOCUMENT_FORMATS, DocumentError, declared_size, read_documents
+from worker.desirability import ACCEPTED as DESIRABILITY_WORDS
+from worker.desirability import is_desirable
 from worker.families import FAMILIES
 
 TASK_FIELDS: dict[str, dict[str, list[str]]] = {
@@ -72,7 +78,16 @@ SYNONYMS: dict[str, list[str]] = {
     "prompt": ["prompt", "instruction", "question", "query", "input"],
     "chosen": ["chosen", "preferred", "accepted"],
     "rejected": ["rejected", "dispreferred"],
+    "completion": ["completion", "response", "output", "answer"],
 }
+
+MEANING_COLUMNS = frozenset({
+    "label", "labels", "kto_tag", "desirable", "is_desirable", "chosen", "rejected", "is_rejected",
+    "preferred", "score", "rating", "reward", "feedback", "thumbs_up", "accepted", "good", "quality",
+})
+"""Column names (lower case) that say whether a row is good: instruction tuning asks before it
+trains on a file with one of them that it does not read."""
+COLUMN_CHOICES = ("desirable", "ignore")
 
 MAX_LINE_BYTES = 1 << 20
 """A longer line (or JSON array element) is a row error and is skipped without being read whole."""
@@ -118,19 +133,6 @@ _EXTENSIONS = {
 }
 _ARCHIVES = {b"PK\x03\x04": "a zip archive (an .xlsx spreadsheet?)", b"\x1f\x8b": "gzip-compressed"}
 _DELIMITERS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "pipes"}
-_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-_TYPE_NAMES = {
-    list: "a list",
-    dict: "an object",
-    str: "text",
-    bool: "a boolean",
-    int: "a number",
-    float: "a number",
-    type(None): "null",
-    bytes: "binary data",
-}
-
 # The csv module's default limit (128 KiB) rejects long but legitimate answers; the limit is
 # global to the process, so it is set once here rather than per parse.
 csv.field_size_limit(CSV_FIELD_LIMIT)
@@ -156,6 +158,8 @@ class ParseReport:
     columns: list[str] = field(default_factory=list)
     mapping: dict[str, str] = field(default_factory=dict)
     """Canonical field -> source column. Empty for chat formats, whose mapping is implicit."""
+    meaning_columns: list[str] = field(default_factory=list)
+    """Columns that judge each row (MEANING_COLUMNS) and that the task does not read."""
     rows_total: int = 0
     rows_ok: int = 0
     errors: list[RowError] = field(default_factory=list)
@@ -172,16 +176,6 @@ class DatasetError(ValueError):
     """A problem with the whole file; the message is shown to the user as is."""
 
 
-class _RowProblem(Exception):
-    """A problem with one row; it becomes a RowError."""
-
-    def __init__(self, kind: str, column: str | None, problem: str):
-        super().__init__(problem)
-        self.kind = kind
-        self.column = column
-        self.problem = problem
-
-
 def parse_dataset(
     path: str | os.PathLike,
     filename: str,
@@ -192,10 +186,13 @@ def parse_dataset(
     max_line_bytes: int = MAX_LINE_BYTES,
     give_up_after: int = GIVE_UP_AFTER,
     max_decoded_bytes: int = MAX_DECODED_BYTES,
+    column_choices: dict[str, str] | None = None,
 ) -> ParseReport:
     """Check the file at `path` (uploaded as `filename`) for `task`; write accepted rows to
     `out_path` as canonical JSON Lines. `mapping` (canonical field -> column) overrides both
-    the proposed mapping and chat-format detection."""
+    the proposed mapping and chat-format detection. `column_choices` says, per column that
+    judges its rows, what instruction tuning does with it ("desirable": train on the rows it
+    marks desirable only; "ignore")."""
     if task not in TASK_FIELDS:
         raise ValueError(f"unknown task {task!r}")
     report = ParseReport()
@@ -203,7 +200,7 @@ def parse_dataset(
         report.format = sniff_format(path, filename)
         with _open_source(report.format, path, max_line_bytes, max_decoded_bytes) as source:
             report.columns = source.columns
-            convert, needed = _choose_converter(report, task, mapping)
+            convert, needed = _choose_converter(report, task, mapping, column_choices)
             with _partial_output(out_path) as write:
                 _convert_rows(source.records(needed), convert, report, write, max_errors_per_kind, give_up_after)
     except DatasetError as error:
@@ -419,7 +416,9 @@ def _jsonl_records(f: IO[bytes], max_line_bytes: int) -> Iterator:
         if text is None:
             yield line, _RowProblem("line too long", None, f"the line is longer than {max_line_bytes} bytes")
         elif not text.isspace():
-            yield line, _json_object(text)
+            # Without its line break, so that an object cut short is reported where it ends
+            # (the column Python's own decoder names), not at column 1 of a line after it.
+            yield line, _json_object(text.rstrip("\r\n"))
 
 
 def _json_object(text: str) -> dict | _RowProblem:
@@ -438,10 +437,6 @@ def _too_deep() -> _RowProblem:
 
 def _not_an_object(value: object) -> _RowProblem:
     return _RowProblem("not an object", None, f"expected an object with named fields, got {_describe(value)}")
-
-
-def _describe(value: object) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 # CSV and TSV ------------------------------------------------------------------------------
@@ -920,28 +915,85 @@ def _first_free(names: list[str], by_name: dict[str, str], mapping: dict[str, st
     return next((by_name[name] for name in names if name in by_name and by_name[name] not in taken), None)
 
 
-def _choose_converter(report: ParseReport, task: str, mapping: dict[str, str] | None) -> tuple[Callable, list[str]]:
+def _choose_converter(
+    report: ParseReport, task: str, mapping: dict[str, str] | None, column_choices: dict[str, str] | None = None
+) -> tuple[Callable, list[str]]:
     """The function that turns a record into a canonical row, and the columns it reads."""
+    convert, needed = _converter(report, task, mapping)
+    if task == "sft":
+        return _guard_meaning_columns(report, convert, needed, column_choices or {})
+    return convert, needed
+
+
+def _converter(report: ParseReport, task: str, mapping: dict[str, str] | None) -> tuple[Callable, list[str]]:
     spec = TASK_FIELDS[task]
-    chat_format = _detect_chat_format(report.columns) if task == "sft" and mapping is None else None
+    chat_format = _detect_chat_format(report.columns, task) if mapping is None else None
     if chat_format:
         report.chat_format = chat_format
-        return _chat_converter(chat_format, report.columns)
+        return _chat_converter(chat_format, report.columns, task)
     if mapping is None:
         report.mapping = propose_mapping(report.columns, task)
     else:
         report.mapping = {name: column for name, column in mapping.items() if column}
         _check_given_mapping(report.mapping, task, report.columns)
     _check_mapping(report.mapping, spec, report.columns)
-    return _mapped_converter(report.mapping, spec), list(report.mapping.values())
+    convert = _mapped_converter(report.mapping, spec)
+    if task == "dpo" and report.mapping.get("prompt") == "prompt" and conversations.preference_shape(report.columns) == "prompt":
+        extra = [name for name in ("tools", *conversations.MEDIA_COLUMNS) if name in report.columns]
+        return partial(_prompt_or_flat, flat=convert), list(dict.fromkeys([*report.mapping.values(), *extra]))
+    return convert, list(report.mapping.values())
 
 
-def _detect_chat_format(columns: list[str]) -> str | None:
+def _guard_meaning_columns(
+    report: ParseReport, convert: Callable, needed: list[str], choices: dict[str, str]
+) -> tuple[Callable, list[str]]:
+    """Instruction tuning trains on every row's reply as a good answer. A column that says a row is
+    good or bad (a label, a score, a rejected flag) changes that meaning, so it is never dropped
+    silently: the file is refused until the user chooses, per column, to train on the desirable
+    rows only ("desirable") or to ignore it ("ignore")."""
+    unread = [column for column in report.columns
+              if column.strip().lower() in MEANING_COLUMNS and column not in needed]
+    report.meaning_columns = unread
+    undecided = [column for column in unread if choices.get(column) not in COLUMN_CHOICES]
+    if undecided:
+        raise DatasetError(
+            f"Column '{undecided[0]}' says something about each row (a label, a score or a flag) that "
+            "instruction tuning would not read: every reply would be trained on as a good answer, the ones "
+            f"it marks as bad too. Choose what '{undecided[0]}' means on this dataset's page: train on the "
+            "rows it marks desirable only, or ignore it. Labelled replies (desirable / undesirable) can also "
+            "train Preference tuning (KTO): upload the file again with that task."
+        )
+    judged = [column for column in unread if choices[column] == "desirable"]
+    if not judged:
+        return convert, needed
+    return partial(_desirable_only, convert=convert, columns=judged), [*needed, *judged]
+
+
+def _desirable_only(record: dict, convert: Callable, columns: list[str]) -> dict:
+    for column in columns:
+        value = record.get(column)
+        verdict = is_desirable(("true" if value else "false") if value.__class__ is bool else str(value)) \
+            if value is not None else None
+        if verdict is None:
+            raise _RowProblem("unreadable label", column, f"{str(value)[:40]!r} is not one of {DESIRABILITY_WORDS}, "
+                              "so it is not known whether the row is desirable")
+        if not verdict:
+            raise _RowProblem("marked undesirable", column, "left out: the row is marked undesirable, and only "
+                              "desirable rows are trained on (your choice for this column)")
+    return convert(record)
+
+
+def _detect_chat_format(columns: list[str], task: str) -> str | None:
     names = set(columns)
-    if "messages" in names:
-        return "openai"
-    if "conversations" in names:
-        return "sharegpt"
+    if task == "dpo":
+        return _PREFERENCE_FORMATS.get(conversations.preference_shape(columns))
+    conversation = "openai" if "messages" in names else "sharegpt" if "conversations" in names else None
+    if task == "kto":
+        return conversation if conversation and "label" in names else None
+    if task != "sft":
+        return None
+    if conversation:
+        return conversation
     if {"instruction", "output"} <= names and "response" not in names:
         return "alpaca"
     return None
@@ -1054,12 +1106,38 @@ def _number(record: dict, column: str) -> float:
     return number
 
 
-def _chat_converter(chat_format: str, columns: list[str]) -> tuple[Callable, list[str]]:
-    if chat_format == "openai":
-        return _conversation_converter("messages", "role", "content", _OPENAI_ROLES), ["messages"]
-    if chat_format == "sharegpt":
-        return _conversation_converter("conversations", "from", "value", _SHAREGPT_ROLES), ["conversations"]
-    return _alpaca_row, [name for name in ("instruction", "input", "output", "system") if name in columns]
+_CONVERSATION_COLUMN = {"openai": "messages", "sharegpt": "conversations"}
+_PREFERENCE_FORMATS = {
+    "conversations": "sharegpt", "messages": "openai", "openai": "openai-preference", "full": "paired-messages",
+}
+"""A preference file's conversational shape (conversations.preference_shape) -> its chat format name.
+A `prompt` column is read through the mapping, each row as messages or as flat text."""
+_PREFERENCE_SHAPES = {name: shape for shape, name in _PREFERENCE_FORMATS.items()}
+_PREFERENCE_COLUMNS = {
+    "openai": ["input", "preferred_output", "non_preferred_output"],
+    "full": ["chosen_messages", "rejected_messages", "chosen", "rejected"],
+}
+
+
+def _chat_converter(chat_format: str, columns: list[str], task: str) -> tuple[Callable, list[str]]:
+    """A conversation format's converter and the columns it reads (the tools, a separate system
+    column and any image columns beside the conversation: images are refused, not dropped)."""
+    extra = [name for name in ("tools", "system", *conversations.MEDIA_COLUMNS) if name in columns]
+    if task == "dpo":
+        shape = _PREFERENCE_SHAPES[chat_format]
+        reads = _PREFERENCE_COLUMNS.get(shape, [shape, "chosen", "rejected"])
+        return partial(conversations.dpo_row, shape=shape), [name for name in dict.fromkeys(reads + extra) if name in columns]
+    if chat_format == "alpaca":
+        return _alpaca_row, [name for name in ("instruction", "input", "output", "system") if name in columns]
+    column = _CONVERSATION_COLUMN[chat_format]
+    if task == "kto":
+        return partial(conversations.kto_row, column=column, label="label"), [column, "label", *extra]
+    return partial(conversations.sft_row, column=column), [column, *extra]
+
+
+def _prompt_or_flat(record: dict, flat: Callable[[dict], dict]) -> dict:
+    """A preference row whose prompt and answers are messages (TRL's conversational shape), or text."""
+    return conversations.dpo_row(record, "prompt") if conversations.is_conversational(record) else flat(record)
 
 
 def _alpaca_row(record: dict) -> dict:
@@ -1073,68 +1151,6 @@ def _alpaca_row(record: dict) -> dict:
     if system:
         row["system"] = system
     return row
-
-
-def _conversation_converter(column: str, role_key: str, text_key: str, roles: dict[str, str]) -> Callable:
-    def convert(record: dict) -> dict:
-        turns = _turns(record.get(column), column, role_key, text_key, roles)
-        return _single_exchange(turns, column)
-
-    return convert
-
-
-def _turns(messages: Any, column: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
-    """(canonical role, text) for each message of a conversation."""
-    if messages.__class__ is not list or not messages:
-        got = "nothing" if messages is None else "an empty list" if messages == [] else _describe(messages)
-        raise _RowProblem("not a conversation", column, f"expected a list of messages, got {got}")
-    turns = []
-    for number, message in enumerate(messages, 1):
-        if message.__class__ is not dict:
-            raise _RowProblem("bad message", column, f"message {number} is {_describe(message)}, not an object")
-        role_name = message.get(role_key)
-        role = roles.get(role_name) if role_name.__class__ is str else None
-        if role is None:
-            raise _RowProblem(
-                "unknown role",
-                column,
-                f"message {number} has {role_key} {str(role_name)[:40]!r}; expected one of {', '.join(roles)}",
-            )
-        text = message.get(text_key)
-        if text.__class__ is not str or text.isspace() or not text:
-            raise _RowProblem("empty message", column, f"message {number} ({role_name}) has no text in '{text_key}'")
-        turns.append((role, text))
-    return turns
-
-
-def _single_exchange(turns: list[tuple[str, str]], column: str) -> dict:
-    system = turns[0][1] if turns[0][0] == "system" else None
-    exchange = turns[1:] if system is not None else turns
-    roles = [role for role, _ in exchange]
-    if roles != ["user", "assistant"]:
-        raise _exchange_problem(roles, column)
-    row = {"instruction": exchange[0][1], "response": exchange[1][1]}
-    if system is not None:
-        row["system"] = system
-    return row
-
-
-def _exchange_problem(roles: list[str], column: str) -> _RowProblem:
-    if "system" in roles:
-        return _RowProblem("misplaced system message", column, "a system message may only come first")
-    users = roles.count("user")
-    if users > 1:
-        return _RowProblem(
-            "multi-turn conversation",
-            column,
-            f"has {users} user messages; only single-turn conversations are supported (an optional "
-            "system message, one user message, one assistant reply). Split it into one row per exchange.",
-        )
-    if not roles or roles[-1] != "assistant":
-        return _RowProblem("no assistant reply", column, "does not end with an assistant reply")
-    return _RowProblem(
-        "wrong message order", column, f"expected a user message then an assistant reply, got {', '.join(roles)}"
-    )
 
 
 # The row loop -----------------------------------------------------------------------------

@@ -10,10 +10,9 @@ from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from webapp.datasets.forms import FileForm, MappingForm, UploadForm
+from webapp.datasets.forms import ColumnChoicesForm, FileForm, MappingForm, UploadForm
 from webapp.datasets.models import REJECTED, REVIEW, Dataset, DatasetLocked, DatasetRejected
-from webapp.datasets.samples import sample_rows
-from worker.families import FAMILIES
+from webapp.datasets.samples import sample_name, sample_rows, sample_task
 from worker.spec import TrainChoices
 
 DEFAULT_VALIDATION_FRACTION = TrainChoices.defaults()["validation_fraction"]
@@ -76,13 +75,15 @@ def _say_status(request: HttpRequest, dataset: Dataset) -> None:
 
 @require_POST
 def use_sample(request: HttpRequest, task: str) -> HttpResponse:
-    """ "Try with sample data": the project's sample dataset for `task`, then the new-job form."""
-    if task not in FAMILIES:
+    """ "Try with sample data": the project's sample dataset `task` (a family, or one of the extra
+    sample sets such as tool selection), then the new-job form."""
+    family = sample_task(task)
+    if family is None:
         raise Http404("No such task.")
     content = "".join(json.dumps(row) + "\n" for row in sample_rows(task)).encode()
     upload = ContentFile(content, name=f"sample-{task}.jsonl")
     # Read now whatever the inline limit: the new-job form offers only ready datasets.
-    dataset = Dataset.from_upload(request.user, task, f"Sample: {FAMILIES[task].name}", upload, read_now=True)
+    dataset = Dataset.from_upload(request.user, family, f"Sample: {sample_name(task)}", upload, read_now=True)
     return redirect(f"{reverse('new_job')}?dataset={dataset.id}")
 
 
@@ -95,6 +96,7 @@ def _detail_page(request: HttpRequest, dataset: Dataset, status: int = 200, **fo
         "dataset": dataset,
         "jobs": dataset.job_set.all(),
         "mapping_form": forms.get("mapping_form") or MappingForm(dataset=dataset),
+        "columns_form": forms.get("columns_form") or ColumnChoicesForm(dataset=dataset),
         "replace_form": forms.get("replace_form") or FileForm(auto_id="id_replace_%s"),
         "validation_form": forms.get("validation_form") or FileForm(auto_id="id_validation_%s"),
         "validation_fraction": DEFAULT_VALIDATION_FRACTION,
@@ -136,6 +138,16 @@ def change_mapping(request: HttpRequest, dataset: Dataset) -> HttpResponse:
     if not form.is_valid():
         return _detail_page(request, dataset, status=400, mapping_form=form)
     dataset.set_mapping(form.mapping())
+    return _read_again(request, dataset)
+
+
+@require_POST
+@_changing_dataset
+def choose_columns(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    form = ColumnChoicesForm(request.POST, dataset=dataset)
+    if not form.is_valid():
+        return _detail_page(request, dataset, status=400, columns_form=form)
+    dataset.set_column_choices(form.cleaned_data)
     return _read_again(request, dataset)
 
 

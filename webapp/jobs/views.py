@@ -4,6 +4,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from webapp.datasets import samples
 from webapp.datasets.models import Dataset
 from webapp.jobs import playground
 from webapp.jobs.downloads import file_download
@@ -53,7 +54,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
         return redirect(job)
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
     with_validation = [d.id for d in form.fields["dataset"].queryset if d.has_validation]
-    context = {"form": form, "catalog": CATALOG.values(), "tasks": FAMILIES.values(), "dataset_tasks": datasets,
+    context = {"form": form, "catalog": CATALOG.values(), "tasks": FAMILIES.values(), "extra_samples": samples.EXTRA, "dataset_tasks": datasets,
                "dataset_validation": with_validation, "suggested": suggested_settings()}
     return render(request, "jobs/new.html", context)
 

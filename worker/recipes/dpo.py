@@ -44,6 +44,8 @@ from worker import training
 from worker.artifacts import export
 from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
+from worker.conversations import for_template, template_knows_tools
+from worker.conversations import prompt_messages as conversation_prompt
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
@@ -55,6 +57,8 @@ from worker.rows import read_rows, split_rows, validation_split
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["dpo"].required
+ANSWERS = ("chosen", "rejected")
+FIELDS_NAMED = "prompt (or prompt_messages), chosen and rejected"
 PAIRS_PER_FORWARD = 4  # held-out pairs scored per forward pass; bounds the memory of the full logits
 PREFERENCE_KEYS = METRIC_KEYS | {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
 """DPO's reward accuracy and margin (TRL's, per batch) are reported with each step's loss."""
@@ -86,8 +90,8 @@ class Setup:
 
     def replies(self) -> list[str]:
         """The model's replies to the first held-out prompts."""
-        rows = [row for row, _ in self.eval_pairs[:SAMPLE_COUNT]]
-        return generate_replies(self.model, self.tokenizer, [prompt_messages(row) for row in rows])
+        prompts = [prompt_messages(row, self.tokenizer) for row, _ in self.eval_pairs[:SAMPLE_COUNT]]
+        return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
 
 
 @dataclass
@@ -123,7 +127,7 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
         model=model,
         ref_model=reference,
         args=dpo_arguments(spec),
-        train_dataset=datasets.Dataset.from_list([conversation(row) for row in train_rows]),
+        train_dataset=datasets.Dataset.from_list([conversation(row, tokenizer) for row in train_rows]),
         processing_class=tokenizer,
         callbacks=[Checkpointing(spec, reporter)],
     )
@@ -174,7 +178,8 @@ def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> Eval
     predictions = pair_predictions(setup.eval_pairs, scores, baseline.reference_scores, setup.spec.dpo_beta)
     sample_pairs = [row for row, _ in setup.eval_pairs[:SAMPLE_COUNT]]
     samples = [
-        {"instruction": row["prompt"], "reference": row["chosen"], "before": before, "after": after}
+        {"instruction": conversation_prompt(row)[-1]["content"], "reference": row["chosen"], "before": before,
+         "after": after}
         for row, before, after in zip(sample_pairs, baseline.replies, setup.replies(), strict=True)
     ]
     setup.reporter.eval(step, final=True, **metrics, samples=samples)
@@ -223,7 +228,7 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             f"{spec.base_model} has no chat template, so it cannot be preference-tuned here. "
             "Choose an instruction (chat) model such as smollm2-135m-instruct."
         )
-    rows = read_rows(Path(spec.dataset_path), FIELDS)
+    rows = read_rows(Path(spec.dataset_path), ANSWERS, keep=_with_prompt, fields_named=FIELDS_NAMED)
     if spec.validation_path:
         train, held_out = validation_split(rows, validation_rows(Path(spec.validation_path)), spec.drop_validation_overlap)
     else:
@@ -242,9 +247,16 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
 def validation_rows(path: Path) -> list[dict[str, str]]:
     """The rows of the uploaded validation file (its problems named as the validation file's)."""
     try:
-        return read_rows(path, FIELDS)
+        return read_rows(path, ANSWERS, keep=_with_prompt, fields_named=FIELDS_NAMED)
     except UserError as exc:
         raise UserError(f"In the validation file: {exc}") from exc
+
+
+def _with_prompt(row: dict, where: str) -> dict:
+    """A pair's prompt is text, or a conversation's turns (prompt_messages, worker.conversations)."""
+    if not isinstance(row.get("prompt"), str) and not isinstance(row.get("prompt_messages"), list):
+        raise UserError(f"{where} needs text fields {FIELDS_NAMED}.")
+    return row
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, reporter: Reporter, split: str) -> list[tuple]:
@@ -262,8 +274,8 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, reporter: Repor
 def tokenize_pair(row: dict[str, str], tokenizer) -> dict[str, list[int]]:
     """Token ids of the prompt and of each answer, split where TRL splits them (DPOTrainer._prepare_dataset)."""
     # sanitize_control_tokens: a literal "<|im_end|>" typed in the data stays text.
-    render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True)
-    messages = prompt_messages(row)
+    messages, tools = prompt_messages(row, tokenizer)
+    render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True, tools=tools)
     prompt = render(messages, add_generation_prompt=True)
     chosen = render(messages + [{"role": "assistant", "content": row["chosen"]}])
     rejected = render(messages + [{"role": "assistant", "content": row["rejected"]}])
@@ -271,18 +283,20 @@ def tokenize_pair(row: dict[str, str], tokenizer) -> dict[str, list[int]]:
     return {"prompt": prompt[:length], "chosen": chosen[length:], "rejected": rejected[length:]}
 
 
-def prompt_messages(row: dict[str, str]) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    return messages + [{"role": "user", "content": row["prompt"]}]
+def prompt_messages(row: dict, tokenizer) -> tuple[list[dict], list[dict] | None]:
+    """The turns a pair answers (system and user, or a multi-turn prompt's turns) and its tools, as
+    the base's chat template takes them (worker.conversations.for_template)."""
+    return for_template(conversation_prompt(row), row.get("tools"), template_knows_tools(tokenizer.chat_template))
 
 
-def conversation(row: dict[str, str]) -> dict[str, Any]:
+def conversation(row: dict, tokenizer) -> dict[str, Any]:
     """A row in TRL's conversational preference format."""
+    messages, tools = prompt_messages(row, tokenizer)
     return {
-        "prompt": prompt_messages(row),
+        "prompt": messages,
         "chosen": [{"role": "assistant", "content": row["chosen"]}],
         "rejected": [{"role": "assistant", "content": row["rejected"]}],
-        "chat_template_kwargs": {"sanitize_control_tokens": True},
+        "chat_template_kwargs": {"sanitize_control_tokens": True, **({"tools": tools} if tools else {})},
     }
 
 
@@ -342,7 +356,7 @@ def pair_predictions(pairs: list[tuple], scores: torch.Tensor, reference: torch.
         (chosen_logp, chosen_tokens), (rejected_logp, rejected_tokens) = score
         records.append(
             {
-                **{key: row[key] for key in ("system", *FIELDS) if key in row},
+                **{key: row[key] for key in ("system", "prompt_messages", "tools", *FIELDS) if key in row},
                 "chosen_logp": chosen_logp,
                 "rejected_logp": rejected_logp,
                 "chosen_tokens": int(chosen_tokens),

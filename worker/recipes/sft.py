@@ -46,9 +46,11 @@ from worker.conversations import (
     conversation,
     for_template,
     last_reply,
+    parse_tool_calls,
     prompt_messages,
     reply_text,
     template_knows_tools,
+    to_json_value,
 )
 from worker.errors import UserError
 from worker.events import Reporter
@@ -63,6 +65,8 @@ from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["sft"].required
 IGNORE_INDEX = -100  # label value the loss skips
+TOOL_EVAL_ROWS = 32  # held-out rows ending with a tool call that the tool-call metrics generate for
+TOOL_CALL_TOKENS = 96  # enough for one call with a few arguments
 TOKENIZE_VERSION = "2"  # part of the token cache's key: change it when tokenize_example changes
 
 
@@ -97,6 +101,24 @@ class Setup:
     def replies(self) -> list[str]:
         prompts = self.sample_prompts
         return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
+
+    def tool_metrics(self) -> dict[str, float]:
+        """How often the model, asked the held-out rows that end with a tool call, calls the same
+        tool (tool_name_accuracy) with JSON-equal arguments (tool_arguments_accuracy); greedy, up
+        to TOOL_EVAL_ROWS rows. {} when no held-out row ends with a call."""
+        rows = [row for row in self.held_out if last_reply(row).get("tool_calls")][:TOOL_EVAL_ROWS]
+        if not rows:
+            return {}
+        prompts = [template_messages(row, self.tokenizer, prompt_only=True) for row in rows]
+        replies = generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts],
+                                   max_new_tokens=TOOL_CALL_TOKENS)
+        names = arguments = 0
+        for row, reply in zip(rows, replies, strict=True):
+            expected, called = last_reply(row)["tool_calls"][0], parse_tool_calls(reply)
+            if called and called[0]["name"] == expected["name"]:
+                names += 1
+                arguments += to_json_value(called[0]["arguments"]) == expected["arguments"]
+        return {"tool_name_accuracy": names / len(rows), "tool_arguments_accuracy": arguments / len(rows)}
 
 
 @dataclass
@@ -166,7 +188,7 @@ def baseline_after_first_step(setup: Setup) -> Baseline:
 def baseline_before_training(setup: Setup) -> Baseline:
     # A full fine-tune changes the base, so it replies now. Adapters leave the base untouched: its
     # replies can wait until after training (switched off), so the first step comes sooner.
-    metrics = held_out_metrics(setup.trainer) if setup.eval_rows else {}
+    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics() if setup.eval_rows else {}
     replies = [] if setup.spec.adapters else setup.replies()
     keep_baseline(setup.spec, [metrics, replies])
     if setup.eval_rows:
@@ -191,7 +213,8 @@ class BaselineAfterFirstStep(TrainerCallback):
         trainer = self.setup.trainer
         with trainer.model.disable_adapter():
             output = trainer.evaluation_loop(trainer.get_eval_dataloader(), "Baseline", True)
-        self.baseline.metrics = loss_metrics(output.metrics["eval_loss"])
+            tools = self.setup.tool_metrics()
+        self.baseline.metrics = loss_metrics(output.metrics["eval_loss"]) | tools
         keep_baseline(self.setup.spec, [self.baseline.metrics, []])
         self.setup.reporter.eval(0, baseline=True, **self.baseline.metrics)
 
@@ -205,7 +228,7 @@ def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> tupl
     if not setup.eval_rows:
         return {}, []
     setup.reporter.state("evaluating")
-    metrics = held_out_metrics(setup.trainer)
+    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics()
     replies_after = setup.replies()
     replies_before = baseline.replies
     if setup.spec.adapters:
