@@ -101,7 +101,7 @@ def for_template(messages: list[dict], tools: list[dict] | None, native: bool) -
         else:
             rendered.append({"role": role, "content": message["content"]})
     if tools:
-        listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+        listing = "\n".join(json.dumps(compact(tool), ensure_ascii=False) for tool in tools)
         preamble = (
             "You may call one or more functions to assist with the user query. The functions are "
             f"listed in <tools></tools>:\n<tools>\n{listing}\n</tools>\nFor each call, return a JSON "
@@ -113,6 +113,18 @@ def for_template(messages: list[dict], tools: list[dict] | None, native: bool) -
         else:
             rendered.insert(0, {"role": "system", "content": preamble})
     return rendered, None
+
+
+def compact(tool: dict) -> dict:
+    """A tool as one short JSON line for the Hermes listing: a JSON-schema object's properties
+    shortened to name: type (a dozen tools must leave room in the context for the conversation)."""
+    parameters = tool.get("parameters") or {}
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    if isinstance(properties, dict):
+        parameters = {name: spec.get("type", "any") if isinstance(spec, dict) else spec
+                      for name, spec in properties.items()}
+    return {"name": tool["name"], **({"description": tool["description"]} if tool.get("description") else {}),
+            "parameters": parameters}
 
 
 def parse_tool_calls(text: str) -> list[dict]:

@@ -101,14 +101,15 @@ FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
         Family(
-            "sft", "Instruction tuning", "instruction → response (also query rewriting)",
+            "sft", "Instruction tuning", "instruction → response, or a conversation (query rewriting, chat, tool calls)",
             required=("instruction", "response"), optional=("system", "input"),
             inputs=("system", "instruction", "input"),
             methods=("lora", "qlora", "full"), base_kinds=("causal-lm",),
             recipe="worker.recipes.sft", peft_task_type="CAUSAL_LM",
-            card="instruction tuning (SFT, loss on the responses only)",
+            card="instruction tuning (SFT, loss on the assistant's turns only)",
+            # Batches pad to their longest row, so room for a dozen tools' listing costs short rows nothing.
             suggested=Suggested("smollm2-135m-instruct", "lora", {"lora": 2e-3, "qlora": 2e-3, "full": 5e-5},
-                                max_steps=30, batch_size=8, max_seq_length=512),
+                                max_steps=30, batch_size=8, max_seq_length=1024),
             primary_metric="eval_loss", metrics=("eval_loss", "perplexity"),
             generative=True,
         ),

@@ -19,7 +19,7 @@ class Extra:
 
 EXTRA = {
     "tools": Extra("sft", "webapp.datasets.samples.tools", "Tool selection",
-                   "request → a call to one of 14 tools (instruction tuning on conversations)"),
+                   "request → a call to one of 12 tools (instruction tuning on conversations)"),
 }
 
 

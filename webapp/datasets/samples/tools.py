@@ -1,6 +1,6 @@
 """Sample data for instruction tuning: tool selection.
 
-A catalog of 14 tools; each row is a user's request and the assistant's one call, in OpenAI's
+A catalog of 12 tools; each row is a user's request and the assistant's one call, in OpenAI's
 chat shape (`messages` with `tool_calls`, and the row's `tools`). Which tool follows from the
 request's wording and its arguments are copied out of it (a city, a date, an amount), so an
 instruction model learns both in a short LoRA run; the held-out metrics are the share of calls
@@ -33,8 +33,6 @@ TOOLS = [
     _tool("translate_text", "Translate text into a language", text="string", language="string"),
     _tool("define_word", "Dictionary definition of a word", word="string"),
     _tool("calculate", "Evaluate an arithmetic expression", expression="string"),
-    _tool("get_time", "Current time in a city", city="string"),
-    _tool("track_package", "Where a parcel is, by tracking number", tracking_number="string"),
     _tool("play_music", "Play songs by an artist", artist="string"),
 ]
 
@@ -54,7 +52,6 @@ def _requests(rng: random.Random) -> list[tuple[str, str, dict]]:
     amount, source, target = rng.choice([20, 75, 120, 300, 1500]), *rng.sample(CURRENCIES, 2)
     word, ticker, artist, language = rng.choice(WORDS), rng.choice(TICKERS), rng.choice(ARTISTS), rng.choice(LANGUAGES)
     people, hour = rng.choice([2, 3, 4, 6]), rng.choice(["18:30", "19:00", "20:15", "12:45"])
-    parcel = f"TRK{rng.randrange(10**5, 10**6)}"
     a, b = rng.randrange(2, 99), rng.randrange(2, 99)
     return [
         (f"What's the weather like in {city} right now?", "get_weather", {"city": city}),
@@ -68,23 +65,25 @@ def _requests(rng: random.Random) -> list[tuple[str, str, dict]]:
         (f"Translate 'good morning' into {language}.", "translate_text", {"text": "good morning", "language": language}),
         (f"What does '{word}' mean?", "define_word", {"word": word}),
         (f"What is {a} * {b}?", "calculate", {"expression": f"{a} * {b}"}),
-        (f"What time is it in {city}?", "get_time", {"city": city}),
-        (f"Where is my parcel {parcel}?", "track_package", {"tracking_number": parcel}),
         (f"Put on some {artist}.", "play_music", {"artist": artist}),
     ]
 
 
 RESULTS = {
     "get_weather": ({"temperature_c": 18, "sky": "cloudy"}, "It is 18 °C and cloudy in {city}."),
-    "get_time": ({"time": "14:05"}, "It is 14:05 in {city}."),
+    "get_stock_price": ({"price": 187.4, "currency": "USD"}, "{ticker} is at 187.40 USD."),
 }
 
 
 def rows(count: int = 168, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    out = []
+    out: list[dict] = []
+    seen: set[str] = set()
     while len(out) < count:
         for request, name, arguments in _requests(rng):
+            if request in seen:  # each request once: a repeated one would only be memorised
+                continue
+            seen.add(request)
             if arguments is None:  # the address is in the request
                 arguments = {"to": request.split()[1], "subject": "Quarterly report"}
             call = {"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{len(out)}", "type": "function",
