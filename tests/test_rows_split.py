@@ -159,7 +159,8 @@ def test_a_validation_file_can_drop_its_inputs_from_training_and_lists_new_input
     rows = [{"instruction": f"q{n}", "response": "a"} for n in range(6)]
     validation = [{"instruction": " q1", "response": "b"}, {"instruction": "new", "response": "c"},
                   {"instruction": "q4\n", "response": "d"}]
-    train, held = validation_split(rows, validation, drop_overlap=False)
+    assert validation_split(rows, validation, drop_overlap=False) == (rows, validation)
+    train, held = validation_split(rows, validation, drop_overlap=False, new_first=True)
     assert train == rows and [row["instruction"] for row in held] == ["new", " q1", "q4\n"]
-    train, held = validation_split(rows, validation, drop_overlap=True)
+    train, held = validation_split(rows, validation, drop_overlap=True, new_first=True)
     assert [row["instruction"] for row in train] == ["q0", "q2", "q3", "q5"] and held == validation

@@ -1,6 +1,6 @@
 """An uploaded validation file whose inputs are also in training: each recipe keeps those rows
-in training unless the job drops them (drop_validation_overlap), and lists the validation rows
-new to the model first, so the sample replies answer those."""
+in training unless the job drops them (drop_validation_overlap); instruction and preference
+tuning list the validation rows new to the model first, so the sample replies answer those."""
 
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def test_a_classifier_drops_the_validation_files_texts_from_training_when_asked(
     rows = [{"text": f"message {n}", "label": "ab"[n % 2]} for n in range(10)]
     validation = [{"text": "  message 3", "label": "b"}, {"text": "other", "label": "a"}]
     train, held, _ = classify.prepare_rows(spec_for(tmp_path, "classify", rows, validation))
-    assert len(train) == 10 and [row["text"] for row in held] == ["other", "  message 3"]
+    assert len(train) == 10 and [row["text"] for row in held] == ["  message 3", "other"]  # the file's order
     train, held, labels = classify.prepare_rows(spec_for(tmp_path, "classify", rows, validation, drop_validation_overlap=True))
     assert "message 3" not in {row["text"] for row in train} and len(train) == 9 and labels == ["a", "b"]
 
@@ -44,7 +44,7 @@ def test_embedding_and_reranking_drop_the_validation_files_inputs_when_asked(tmp
     spec = spec_for(tmp_path, "rerank", rows, validation, drop_validation_overlap=True)
     lists, held = rerank.prepare_data(spec, Reporter())
     assert sum(map(len, lists["documents"])) == 6  # q1's d3 left out, and q1 (only d2 left) teaches no order
-    assert [row["query"] for row in held] == ["q1", "q9"]  # q1's row no longer in training: both new
+    assert [row["query"] for row in held] == ["q1", "q9"]
 
 
 @pytest.mark.parametrize("drop", [False, True])

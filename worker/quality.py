@@ -79,6 +79,9 @@ LABEL_LIMIT = 1000
 """Distinct labels (or relevance values) told apart; more are counted as one "other" (a classifier
 with more labels is refused by checks/classify.py anyway)."""
 SNIPPET_CHARS = 160
+_MAYBE_PLACEHOLDER = re.compile(r"\{[\s{A-Za-z_]")
+"""A brace a placeholder may start with (never JSON's own "{" before a quoted key): one search
+of the row's JSON text rules out most rows before their texts are looked at one by one."""
 _TEMPLATE_PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}|(?<![\w}\\])\$?\{[A-Za-z_]\w*\}")
 CHECKED_ROWS = 32
 """Rows of each message layout rendered by both the real renderer and the fast path, which is
@@ -528,7 +531,8 @@ def _problems_for(task: str) -> dict[str, _Problem]:
 
 def _check_row(task: str, number: int, row: dict, problems: dict[str, _Problem], columns: _Columns) -> None:
     """Per-row checks and the row's digests."""
-    columns.row_digest.append(_digest(json.dumps(row, sort_keys=True, ensure_ascii=False)))
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    columns.row_digest.append(_digest(text))
     columns.input_digest.append(_digest(row_input(row)))
     if task in ("rerank", "embed"):
         columns.group_digest.append(_digest(normalised(row["query"])))
@@ -544,7 +548,7 @@ def _check_row(task: str, number: int, row: dict, problems: dict[str, _Problem],
         for name in OPTIONAL_FIELDS.get(task, ()):
             if not row.get(name):
                 problems[f"empty_{name}"].add(number)
-    placeholder = _placeholder_in(row)
+    placeholder = _MAYBE_PLACEHOLDER.search(text) and _placeholder_in(row)
     if placeholder:
         problems["placeholders"].add(number, placeholder=placeholder)
     if task == "dpo" and row["chosen"].strip() == row["rejected"].strip():

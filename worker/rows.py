@@ -100,12 +100,14 @@ def stratified_split(
 
 
 def validation_split(
-    rows: list, validation: list, drop_overlap: bool, key: Callable[[Any], str] | None = None
+    rows: list, validation: list, drop_overlap: bool, key: Callable[[Any], str] | None = None, new_first: bool = False
 ) -> tuple[list, list]:
     """(train, held out) with an uploaded validation file: every row trains, except, when
     `drop_overlap` (TrainChoices.drop_validation_overlap), those whose input (`key`, by default
-    row_input) a validation row has. The validation rows whose input is also in training come
-    last, so the first ones, which the job page's sample replies answer, are new to the model."""
+    row_input) a validation row has. The validation rows keep their order; with `new_first`
+    those whose input is also in training come last, so that a generative recipe's sample
+    replies (to the first held-out prompts) answer prompts new to the model whenever the file
+    has enough of them."""
     key = key or row_input
     held_inputs = {key(row) for row in validation}
     train = [row for row in rows if key(row) not in held_inputs] if drop_overlap else rows
@@ -114,6 +116,8 @@ def validation_split(
             "Every training row's input is also in the validation file, so dropping those rows leaves "
             "nothing to train on. Train without dropping them, or upload a validation file of other inputs."
         )
+    if not new_first or drop_overlap:
+        return train, validation
     train_inputs = {key(row) for row in train}
     new = [row for row in validation if key(row) not in train_inputs]
     return train, new + [row for row in validation if key(row) in train_inputs]
@@ -148,7 +152,8 @@ def row_input(row: dict) -> str:
     are the same input, which must not be both trained on and held out.
 
     A conversation ({"messages": [...]}) is read without its final assistant turn (the reply it
-    is trained to write); a prompt given as turns ({"prompt_messages": [...]}) whole; other rows
+    is trained to write) and without its tools, so conversations that differ only in the tools
+    offered count as one input (the cautious side); a prompt given as turns ({"prompt_messages": [...]}) whole; other rows
     by their family's input fields (Family.inputs), every family's being looked up, since a row
     holds only its own family's fields."""
     if "messages" in row:
@@ -158,7 +163,7 @@ def row_input(row: dict) -> str:
         return json.dumps(_normalised_texts(messages), ensure_ascii=False, sort_keys=True)
     if "prompt_messages" in row:
         return json.dumps(_normalised_texts(row["prompt_messages"]), ensure_ascii=False, sort_keys=True)
-    return "\x1f".join(normalised(str(row.get(name) or "")) for name in INPUT_FIELDS)
+    return "\x1f".join([f"{name}\x1e{normalised(str(row[name]))}" for name in INPUT_FIELDS if row.get(name)])
 
 
 def pair_input(pair: tuple) -> str:

@@ -230,7 +230,8 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
         )
     rows = read_rows(Path(spec.dataset_path), ANSWERS, keep=_with_prompt, fields_named=FIELDS_NAMED)
     if spec.validation_path:
-        train, held_out = validation_split(rows, validation_rows(Path(spec.validation_path)), spec.drop_validation_overlap)
+        validation = validation_rows(Path(spec.validation_path))
+        train, held_out = validation_split(rows, validation, spec.drop_validation_overlap, new_first=True)
     else:
         train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
     train_rows = [row for row, _ in tokenize_pairs(train, tokenizer, spec.max_seq_length, reporter, "training")]

@@ -390,7 +390,7 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
             Path(spec.validation_path), tokenizer, spec.max_seq_length, reporter, "the validation file",
             spec.loss_on_turns,
         )
-        train, held = validation_split(examples, held, spec.drop_validation_overlap, key=pair_input)
+        train, held = validation_split(examples, held, spec.drop_validation_overlap, key=pair_input, new_first=True)
     else:
         train, held = split_rows(examples, spec.validation_fraction, spec.seed, key=pair_input)
     train_rows = kept_examples(train, spec.max_seq_length, reporter, "training")
