@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.support.model_fixtures import number_word, write_jsonl
-from webapp.datasets.parsing import parse_dataset
+from webapp.datasets.parsing import parse_dataset, propose_task
 from worker.conversations import for_template, parse_tool_calls, prompt_messages, reply_text
 from worker.events import Reporter
 from worker.recipes import dpo, sft
@@ -107,6 +107,7 @@ def test_each_shape_reads_into_its_canonical_row(tmp_path, task, record, row, ch
     assert (report.fatal, report.errors) == (None, [])
     assert report.chat_format == chat_format
     assert json.loads((tmp_path / "rows.jsonl").read_text()) == row
+    assert propose_task(report.columns) == task
 
 
 BAD_ROWS = {

@@ -138,3 +138,11 @@ def test_a_column_that_judges_each_row_is_never_dropped_silently(owner_client, m
 def test_another_users_dataset_columns_are_not_found(owner_client, other_client, media_root):
     dataset = upload(owner_client, "kto.jsonl", LABELLED_REPLIES)
     assert other_client.post(f"/datasets/{dataset.id}/columns/", {"label": "ignore"}).status_code == 404
+
+
+def test_the_page_says_when_the_columns_look_made_for_another_task(owner_client, media_root):
+    dataset = upload(owner_client, "pairs.csv", b"prompt,chosen,rejected\nhi,hello,go away\nbye,goodbye,whatever\n")
+    page = owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+    assert 'id="suggested-task"' in page and "Preference tuning (DPO)" in page
+    dataset = Dataset.objects.create(owner=dataset.owner, name="d", task="dpo", columns=["prompt", "chosen", "rejected"])
+    assert dataset.suggested_family is None

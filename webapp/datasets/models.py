@@ -21,7 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from webapp.datasets import checks
-from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, unpacked_size
+from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, propose_task, unpacked_size
 from worker.conversations import CONVERSATION_FIELDS, transcript
 from worker.families import FAMILIES
 from worker.rows import validation_rows_in_training
@@ -160,6 +160,12 @@ class Dataset(models.Model):
         """(field, column) in the task's field order (the database may keep JSON keys in any order)."""
         names = self.fields["required"] + self.fields["optional"]
         return [(name, self.mapping[name]) for name in names if name in self.mapping]
+
+    @property
+    def suggested_family(self):
+        """The task family the file's columns look made for, when it is not the dataset's (None otherwise)."""
+        task = propose_task(self.columns) if self.columns else None
+        return FAMILIES[task] if task and task != self.task else None
 
     @property
     def preview_columns(self) -> list[str]:

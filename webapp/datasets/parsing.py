@@ -889,6 +889,25 @@ def unpacked_size(path: str | os.PathLike, filename: str) -> int:
 # Mapping ----------------------------------------------------------------------------------
 
 
+_TASK_ORDER = ("kto", "dpo", "rerank", "pair", "embed", "classify", "sft", "domain")
+"""The tasks a file's columns are matched against, the most specific first."""
+
+
+def propose_task(columns: list[str]) -> str | None:
+    """The task a file's columns say it is for: a conversation format first (with a label: KTO;
+    with chosen and rejected: DPO), then the first task, most specific first, whose required
+    fields all find a column (propose_mapping). None when none does."""
+    names = {column.strip().lower() for column in columns}
+    if conversations.preference_shape(columns):
+        return "dpo"
+    if names & {"messages", "conversations"}:
+        return "kto" if "label" in names and "kto" in TASK_FIELDS else "sft"
+    for task in _TASK_ORDER:
+        if task in TASK_FIELDS and set(TASK_FIELDS[task]["required"]) <= set(propose_mapping(columns, task)):
+            return task
+    return None
+
+
 def propose_mapping(columns: list[str], task: str) -> dict[str, str]:
     """Canonical field -> column, by exact name (ignoring case) first, then by synonym.
 
