@@ -132,3 +132,16 @@ def assert_scores_like_the_job(model, final: Path, run: dict) -> None:
     assert [p["loss_after"] for p in predictions] == pytest.approx(again.document_losses, rel=1e-4)
     assert again.metrics["perplexity"] == pytest.approx(run["result"]["metrics_after"]["perplexity"], rel=1e-4)
     assert all(p["perplexity_after"] < p["perplexity_before"] for p in predictions)
+
+
+def test_an_uploaded_validation_file_holds_out_its_documents(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    validation = write_jsonl(tmp_path / "validation.jsonl", [{"text": "beta"}, {"text": "gamma"}])
+
+    def texts(drop_overlap: bool) -> tuple[list[str], list[str]]:
+        spec = make_spec(tmp_path, data, tmp_path / "out", validation_path=str(validation), drop_validation_overlap=drop_overlap)
+        train, held_out = domain.read_documents(spec)
+        return [row["text"] for row in train], sorted(row["text"] for row in held_out)
+
+    assert texts(drop_overlap=False) == (["alpha", "beta"], ["beta", "gamma"])
+    assert texts(drop_overlap=True) == (["alpha"], ["beta", "gamma"])  # the document both have trains no more

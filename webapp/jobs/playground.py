@@ -20,7 +20,7 @@ from worker.catalog import CATALOG
 from worker.families import FAMILIES
 
 FORM_OF_TASK = {"sft": "chat", "dpo": "chat", "classify": "classify", "pair": "pair", "rerank": "rerank",
-                "embed": "embed"}
+                "embed": "embed", "domain": "chat"}
 """Which playground form a task family gets: the generative families chat, the others encode."""
 PREDICTIONS = "eval_predictions.json"
 MAX_PREDICTIONS_BYTES = 5 * 2**20  # a large held-out set is not read to draw a page
@@ -122,8 +122,13 @@ def _embed_example(predictions: dict) -> dict[str, str]:
     return {"query": first["query"], "documents": "\n".join(corpus[:MAX_DOCUMENTS])}
 
 
+def _domain_example(documents: list[dict]) -> dict[str, str]:
+    """The start of the first held-out document, for the models to go on with."""
+    return {"prompt": documents[0]["text"]}
+
+
 EXAMPLE_OF_TASK = {"classify": _classify_example, "pair": _pair_example, "rerank": _rerank_example,
-                   "embed": _embed_example}
+                   "embed": _embed_example, "domain": _domain_example}
 
 
 # Comparing -------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 setup → baseline → train → final eval → save, on transformers' Trainer.
 
 - Data: JSONL rows {"text"}, one document each (a .txt or .md upload, a member of a zip, a row of
-  a text column). Whole documents are held out: a seeded share (worker.rows.split_rows), or the
-  uploaded validation file's.
+  a text column). Whole documents are held out: a seeded share (worker.rows.split_rows: the same
+  text twice is on one side), or the uploaded validation file's (worker.rows.validation_split).
 - Packing: each document is tokenised (with the tokenizer's own special tokens, such as a BOS)
   and ends with the end-of-text token; the documents are laid end to end and cut into rows of
   exactly max_seq_length tokens (the last one padded). No attention crosses a document boundary:
@@ -43,7 +43,7 @@ from worker.families import FAMILIES
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
-from worker.rows import read_rows, split_rows
+from worker.rows import read_rows, split_rows, validation_split
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["domain"].required
@@ -236,7 +236,8 @@ def read_documents(spec: TrainSpec) -> tuple[list[dict], list[dict]]:
     """(training documents, held-out documents): the validation file's, or a seeded share."""
     documents = read_rows(Path(spec.dataset_path), FIELDS)
     if spec.validation_path:
-        return documents, read_rows(Path(spec.validation_path), FIELDS, "the validation file")
+        validation = read_rows(Path(spec.validation_path), FIELDS, "the validation file")
+        return validation_split(documents, validation, spec.drop_validation_overlap)
     return split_rows(documents, spec.validation_fraction, spec.seed)
 
 
