@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from worker.conversations import for_template, template_knows_tools
 from worker.inference.requests import BadRequest, ChatRequest
 from worker.inference.resident import adapter_name, tensor_bytes
 
@@ -127,8 +128,12 @@ class CausalModel:
     # Requests ------------------------------------------------------------------------------
     def prompt_ids(self, request: ChatRequest) -> tuple[list[int], int]:
         """The conversation through the chat template, and the number of tokens to generate at most."""
-        prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False)
+        # As the SFT recipe renders a conversation: tools through the template where it knows them,
+        # else in the Hermes format a tool-calling fine-tune learnt (worker.conversations).
+        messages, tools = for_template(request.messages, request.tools,
+                                       template_knows_tools(self.tokenizer.chat_template))
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False, tools=tools)
         limit = min(MAX_PROMPT_TOKENS, self.context - 1)
         if len(prompt) > limit:
             raise BadRequest(f"The messages come to {len(prompt)} tokens; this model takes at most {limit}.",

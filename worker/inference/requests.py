@@ -8,6 +8,7 @@ limits are checked where the tokenizer is, in chat.py and encoders.py).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_INPUTS = int(os.environ.get("SPECIALIST_MAX_INPUTS", 256))
 """Texts in one embeddings / classify request, documents in one rerank request."""
 MAX_MESSAGES = 256
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class BadRequest(Exception):
@@ -43,6 +44,9 @@ class ChatRequest:
     include_usage: bool
     max_tokens_param: str = "max_tokens"
     """Which of max_tokens and max_completion_tokens the caller set (named in a refusal)."""
+    tools: list[dict] | None = None
+    """The functions the model may call (worker.conversations' canonical tools); None: no tools,
+    and the reply is read as text only (tool_choice "none" too)."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,7 @@ class Reader:
 def chat_request(body: Any) -> ChatRequest:
     read = Reader(body)
     read.refuse({
-        "tools": "Tool calling is not supported by this server yet; send the tools' descriptions in a system message.",
-        "functions": "Function calling is not supported by this server yet.",
+        "functions": "The functions parameter is the older form of tools; send tools instead.",
         "logprobs": "logprobs are not supported by this server.",
         "audio": "Audio output is not supported.",
     })
@@ -147,7 +150,51 @@ def chat_request(body: Any) -> ChatRequest:
         stream=stream,
         include_usage=stream and include_usage,
         max_tokens_param=max_tokens_param,
+        tools=_tools(read.get("tools"), read.get("tool_choice", "auto")),
     )
+
+
+def _tools(value: Any, choice: Any) -> list[dict] | None:
+    """OpenAI's tools ([{"type": "function", "function": {name, description, parameters}}]) in the
+    canonical form the training side renders; tool_choice "auto" (the default) or "none"."""
+    if choice not in ("auto", "none"):
+        raise BadRequest('tool_choice must be "auto" or "none": this server lets the model decide.', "tool_choice")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise BadRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects.", "tools")
+    tools = []
+    for index, tool in enumerate(value):
+        spec = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"].strip():
+            raise BadRequest(f"tools[{index}] must be a function with a name.", f"tools[{index}].function.name")
+        parameters = spec.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"tools[{index}].function.parameters must be a JSON schema object.",
+                             f"tools[{index}].function.parameters")
+        tools.append({"name": spec["name"], "description": spec.get("description") or "", "parameters": parameters})
+    return None if choice == "none" else tools
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant message's tool_calls (OpenAI's shape, arguments as JSON text) as canonical calls."""
+    if not isinstance(value, list):
+        raise BadRequest(f"{where} must be a list of tool calls.", where)
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"{where}[{index}] must have a function with a name.", f"{where}[{index}].function.name")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise BadRequest(f"{where}[{index}].function.arguments must be a JSON object (as text).",
+                             f"{where}[{index}].function.arguments")
+        calls.append({"name": function["name"], "arguments": arguments})
+    return calls
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -161,12 +208,13 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise BadRequest(f"{where} must be an object with a role and a content.", where)
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise BadRequest(f"{where}: tool messages are not supported by this server yet.", f"{where}.role")
         if role not in CHAT_ROLES:
             raise BadRequest(f"{where}.role must be one of {', '.join(CHAT_ROLES)}; it is {role!r}.", f"{where}.role")
         content = _content(message.get("content"), f"{where}.content", allow_empty=role == "assistant")
-        messages.append({"role": "system" if role == "developer" else role, "content": content})
+        canonical = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            canonical["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        messages.append(canonical)
     if messages[-1]["role"] == "assistant":
         raise BadRequest("The last message must be the user's (or the system's), not the assistant's.",
                          f"messages[{len(messages) - 1}].role")

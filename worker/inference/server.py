@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from worker.conversations import TOOL_CALL, parse_tool_calls
 from worker.inference import registry, requests
 from worker.inference.engine import ChatWork, EncodeWork, Engine
 from worker.inference.requests import BadRequest
@@ -119,7 +120,7 @@ async def chat_completions(service: Service, body: dict) -> Response:
         raise reply
     completion = Completion(target.name, reply, service)
     if request.stream:
-        return StreamingResponse(completion.events(pieces, work, request.include_usage),
+        return StreamingResponse(completion.events(pieces, work, request.include_usage, request.tools),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         text, reason = await completion.collect(pieces)
@@ -127,10 +128,10 @@ async def chat_completions(service: Service, body: dict) -> Response:
         work.cancelled.set()
     if reason == "error":
         raise BadRequest(text, status=500, code="generation_failed")
+    message, reason = completion.message(text, reason, request.tools)
     return JSONResponse({
         **completion.header("chat.completion"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                     "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
         "usage": completion.usage(),
     })
 
@@ -159,20 +160,42 @@ class Completion:
             self.service.completion_tokens += len(self.reply.generated)
             return (text if reason == "error" else "".join(texts)), reason
 
+    def message(self, text: str, reason: str, tools: list[dict] | None) -> tuple[dict, str]:
+        """The reply as OpenAI's assistant message, and its finish reason: with tools, the calls it
+        wrote (worker.conversations.parse_tool_calls) as tool_calls and finish_reason "tool_calls"."""
+        calls = parse_tool_calls(text) if tools else []
+        if not calls:
+            return {"role": "assistant", "content": text}, reason
+        rest = TOOL_CALL.sub("", text).strip() if TOOL_CALL.search(text) else ""
+        return {"role": "assistant", "content": rest or None, "tool_calls": [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in calls]}, "tool_calls"
+
     def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
         body = {**self.header("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
         return f"data: {json.dumps(body)}\n\n"
 
-    async def events(self, pieces: asyncio.Queue, work: ChatWork, include_usage: bool):
+    async def events(self, pieces: asyncio.Queue, work: ChatWork, include_usage: bool, tools: list[dict] | None = None):
+        held: list[str] = []  # with tools, the reply is read whole: a call is only known at its end
         try:
             yield self.chunk({"role": "assistant", "content": ""})
             while True:
                 text, reason = await pieces.get()
                 if reason is None:
-                    if text:
+                    if text and tools:
+                        held.append(text)
+                    elif text:
                         yield self.chunk({"content": text})
                     continue
+                if tools and reason != "error":
+                    message, reason = self.message("".join(held), reason, tools)
+                    if message["content"]:
+                        yield self.chunk({"content": message["content"]})
+                    if message.get("tool_calls"):
+                        yield self.chunk({"tool_calls": [{"index": i, **call}
+                                                         for i, call in enumerate(message["tool_calls"])]})
                 self.service.completion_tokens += len(self.reply.generated)
                 if reason == "error":
                     error = BadRequest(text, status=500, code="generation_failed").body()
