@@ -23,6 +23,7 @@ from tests.support.stack import states
 from tests.test_classify_recipe import both_fruit_rows, group_rows
 from tests.test_dpo_recipe import preference_rows
 from tests.test_embed_recipe import tag_rows
+from tests.test_kto_recipe import feedback_rows
 from tests.test_rerank_recipe import marker_rows
 
 pytestmark = pytest.mark.slow
@@ -55,6 +56,9 @@ CASES = {
                   dict(method="full", learning_rate=1e-3, max_steps=20, batch_size=16, max_seq_length=32,
                        validation_fraction=0.25)),
     "dpo": Case(preference_rows(), "tiny_llama_dir", "preference_accuracy", 0.7, 0.9,
+                dict(method="lora", learning_rate=2e-2, max_steps=8, batch_size=8, max_seq_length=64,
+                     validation_fraction=0.25)),
+    "kto": Case(feedback_rows(), "tiny_llama_dir", "sign_accuracy", 0.5, 0.85,
                 dict(method="lora", learning_rate=2e-2, max_steps=8, batch_size=8, max_seq_length=64,
                      validation_fraction=0.25)),
 }

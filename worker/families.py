@@ -180,6 +180,17 @@ FAMILIES: dict[str, Family] = {
             metrics=("preference_accuracy", "reward_accuracy", "reward_margin", "eval_loss"),
             generative=True,
         ),
+        Family(
+            "kto", "Preference tuning (KTO)", "prompt → completion, labelled desirable or undesirable",
+            required=("prompt", "completion", "label"), optional=("system",), inputs=("system", "prompt"),
+            methods=("lora", "qlora", "full"), base_kinds=("causal-lm",),
+            recipe="worker.recipes.kto", peft_task_type="CAUSAL_LM",
+            card="preference tuning (KTO on completions labelled desirable or undesirable)",
+            suggested=Suggested("smollm2-135m-instruct", "lora", {"lora": 5e-4, "qlora": 5e-4, "full": 5e-6},
+                                max_steps=30, batch_size=8, max_seq_length=512),
+            primary_metric="sign_accuracy", metrics=("sign_accuracy", "reward_margin", "eval_loss"),
+            generative=True,
+        ),
     )
 }
 

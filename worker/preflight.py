@@ -1,11 +1,11 @@
 """Pre-flight: a few rows exactly as the model will see them, token by token.
 
-The tokens come from the worker's own functions (worker.recipes.sft.tokenize_example and
-worker.recipes.dpo.tokenize_pair), so what is shown is what trains: each token is marked as
-carrying loss or masked (the prompt), and the tokens past the max length, which training cuts
-off, are marked too. This module imports torch (through the recipes): only the "cpu" worker
-imports it (webapp/datasets/tasks.py), never the web process, which renders the JSON result as
-escaped HTML (templates/datasets/_preflight.html).
+The tokens come from the worker's own functions (worker.recipes.sft.tokenize_example,
+worker.recipes.dpo.tokenize_pair and worker.recipes.kto.tokenize_row), so what is shown is what
+trains: each token is marked as carrying loss or masked (the prompt), and the tokens past the
+max length, which training cuts off, are marked too. This module imports torch (through the
+recipes): only the "cpu" worker imports it (webapp/datasets/tasks.py), never the web process,
+which renders the JSON result as escaped HTML (templates/datasets/_preflight.html).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from worker.quality import read_rows
-from worker.recipes import dpo, sft
+from worker.recipes import dpo, kto, sft
 
 EXAMPLES = 3
 UNLIMITED = 1 << 30  # tokenize without cutting, then mark where max_length cuts
@@ -29,7 +29,7 @@ def preflight_examples(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     wanted = list(dict.fromkeys([1, 2, longest_row or 3]))[:EXAMPLES]
     rows = dict(read_rows(rows_path, only=set(wanted)))
-    render = sft_example if task == "sft" else dpo_example
+    render = {"sft": sft_example, "dpo": dpo_example, "kto": kto_example}[task]
     return [render(number, rows[number], tokenizer, max_length) for number in wanted if number in rows]
 
 
@@ -54,6 +54,13 @@ def dpo_example(number: int, row: dict, tokenizer, max_length: int) -> dict[str,
             for answer in ("chosen", "rejected")
         ],
     }
+
+
+def kto_example(number: int, row: dict, tokenizer, max_length: int) -> dict[str, Any]:
+    ids = kto.tokenize_row(row, tokenizer)
+    prompt, completion = ids["prompt"], ids["completion"]
+    loss = [False] * len(prompt) + [True] * len(completion)
+    return {"row": number, "sequences": [_sequence("", prompt + completion, loss, tokenizer, max_length)]}
 
 
 def _sequence(name: str, ids: list[int], loss: list[bool], tokenizer, max_length: int) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from webapp.jobs.models import SUCCEEDED, Job
 from worker.catalog import CATALOG
 from worker.spec import SpecError
 
-KIND_OF_TASK = {"sft": "chat", "dpo": "chat", "classify": "classify", "pair": "classify", "rerank": "rerank",
-                "embed": "embed", "domain": "chat"}
+KIND_OF_TASK = {"sft": "chat", "dpo": "chat", "kto": "chat", "classify": "classify", "pair": "classify",
+                "rerank": "rerank", "embed": "embed", "domain": "chat"}
 KIND_OF_CATALOG = {"causal-lm": "chat", "encoder": "embed"}
 ENDPOINT_OF_KIND = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings", "rerank": "/v1/rerank",
                     "classify": "/v1/classify"}

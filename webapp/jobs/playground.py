@@ -19,8 +19,8 @@ from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, Job
 from worker.catalog import CATALOG
 from worker.families import FAMILIES
 
-FORM_OF_TASK = {"sft": "chat", "dpo": "chat", "classify": "classify", "pair": "pair", "rerank": "rerank",
-                "embed": "embed", "domain": "chat"}
+FORM_OF_TASK = {"sft": "chat", "dpo": "chat", "kto": "chat", "classify": "classify", "pair": "pair",
+                "rerank": "rerank", "embed": "embed", "domain": "chat"}
 """Which playground form a task family gets: the generative families chat, the others encode."""
 PREDICTIONS = "eval_predictions.json"
 MAX_PREDICTIONS_BYTES = 5 * 2**20  # a large held-out set is not read to draw a page
@@ -75,7 +75,7 @@ def _try_url(job: Job, which: str) -> str:
 def example(job: Job) -> dict[str, str]:
     """A held-out input of the job to start from ({} when the job kept none)."""
     task = task_of(job)
-    if task in ("sft", "dpo"):
+    if task in ("sft", "dpo", "kto"):
         samples = job.result.get("samples") or []
         return {"prompt": samples[0].get("instruction", "")} if samples and isinstance(samples[0], dict) else {}
     predictions = _predictions(job)

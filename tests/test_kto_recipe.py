@@ -1,0 +1,349 @@
+"""The KTO recipe end to end on the tiny llama, plus its data handling and metrics."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.support.model_fixtures import number_word, write_jsonl
+from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
+from worker.errors import Cancelled, UserError
+from worker.events import Reporter
+from worker.preflight import preflight_examples
+from worker.recipes import kto
+from worker.spec import SpecError, TrainChoices, TrainSpec
+
+
+def feedback_rows(count: int = 64) -> list[dict[str, str]]:
+    """Unpaired feedback the tiny llama picks up in a few steps: "seven!" is desirable, "seven?"
+    is not, one row per word, the two kinds alternating. (A short system prompt keeps the rows
+    short: without one the template adds a long default.)"""
+    rows = []
+    for n, word in enumerate(map(number_word, range(count))):
+        desirable = n % 2 == 0
+        rows.append(
+            {
+                "system": "Be brief.",
+                "prompt": f"Say {word}.",
+                "completion": f"{word}!" if desirable else f"{word}?",
+                "label": "true" if desirable else "false",
+            }
+        )
+    return rows
+
+
+def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
+    settings = dict(
+        task="kto",
+        max_steps=8,
+        batch_size=8,
+        max_seq_length=64,
+        eval_every=4,
+        validation_fraction=0.25,
+        learning_rate=2e-2,
+    )
+    return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
+
+
+def train(spec: TrainSpec) -> dict:
+    reporter = Reporter()
+    result = kto.run(spec, reporter)
+    return {"result": result, "events": reporter.events, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def kto_jsonl(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("kto-data") / "kto.jsonl", feedback_rows())
+
+
+@pytest.fixture(scope="module")
+def small_jsonl(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("kto-small") / "kto.jsonl", feedback_rows(16))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama_dir, kto_jsonl, tmp_path_factory):
+    return train(make_spec(tiny_llama_dir, kto_jsonl, tmp_path_factory.mktemp("kto-lora"), job_id=7))
+
+
+def evals(events: list[dict]) -> list[dict]:
+    return [event for event in events if event["kind"] == "eval"]
+
+
+def test_lora_kto_raises_the_sign_accuracy_clearly_above_chance(lora_run):
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    assert lora_run["result"]["primary_metric"] == "sign_accuracy"
+    # At step 0 the model is its own reference: every reward is 0, counted as half right (chance).
+    assert before == {"sign_accuracy": 0.5, "reward_margin": 0.0, "eval_loss": 0.5}
+    assert after["sign_accuracy"] >= 0.9, after
+    assert after["reward_margin"] > 0.5, after
+    assert after["eval_loss"] < before["eval_loss"] - 0.1, after
+    assert lora_run["result"]["steps"] == 8
+
+
+def test_the_training_loss_falls_from_where_the_reference_starts(lora_run):
+    losses = [event["loss"] for event in lora_run["events"] if event["kind"] == "metric"]
+    # The first step starts from the reference: KTO's loss is 1 - σ(0) for every row (the weights
+    # that balance the two kinds move it a little when the training rows are not half and half).
+    assert losses[0] == pytest.approx(0.5, abs=0.05)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    assert lora_run["result"]["train_loss"] == losses[-1]
+
+
+def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
+    events = lora_run["events"]
+    states = [event["state"] for event in events if event["kind"] == "state"]
+    assert states == ["preparing", "training", "evaluating", "exporting"]
+    kinds = [event["kind"] for event in events]
+    baseline_at = kinds.index("eval")
+    assert kinds.index("log") < kinds.index("params") < baseline_at < kinds.index("metric") < kinds.index("artifact")
+    assert events[baseline_at]["baseline"] is True and events[baseline_at + 1]["state"] == "training"
+    metrics = [event for event in events if event["kind"] == "metric"]
+    assert [event["step"] for event in metrics] == list(range(1, 9))
+    assert {"loss", "total_steps", "epoch", "learning_rate", "kl"} <= set(metrics[0])
+    assert any("reward_margin" in event for event in metrics)
+    held_out = evals(events)
+    assert [event["step"] for event in held_out] == [0, 4, 8]
+    assert held_out[-1]["final"] is True and "final" not in held_out[1]
+    final = {key: held_out[-1][key] for key in lora_run["result"]["metrics_after"]}
+    assert final == lora_run["result"]["metrics_after"]
+    log = next(event["message"] for event in events if event["kind"] == "log")
+    counts = re.fullmatch(r"48 training rows \((\d+) desirable, (\d+) undesirable\), 16 validation rows\.", log)
+    assert counts and int(counts[1]) + int(counts[2]) == 48, log
+
+
+def test_the_final_eval_carries_replies_before_and_after_to_desirable_prompts(lora_run):
+    samples = evals(lora_run["events"])[-1]["samples"]
+    assert samples == lora_run["result"]["samples"] and len(samples) == 3
+    assert all(set(sample) == {"instruction", "reference", "before", "after"} for sample in samples)
+    # Desirable rows come first: their completion is a reference answer.
+    assert all(sample["instruction"].startswith("Say ") and sample["reference"].endswith("!") for sample in samples)
+    assert any(sample["before"] != sample["after"] for sample in samples)
+
+
+def test_the_artifact_is_an_adapter_with_tokenizer_spec_and_a_before_after_card(lora_run):
+    artifact = Path(lora_run["result"]["artifact_dir"])
+    names = {path.name for path in artifact.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "train_spec.json",
+        "README.md",
+    } <= names
+    assert "model.safetensors" not in names and "ref" not in names  # only the trained adapter
+    assert TrainSpec.from_json((artifact / "train_spec.json").read_text()) == lora_run["spec"]
+    card = (artifact / "README.md").read_text()
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    assert f"| sign_accuracy (held out) | {before['sign_accuracy']:.4f} → {after['sign_accuracy']:.4f} |" in card
+    assert "preference tuning (KTO" in card
+    assert "perplexity" not in card  # meaningless for KTO's loss
+    assert 'PeftModel.from_pretrained(base, "specialist-job-7-adapter")' in card
+
+
+SCORE_IN_A_FRESH_PROCESS = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base_dir, adapter_dir, predictions_path = sys.argv[1:4]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+def completion_logp(messages, completion):
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], return_dict=False)
+    assert full[: len(prompt)] == prompt
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0, :-1]
+    logps = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
+    return logps[len(prompt) - 1 :].sum().item()
+
+scores = []
+for row in json.load(open(predictions_path)):
+    messages = [{"role": "system", "content": row["system"]}] if "system" in row else []
+    messages.append({"role": "user", "content": row["prompt"]})
+    scores.append(completion_logp(messages, row["completion"]))
+print(json.dumps(scores))
+"""
+
+
+def test_the_adapter_scores_the_held_out_rows_the_same_in_a_fresh_process(lora_run):
+    predictions_path = Path(lora_run["spec"].output_dir) / "eval_predictions.json"
+    predictions = json.loads(predictions_path.read_text())
+    assert len(predictions) == 16 and sum(row["sign_right"] for row in predictions) >= 14
+    assert {row["label"] for row in predictions} == {"true", "false"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCORE_IN_A_FRESH_PROCESS,
+            lora_run["spec"].base_model,
+            lora_run["result"]["artifact_dir"],
+            str(predictions_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(done.stdout.splitlines()[-1])
+    for row, logp in zip(predictions, scores, strict=True):
+        assert logp == pytest.approx(row["logp"], abs=1e-3)
+        assert row["reward"] == pytest.approx(0.1 * (row["logp"] - row["reference_logp"]))
+        assert row["sign_right"] == (row["reward"] > 0 if row["desirable"] else row["reward"] < 0)
+
+
+def test_full_fine_tune_trains_against_a_frozen_copy_and_exports_the_model(tiny_llama_dir, kto_jsonl, tmp_path):
+    spec = make_spec(tiny_llama_dir, kto_jsonl, tmp_path / "out", method="full", learning_rate=5e-3, max_steps=6)
+    run = train(spec)
+    after = run["result"]["metrics_after"]
+    # Rewards move only if the reference stayed where the policy started.
+    assert after["reward_margin"] > 0.5 and after["sign_accuracy"] >= 0.9, after
+    names = {path.name for path in Path(run["result"]["artifact_dir"]).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert "adapter_config.json" not in names
+
+
+def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, small_jsonl, tmp_path):
+    class StopAfterTwoSteps(Reporter):
+        def metric(self, step, **values):
+            super().metric(step, **values)
+            if step == 2:
+                self.stop_requested.set()
+
+    reporter = StopAfterTwoSteps()
+    with pytest.raises(Cancelled):
+        kto.run(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_fraction=0.0), reporter)
+    assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny_llama_dir, small_jsonl, tmp_path):
+    settings = dict(max_steps=6, batch_size=4, checkpoint_every=3, eval_every=3)
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "resumed", **settings)
+    first, second, result = interrupt_and_resume(kto.run, spec, stop_after=4)
+    assert_resumed(first, second, checkpoint=3, total=6)
+    uninterrupted = train(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "once", **settings))
+    assert_same_losses(second, uninterrupted["events"], after=3)
+    # The rewards are measured against the reference scores kept from the first attempt.
+    assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"], rel=1e-4)
+    assert result["metrics_before"] == baseline(first)
+
+
+def test_an_uploaded_validation_file_is_the_held_out_set(tiny_llama_dir, tmp_path):
+    rows = feedback_rows(24)
+    data, validation = write_jsonl(tmp_path / "train.jsonl", rows[:20]), write_jsonl(tmp_path / "val.jsonl", rows[20:])
+    spec = make_spec(tiny_llama_dir, data, tmp_path / "out", max_steps=1, validation_path=str(validation))
+    run = train(spec)  # validation_fraction 0.25 is ignored: every dataset row trains
+    log = "20 training rows (10 desirable, 10 undesirable), 4 validation rows."
+    assert any(event.get("message") == log for event in run["events"])
+    predictions = json.loads((tmp_path / "out" / "eval_predictions.json").read_text())
+    assert [row["prompt"] for row in predictions] == [row["prompt"] for row in rows[20:]]
+
+
+def test_it_refuses_a_label_that_says_neither_kind_naming_the_line_and_the_value(tiny_llama_dir, tmp_path):
+    rows = feedback_rows(4)
+    rows[2]["label"] = "maybe"
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(UserError, match="Line 3 of the dataset has the label 'maybe', which says neither"):
+        kto.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
+
+
+def test_a_malformed_validation_file_is_named_as_such(tiny_llama_dir, small_jsonl, tmp_path):
+    validation = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "p", "completion": "c", "label": "perhaps"}])
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_path=str(validation))
+    with pytest.raises(UserError, match="In the validation file: Line 1 .* 'perhaps'"):
+        kto.run(spec, Reporter())
+
+
+def test_it_refuses_training_rows_of_one_kind(tiny_llama_dir, tmp_path):
+    rows = [row for row in feedback_rows(16) if row["label"] == "true"]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(UserError, match="Every training row is labelled desirable. KTO learns from both kinds"):
+        kto.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
+
+
+def test_it_refuses_rows_without_a_label(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Say one.", "completion": "one!"}])
+    with pytest.raises(
+        UserError, match=r"Line 1 of the dataset needs text fields prompt \(or prompt_messages\), completion and label"
+    ):
+        kto.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
+
+
+def test_it_refuses_an_encoder_base_in_words_about_preference_tuning(tiny_bert_dir, small_jsonl, tmp_path):
+    with pytest.raises(UserError, match="cannot do preference tuning: it is not a text-generating"):
+        kto.run(make_spec(tiny_bert_dir, small_jsonl, tmp_path / "out"), Reporter())
+
+
+def test_a_batch_of_one_row_is_refused_on_the_batch_size_field():
+    with pytest.raises(SpecError) as refused:
+        TrainChoices(base_model="smollm2-135m-instruct", task="kto", batch_size=1)
+    assert refused.value.field == "batch_size" and "at least 2 rows" in refused.value.message
+    TrainChoices(base_model="smollm2-135m-instruct", task="dpo", batch_size=1)  # only KTO pairs rows
+
+
+def test_rows_split_into_prompt_and_completion_at_the_assistant_turn(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    row = {"system": "Be brief.", "prompt": "Say three.", "completion": "three!", "label": "true"}
+    ids = kto.tokenize_row(row, tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say three."}]
+    assert ids["prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert tokenizer.decode(ids["completion"]) == "three!<|im_end|>\n"
+
+
+def test_a_multi_turn_prompt_is_rendered_as_its_turns(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say one."},
+        {"role": "assistant", "content": "one!"},
+        {"role": "user", "content": "Say two."},
+    ]
+    ids = kto.tokenize_row({"prompt_messages": turns, "completion": "two!", "label": "yes"}, tokenizer)
+    assert ids["prompt"] == tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
+    assert tokenizer.decode(ids["completion"]) == "two!<|im_end|>\n"
+
+
+def test_the_preflight_marks_the_completion_tokens_as_trained(tiny_llama_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", feedback_rows(2))
+    first, _ = preflight_examples(rows, "kto", tiny_llama_dir, 64)
+    (sequence,) = first["sequences"]
+    trained = "".join(span["text"] for span in sequence["spans"] if span["loss"])
+    assert trained == "zero!<|im_end|>\n" and not sequence["skipped"]
+
+
+def test_the_rarer_kind_weighs_more_so_both_kinds_weigh_the_same():
+    rows = [{"desirable": True}] * 3 + [{"desirable": False}] * 9
+    assert kto.balancing_weights(rows) == {"desirable_weight": 3.0, "undesirable_weight": 1.0}
+    assert kto.balancing_weights(rows[:6]) == {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
+def test_the_sign_accuracy_counts_a_zero_reward_as_half_right():
+    # Rows: desirable, its reward up; desirable, no change; undesirable, its reward up (wrong);
+    # undesirable, its reward down. Column 1 holds the mismatched pairs of the KL estimate.
+    reference = torch.tensor([[[-4.0, 2], [-6.0, 2]]] * 4)
+    scores = reference.clone()
+    scores[:, 0, 0] += torch.tensor([2.0, 0.0, 1.0, -3.0])
+    scores[:, 1, 0] += torch.tensor([1.0, 1.0, 0.0, 0.0])  # the KL estimate: 0.5
+    desirable = torch.tensor([True, True, False, False])
+    metrics = kto.kto_metrics(scores, reference, desirable, beta=0.5)
+    assert metrics["sign_accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert metrics["reward_margin"] == pytest.approx((1.0 + 0.0) / 2 - (0.5 - 1.5) / 2)
+    logratios, kl = torch.tensor([2.0, 0.0, 1.0, -3.0]), 0.5
+    losses = [1 - torch.sigmoid(0.5 * (x - kl)) for x in logratios[:2]] + [
+        1 - torch.sigmoid(0.5 * (kl - x)) for x in logratios[2:]
+    ]
+    assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item())
+    assert kto.kto_metrics(reference, reference, desirable, beta=0.5) == {
+        "sign_accuracy": 0.5,
+        "reward_margin": 0.0,
+        "eval_loss": 0.5,
+    }
