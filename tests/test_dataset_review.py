@@ -68,7 +68,7 @@ def test_a_corrected_file_that_is_still_broken_says_where(owner_client, media_ro
 
 def test_a_replacement_that_is_not_a_dataset_format_is_a_form_error(owner_client, media_root):
     dataset = upload(owner_client, "mixed.jsonl", MIXED)
-    reply = owner_client.post(f"/datasets/{dataset.id}/replace/", {"file": SimpleUploadedFile("notes.txt", b"hi")})
+    reply = owner_client.post(f"/datasets/{dataset.id}/replace/", {"file": SimpleUploadedFile("notes.docx", b"hi")})
     assert reply.status_code == 400 and "not a dataset format we read" in reply.content.decode()
     dataset.refresh_from_db()
     assert dataset.original_name == "mixed.jsonl" and dataset.status == "review"
