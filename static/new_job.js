@@ -41,13 +41,14 @@
     // QLoRA is offered only while a GPU worker can run it, and only for the generative tasks.
     const qloraInput = form.querySelector("[name=method][value=qlora]");
     if (qloraInput) {
-      const qloraAllowed = ["sft", "dpo", "kto"].includes(t);
+      const qloraAllowed = ["sft", "dpo", "kto", "domain"].includes(t);
       qloraInput.closest("label, div").hidden = !qloraAllowed;
       if (!qloraAllowed && qloraInput.checked) form.querySelector("[name=method][value=lora]").checked = true;
     }
     document.getElementById("lora-fields").hidden = !["lora", "qlora"].includes(method());
     document.getElementById("custom-base").hidden = base.value !== "custom";
-    document.getElementById("dpo-fields").hidden = t !== "dpo";
+    document.getElementById("dpo-fields").hidden = !["dpo", "kto"].includes(t);
+    document.getElementById("rpo-field").hidden = t !== "dpo";
     document.getElementById("sft-fields").hidden = t !== "sft";
     const ownValidation = withValidation.includes(Number(field("dataset").value));
     document.getElementById("validation-fraction").hidden = ownValidation;

@@ -134,6 +134,10 @@ class TokenCounter:
             return self._chat_lengths(
                 rows, [[_assistant(row["chosen"])] for row in rows], [[_assistant(row["rejected"])] for row in rows]
             )
+        if self.task == "kto":
+            return self._chat_lengths(rows, [[_assistant(row["completion"])] for row in rows])
+        if self.task == "domain":  # raw text, no template: documents are packed, never cut whole
+            return self._encode([row["text"] for row in rows], special=False), [-1] * len(rows)
         if self.task == "embed":
             columns = [[row[name] for row in rows] for name in ("query", "positive")]
             columns.append([row.get("negative", "") for row in rows])
@@ -504,7 +508,7 @@ def _measure_rows(rows_path, task: str, counter: TokenCounter, problems: dict[st
         lengths, prompt_lengths = counter.lengths(rows)
         columns.length.extend(lengths)
         for (number, row), length, prompt_length in zip(batch, lengths, prompt_lengths, strict=True):
-            if length > counter.cutoff:
+            if length > counter.cutoff and task != "domain":  # a document is packed across rows, not cut
                 problems["truncated"].add(number, tokens=length)
             if prompt_length >= counter.cutoff:
                 problems["no_reply"].add(number, prompt_tokens=prompt_length)
@@ -723,6 +727,8 @@ def _snippet(task: str, row: dict) -> str:
     names = {
         "sft": ("instruction", "response"),
         "dpo": ("prompt", "chosen", "rejected"),
+        "kto": ("prompt", "completion", "label"),
+        "domain": ("text",),
         "classify": ("text", "label"),
         "pair": ("text_a", "text_b", "label"),
         "rerank": ("query", "document", "relevance"),

@@ -92,7 +92,7 @@ class JobForm(forms.Form):
         help_text="Training rows whose input a validation row also has are left out, so the held-out metrics "
                   "measure generalisation, not memory (the dataset page counts them).",
     )
-    dpo_beta = forms.FloatField(label="DPO beta", initial=_DEFAULTS["dpo_beta"], required=False,
+    dpo_beta = forms.FloatField(label="Beta (DPO, KTO)", initial=_DEFAULTS["dpo_beta"], required=False,
                                 help_text="Preference tuning only: higher stays closer to the base model.")
     dpo_sft_weight = forms.FloatField(
         label="Chosen-reply weight (RPO)", initial=_DEFAULTS["dpo_sft_weight"], required=False,
