@@ -268,3 +268,23 @@ def test_a_template_that_changes_the_contents_keeps_the_real_renderer(tmp_path, 
     assert counter.render(conversations, False) == counter.render(conversations, False) == real
     assert "  leading" not in "".join(real)  # the template trimmed the contents
     assert not any(layout.trusted for layout in counter._layouts.values())
+
+
+def test_kto_rows_and_conversations_are_measured_through_the_template(tmp_path, smollm2_dir):
+    rows = [{"prompt": "Say hi", "completion": "Hi!", "label": "true"},
+            {"prompt_messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                 {"role": "user", "content": "c"}], "completion": "d", "label": "false"}]
+    from transformers import AutoTokenizer
+
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "kto", smollm2_dir, 512)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    longest = tokenizer.apply_chat_template(
+        [*rows[1]["prompt_messages"], {"role": "assistant", "content": "d"}], return_dict=False)
+    assert report["rows"] == 2 and report["tokens"]["max"] == len(longest)
+
+
+def test_a_long_document_is_not_truncated_it_is_packed(tmp_path, smollm2_dir):
+    rows = [{"text": "valve maintenance " * 200}, {"text": "short note"}]
+    report = compute_report(write_jsonl(tmp_path / "rows.jsonl", rows), "domain", smollm2_dir, 64)
+    assert report["tokens"]["max"] > 64
+    assert next(p for p in report["problems"] if p["key"] == "truncated")["count"] == 0
