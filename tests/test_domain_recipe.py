@@ -25,7 +25,7 @@ def documents_jsonl(tmp_path_factory) -> Path:
 
 
 def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
-    settings = dict(task="domain", max_steps=12, batch_size=4, max_seq_length=32, eval_every=6, validation_fraction=0.1)
+    settings = dict(task="domain", max_steps=8, batch_size=4, max_seq_length=32, eval_every=4, validation_fraction=0.1)
     return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
 
 
@@ -92,7 +92,7 @@ def evals(run: dict) -> list[dict]:
 def test_training_lowers_the_held_out_perplexity(request, run):
     result = request.getfixturevalue(run)["result"]
     before, after = result["metrics_before"], result["metrics_after"]
-    assert result["primary_metric"] == "perplexity" and result["steps"] == 12
+    assert result["primary_metric"] == "perplexity" and result["steps"] == 8
     assert after["perplexity"] < before["perplexity"] / 4, (before, after)
     assert after["perplexity"] == pytest.approx(math.exp(after["eval_loss"]))
 
@@ -104,7 +104,7 @@ def test_it_reports_states_params_metrics_and_evals_in_order(lora_run):
     kinds = [event["kind"] for event in events]
     assert kinds.index("params") < kinds.index("eval") < kinds.index("metric") < kinds.index("artifact")
     held = evals(lora_run)
-    assert [event["step"] for event in held] == [0, 6, 12]
+    assert [event["step"] for event in held] == [0, 4, 8]
     assert held[0]["baseline"] is True and held[-1]["final"] is True
     assert lora_run["result"]["metrics_before"] == {key: held[0][key] for key in ("perplexity", "eval_loss")}
     assert any("held-out documents" in event.get("message", "") for event in events if event["kind"] == "log")

@@ -26,6 +26,7 @@ training sequence, and those are cut from the packed documents anyway.
 from __future__ import annotations
 
 import codecs
+import os
 import struct
 import zipfile
 import zlib
@@ -66,7 +67,7 @@ class Document:
     """The problem's kind, as the parse report counts it."""
 
 
-def read_documents(fmt: str, path, max_document_chars: int, max_decoded_bytes: int) -> Iterator[Document]:
+def read_documents(fmt: str, path: str | os.PathLike, max_document_chars: int, max_decoded_bytes: int) -> Iterator[Document]:
     """The documents of the file at `path` ("text": one; "zip": each member); DocumentError for a
     problem with the whole upload."""
     if fmt == "text":
@@ -77,7 +78,7 @@ def read_documents(fmt: str, path, max_document_chars: int, max_decoded_bytes: i
     yield from _zip_documents(path, max_document_chars, max_decoded_bytes)
 
 
-def declared_size(path) -> int:
+def declared_size(path: str | os.PathLike) -> int:
     """What the zip's headers say its members inflate to (0 when they cannot be read), so that a
     small zip of much text is read on the queue, not in the request; reading counts the real bytes."""
     try:
@@ -91,7 +92,7 @@ def declared_size(path) -> int:
 # Zips -----------------------------------------------------------------------------------------
 
 
-def _zip_documents(path, max_document_chars: int, max_decoded_bytes: int) -> Iterator[Document]:
+def _zip_documents(path: str | os.PathLike, max_document_chars: int, max_decoded_bytes: int) -> Iterator[Document]:
     _check_index(path)
     try:
         archive = zipfile.ZipFile(path)
@@ -117,10 +118,12 @@ def _zip_documents(path, max_document_chars: int, max_decoded_bytes: int) -> Ite
                 raise DocumentError(f"{info.filename} in the zip could not be read: {error}.") from None
             inflated += meter.read
     if number == 0:
-        raise DocumentError(f"The zip holds no .txt or .md documents (it has {len(members)} entries, none of them a file).")
+        raise DocumentError(
+            f"The zip holds no .txt or .md documents: its {len(members)} entries are folders or hidden files."
+        )
 
 
-def _check_index(path) -> None:
+def _check_index(path: str | os.PathLike) -> None:
     """Refuse, from the end of the file alone, a zip whose index lists too many entries or is too
     large: zipfile reads the whole index into memory before anything else."""
     with open(path, "rb") as f:
