@@ -145,3 +145,12 @@ def test_an_uploaded_validation_file_holds_out_its_documents(tmp_path):
 
     assert texts(drop_overlap=False) == (["alpha", "beta"], ["beta", "gamma"])
     assert texts(drop_overlap=True) == (["alpha"], ["beta", "gamma"])  # the document both have trains no more
+
+
+def test_the_pre_flight_shows_a_document_as_packed_with_the_loss_on_every_token_but_the_first(tiny_llama_dir):
+    from worker.preflight import domain_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    shown = domain_example(1, {"text": "Torque the bonnet bolts. " * 20}, tokenizer, 16)["sequences"][0]
+    assert shown["tokens"] > 16 and shown["cut"] == 0 and len(shown["spans"]) <= 16
+    assert [span["loss"] for span in shown["spans"]][:2] == [False, True] and all(s["loss"] for s in shown["spans"][1:])

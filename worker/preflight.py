@@ -16,7 +16,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from worker.quality import read_rows
-from worker.recipes import dpo, kto, sft
+from worker.recipes import domain, dpo, kto, sft
 
 EXAMPLES = 3
 UNLIMITED = 1 << 30  # tokenize without cutting, then mark where max_length cuts
@@ -29,7 +29,7 @@ def preflight_examples(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     wanted = list(dict.fromkeys([1, 2, longest_row or 3]))[:EXAMPLES]
     rows = dict(read_rows(rows_path, only=set(wanted)))
-    render = {"sft": sft_example, "dpo": dpo_example, "kto": kto_example}[task]
+    render = {"sft": sft_example, "dpo": dpo_example, "kto": kto_example, "domain": domain_example}[task]
     return [render(number, rows[number], tokenizer, max_length) for number in wanted if number in rows]
 
 
@@ -61,6 +61,14 @@ def kto_example(number: int, row: dict, tokenizer, max_length: int) -> dict[str,
     prompt, completion = ids["prompt"], ids["completion"]
     loss = [False] * len(prompt) + [True] * len(completion)
     return {"row": number, "sequences": [_sequence("", prompt + completion, loss, tokenizer, max_length)]}
+
+
+def domain_example(number: int, row: dict, tokenizer, max_length: int) -> dict[str, Any]:
+    """A document's first row of max_length tokens, as packed: the loss is on every token but the
+    first. Nothing is cut: the rest of the document trains in the rows that follow."""
+    ids = domain.tokenize([row], tokenizer)[0]
+    shown = _sequence("", ids[:max_length], [False] + [True] * (min(len(ids), max_length) - 1), tokenizer, max_length)
+    return {"row": number, "sequences": [shown | {"tokens": len(ids)}]}
 
 
 def _sequence(name: str, ids: list[int], loss: list[bool], tokenizer, max_length: int) -> dict[str, Any]:
