@@ -146,3 +146,14 @@ def test_the_page_says_when_the_columns_look_made_for_another_task(owner_client,
     assert 'id="suggested-task"' in page and "Preference tuning (DPO)" in page
     dataset = Dataset.objects.create(owner=dataset.owner, name="d", task="dpo", columns=["prompt", "chosen", "rejected"])
     assert dataset.suggested_family is None
+
+
+def test_the_validation_file_is_read_with_the_same_column_choice(owner_client, media_root):
+    reply = owner_client.post("/datasets/upload/", {
+        "file": SimpleUploadedFile("kto.jsonl", LABELLED_REPLIES), "task": "sft",
+        "validation_file": SimpleUploadedFile("held.jsonl", LABELLED_REPLIES)})
+    assert reply.status_code == 302
+    dataset = Dataset.objects.get()
+    owner_client.post(f"/datasets/{dataset.id}/columns/", {"label": "desirable"})
+    dataset.refresh_from_db()
+    assert dataset.rows_ok == 3 and dataset.validation_report["rows_ok"] == 3

@@ -469,7 +469,7 @@ class Dataset(models.Model):
             mapping=mapping,
             out_path=self.validation_rows_path,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
-            column_choices=main.column_choices,
+            column_choices=self.column_choices,
         )
         if report.chat_format != main.chat_format and not report.fatal:
             report.fatal = (
