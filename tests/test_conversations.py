@@ -253,8 +253,11 @@ def tool_rows(count: int) -> list[dict]:
     tools = [{"name": name, "description": "", "parameters": {}} for name in ("get_weather", "get_time", "play_music", "define_word")]
     asks = {"get_weather": "What is the weather in {}?", "get_time": "What time is it in {}?",
             "play_music": "Play music from {}.", "define_word": "What is the meaning of {}?"}
-    cities = ["Paris", "Lima", "Oslo", "Tokyo", "Cairo", "Riga", "Seoul", "Perth"]
-    return [{"messages": [{"role": "user", "content": asks[name].format(cities[(n // 4) % 8])},
+    cities = ["Paris", "Lima", "Oslo", "Tokyo", "Cairo", "Riga", "Seoul", "Perth", "Quito", "Dakar", "Hanoi", "Minsk",
+              "Accra", "Lagos", "Sofia", "Bern", "Doha", "Kyiv", "Baku", "Male", "Suva", "Apia", "Lome", "Juba"]
+    # Every request once (a repeated one would be held out whole): a held-out request names a city
+    # the model saw with the other tools, so only the wording tells the tool.
+    return [{"messages": [{"role": "user", "content": asks[name].format(cities[(n // 4) % len(cities)])},
                           {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": {}}]}],
              "tools": tools}
             for n in range(count) for name in [list(asks)[n % 4]]]
@@ -264,8 +267,8 @@ def tool_rows(count: int) -> list[dict]:
 def test_tool_selection_is_learnt_and_measured_by_the_called_tool(tiny_llama_dir, tmp_path, token_cache_dir):
     data = write_jsonl(tmp_path / "tools.jsonl", tool_rows(96))
     spec = TrainSpec(base_model=str(tiny_llama_dir), dataset_path=str(data), output_dir=str(tmp_path / "job"),
-                     method="full", learning_rate=1e-2, max_steps=60, batch_size=8, max_seq_length=256,
-                     eval_every=60, validation_fraction=0.2)
+                     method="full", learning_rate=3e-3, max_steps=100, batch_size=8, max_seq_length=256,
+                     eval_every=100, validation_fraction=0.2)
     reporter = Reporter()
     result = sft.run(spec, reporter)
     before, after = result["metrics_before"], result["metrics_after"]
