@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models migrate run test test-serving test-fast bench lint chromium clean
+.PHONY: install models migrate run test test-long test-fast bench lint chromium clean
 
 install: $(VENV)/.installed $(PLOTLY_JS)
 
@@ -40,13 +40,14 @@ chromium:
 
 test: install models chromium
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
-	$(BIN)/pytest -m "not serving"
+	$(BIN)/pytest -m "not serving and not learning"
 
-# The serving path end to end (jobs trained by the worker, served by the inference server
-# process, called with the openai client) and the playground in a browser: about three minutes
-# more than `make test` can hold within its 15 on two cores.
-test-serving: install models chromium
-	$(BIN)/pytest -m serving
+# What does not fit in `make test`'s 15 minutes on two cores: the serving path end to end (jobs
+# trained by the worker, served by the inference server, called with the openai client), the
+# playground in a browser, and the recipe tests that train KTO, domain adaptation and
+# conversations until they have learnt.
+test-long: install models chromium
+	$(BIN)/pytest -m "serving or learning"
 
 lint: install
 	$(BIN)/ruff check manage.py webapp worker tests bench

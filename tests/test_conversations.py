@@ -227,6 +227,7 @@ def two_turn_rows(count: int) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_a_tiny_model_learns_a_two_turn_pattern(tiny_llama_dir, tmp_path, token_cache_dir):
     data = write_jsonl(tmp_path / "turns.jsonl", two_turn_rows(48))
     spec = TrainSpec(base_model=str(tiny_llama_dir), dataset_path=str(data), output_dir=str(tmp_path / "job"),
@@ -264,6 +265,7 @@ def tool_rows(count: int) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_tool_selection_is_learnt_and_measured_by_the_called_tool(tiny_llama_dir, tmp_path, token_cache_dir):
     data = write_jsonl(tmp_path / "tools.jsonl", tool_rows(96))
     spec = TrainSpec(base_model=str(tiny_llama_dir), dataset_path=str(data), output_dir=str(tmp_path / "job"),

@@ -16,6 +16,8 @@ from worker.events import Reporter
 from worker.recipes import domain
 from worker.spec import TrainSpec
 
+pytestmark = pytest.mark.learning
+
 
 @pytest.fixture(scope="module")
 def documents_jsonl(tmp_path_factory) -> Path:

@@ -18,6 +18,8 @@ from worker.preflight import preflight_examples
 from worker.recipes import kto
 from worker.spec import SpecError, TrainChoices, TrainSpec
 
+pytestmark = pytest.mark.learning
+
 
 def feedback_rows(count: int = 64) -> list[dict[str, str]]:
     """Unpaired feedback the tiny llama picks up in a few steps: "seven!" is desirable, "seven?"
