@@ -278,3 +278,12 @@ def test_tool_selection_is_learnt_and_measured_by_the_called_tool(tiny_llama_dir
     assert after["tool_arguments_accuracy"] >= 0.9
     baseline = next(e for e in reporter.events if e["kind"] == "eval" and e.get("baseline"))
     assert "tool_name_accuracy" in baseline  # the job page's before/after table shows it
+
+
+@pytest.mark.parametrize(("columns", "task"), [
+    (["instruction", "output"], "sft"), (["question", "answer", "category"], "sft"), (["prompt", "completion", "label"], "kto"),
+    (["text", "label"], "classify"), (["premise", "hypothesis", "label"], "pair"), (["query", "document", "score"], "rerank"),
+    (["anchor", "positive"], "embed"), (["text"], "domain"), (["messages", "label"], "kto"), (["a", "b"], None),
+])
+def test_the_columns_propose_a_task(columns, task):
+    assert propose_task(columns) == task

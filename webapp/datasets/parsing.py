@@ -889,6 +889,8 @@ def unpacked_size(path: str | os.PathLike, filename: str) -> int:
 # Mapping ----------------------------------------------------------------------------------
 
 
+KTO_LABELS = frozenset({"label", "kto_tag", "desirable", "is_desirable"})
+"""Column names that say whether a reply is desirable (a file with one proposes KTO)."""
 _TASK_ORDER = ("kto", "dpo", "rerank", "pair", "embed", "classify", "sft", "domain")
 """The tasks a file's columns are matched against, the most specific first."""
 
@@ -903,6 +905,8 @@ def propose_task(columns: list[str]) -> str | None:
     if names & {"messages", "conversations"}:
         return "kto" if "label" in names and "kto" in TASK_FIELDS else "sft"
     for task in _TASK_ORDER:
+        if task == "kto" and not names & KTO_LABELS:  # a "category" is a class, not a verdict on the reply
+            continue
         if task in TASK_FIELDS and set(TASK_FIELDS[task]["required"]) <= set(propose_mapping(columns, task)):
             return task
     return None
