@@ -127,6 +127,12 @@ def compact(tool: dict) -> dict:
             "parameters": parameters}
 
 
+def template_prompt(row: dict, tokenizer) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) of the turns a row's answer follows, as the tokenizer's chat template takes
+    them: what the SFT, DPO and KTO recipes render and generate from."""
+    return for_template(prompt_messages(row), row.get("tools"), template_knows_tools(tokenizer.chat_template))
+
+
 def parse_tool_calls(text: str) -> list[dict]:
     """The tool calls a model wrote: each <tool_call>{json}</tool_call>, or the whole reply when it
     is one JSON object with a name (what templates with native tool support make the model write)."""

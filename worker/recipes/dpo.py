@@ -44,8 +44,8 @@ from worker import training
 from worker.artifacts import export
 from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
-from worker.conversations import for_template, template_knows_tools
 from worker.conversations import prompt_messages as conversation_prompt
+from worker.conversations import template_prompt
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
@@ -90,7 +90,7 @@ class Setup:
 
     def replies(self) -> list[str]:
         """The model's replies to the first held-out prompts."""
-        prompts = [prompt_messages(row, self.tokenizer) for row, _ in self.eval_pairs[:SAMPLE_COUNT]]
+        prompts = [template_prompt(row, self.tokenizer) for row, _ in self.eval_pairs[:SAMPLE_COUNT]]
         return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
 
 
@@ -275,7 +275,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, reporter: Repor
 def tokenize_pair(row: dict[str, str], tokenizer) -> dict[str, list[int]]:
     """Token ids of the prompt and of each answer, split where TRL splits them (DPOTrainer._prepare_dataset)."""
     # sanitize_control_tokens: a literal "<|im_end|>" typed in the data stays text.
-    messages, tools = prompt_messages(row, tokenizer)
+    messages, tools = template_prompt(row, tokenizer)
     render = partial(tokenizer.apply_chat_template, return_dict=False, sanitize_control_tokens=True, tools=tools)
     prompt = render(messages, add_generation_prompt=True)
     chosen = render(messages + [{"role": "assistant", "content": row["chosen"]}])
@@ -284,15 +284,9 @@ def tokenize_pair(row: dict[str, str], tokenizer) -> dict[str, list[int]]:
     return {"prompt": prompt[:length], "chosen": chosen[length:], "rejected": rejected[length:]}
 
 
-def prompt_messages(row: dict, tokenizer) -> tuple[list[dict], list[dict] | None]:
-    """The turns a pair answers (system and user, or a multi-turn prompt's turns) and its tools, as
-    the base's chat template takes them (worker.conversations.for_template)."""
-    return for_template(conversation_prompt(row), row.get("tools"), template_knows_tools(tokenizer.chat_template))
-
-
 def conversation(row: dict, tokenizer) -> dict[str, Any]:
     """A row in TRL's conversational preference format."""
-    messages, tools = prompt_messages(row, tokenizer)
+    messages, tools = template_prompt(row, tokenizer)
     return {
         "prompt": messages,
         "chosen": [{"role": "assistant", "content": row["chosen"]}],

@@ -50,6 +50,7 @@ from worker.conversations import (
     prompt_messages,
     reply_text,
     template_knows_tools,
+    template_prompt,
     to_json_value,
 )
 from worker.errors import UserError
@@ -491,8 +492,9 @@ def tokenize_example(
 def template_messages(row: dict, tokenizer, prompt_only: bool = False) -> tuple[list[dict], list[dict] | None]:
     """The row's conversation (or, prompt_only, the turns before its last reply) as the base's chat
     template takes it, and its tools (worker.conversations.for_template)."""
-    messages = prompt_messages(row) if prompt_only else conversation(row)
-    return for_template(messages, row.get("tools"), template_knows_tools(tokenizer.chat_template))
+    if prompt_only:
+        return template_prompt(row, tokenizer)
+    return for_template(conversation(row), row.get("tools"), template_knows_tools(tokenizer.chat_template))
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
