@@ -12,8 +12,8 @@ from webapp.jobs.models import Job
 pytestmark = pytest.mark.django_db
 
 POST_ONLY = {
-    "cancel_job", "delete_dataset", "dataset_mapping", "dataset_columns", "accept_dataset_rows", "replace_dataset_file",
-    "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
+    "cancel_job", "delete_dataset", "dataset_mapping", "dataset_columns", "dataset_media", "accept_dataset_rows",
+    "replace_dataset_file", "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
 }
 
 
@@ -51,8 +51,8 @@ def test_the_walk_covers_every_object_url(objects):
     names = {name for name, _ in urls_with_ids(objects)}
     assert names == {
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
-        "dataset_columns", "accept_dataset_rows", "replace_dataset_file", "add_validation_file", "remove_validation_file",
-        "dataset_quality", "revoke_key", "try_base", "try_tuned",
+        "dataset_columns", "dataset_media", "accept_dataset_rows", "replace_dataset_file", "add_validation_file",
+        "remove_validation_file", "dataset_quality", "revoke_key", "try_base", "try_tuned",
     }
 
 

@@ -1,5 +1,7 @@
 """The column mapping on the dataset page: shown as a form, changed by the user, read again."""
 
+import json
+
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -157,3 +159,44 @@ def test_the_validation_file_is_read_with_the_same_column_choice(owner_client, m
     owner_client.post(f"/datasets/{dataset.id}/columns/", {"label": "desirable"})
     dataset.refresh_from_db()
     assert dataset.rows_ok == 3 and dataset.validation_report["rows_ok"] == 3
+
+
+PICTURE_CHATS = b"\n".join(json.dumps(row).encode() for row in [
+    {"messages": [{"role": "user", "content": "<image>Who is this?"}, {"role": "assistant", "content": "A cat."}],
+     "images": ["cat.jpg"]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Read this."},
+                                               {"type": "image_url", "image_url": {"url": "a.png"}}]},
+                  {"role": "assistant", "content": "It says hello."}]},
+    {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "..."}}]},
+                  {"role": "assistant", "content": "Music."}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+]) + b"\n"
+
+
+def test_images_are_refused_until_the_user_chooses_to_drop_them_and_the_count_is_shown(owner_client, media_root):
+    dataset = upload(owner_client, "pictures.jsonl", PICTURE_CHATS)
+    assert (dataset.rows_ok, dataset.rows_total) == (1, 4)
+    assert dataset.error_counts == {"images: images or audio": 1, "messages: images or audio": 2}
+    assert "choose on this dataset's page to drop them" in dataset.errors[0]["problem"]
+    page = owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+    assert 'id="media-form"' in page and "3 rows hold images, audio or video" in page
+
+    owner_client.post(f"/datasets/{dataset.id}/media/", {"media": "drop"})
+    dataset.refresh_from_db()
+    # The audio-only turn leaves its row out; the others train on their text, placeholder removed.
+    assert (dataset.rows_ok, dataset.rows_total, dataset.media_dropped) == (3, 4, {"items": 2, "rows": 2})
+    assert dataset.error_counts == {"messages: only images or audio": 1}
+    assert [row["instruction"] for row in dataset.preview_rows] == ["Who is this?", "Read this.", "Hi"]
+    page = owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+    assert 'id="media-dropped"' in page and "2 items left out of 2 rows" in page and 'id="media-form"' not in page
+
+    owner_client.post(f"/datasets/{dataset.id}/media/", {"media": "refuse"})
+    dataset.refresh_from_db()
+    assert (dataset.rows_ok, dataset.drop_media, dataset.media_dropped) == (1, False, {})
+
+
+def test_another_users_dataset_media_choice_is_not_found(owner_client, other_client, media_root):
+    dataset = upload(owner_client, "pictures.jsonl", PICTURE_CHATS)
+    assert other_client.post(f"/datasets/{dataset.id}/media/", {"media": "drop"}).status_code == 404
+    dataset.refresh_from_db()
+    assert not dataset.drop_media

@@ -20,14 +20,20 @@ Shapes read:
 
 Content parts: text parts are joined with a blank line; an image, audio, video or file part is
 refused (this server trains text models), as is a row with a non-empty `images`, `videos` or
-`audios` column. Nothing is flattened silently: a turn this module cannot place is a problem
-with that row, not text glued onto another turn.
+`audios` column, unless the user chose to drop them (`dropping_media`: the parts, the columns
+and the `<image>`-style placeholders in the text are left out, and counted). Nothing is
+flattened silently: a turn this module cannot place is a problem with that row, not text glued
+onto another turn.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = {
@@ -41,6 +47,9 @@ ROLES = {
 MEDIA_COLUMNS = ("images", "videos", "audios")
 _MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file", "input_file"}
 _TEXT_PARTS = {"text", "input_text", "output_text"}
+_MEDIA_PLACEHOLDER = re.compile(r"<(?:image|video|audio)>")
+MEDIA_PROBLEM = "images or audio"
+"""The kind of the row problem a media part or column raises (the dataset page offers to drop them)."""
 _GLAIVE_CALL = re.compile(r"^\s*<functioncall>\s*(\{.*\})\s*$", re.DOTALL)
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _TYPE_NAMES = {list: "a list", dict: "an object", str: "text", bool: "a boolean", int: "a number",
@@ -55,6 +64,40 @@ class RowProblem(Exception):
         self.kind = kind
         self.column = column
         self.problem = problem
+
+
+@dataclass
+class MediaDrop:
+    """What `dropping_media` left out: media parts and media-column entries, in how many rows."""
+
+    items: int = 0
+    rows: int = 0
+    placeholders: bool = False
+    """The current row had a media column: its `<image>` placeholders go with it."""
+
+
+_dropping: ContextVar[MediaDrop | None] = ContextVar("dropping_media", default=None)
+
+
+@contextmanager
+def dropping_media() -> Iterator[MediaDrop]:
+    """Within it, images, audio and video are left out of the rows read (and counted) instead of
+    refused: the user's choice on the dataset page."""
+    drop = MediaDrop()
+    token = _dropping.set(drop)
+    try:
+        yield drop
+    finally:
+        _dropping.reset(token)
+
+
+def _media(column: str, what: str, count: int = 1) -> None:
+    """Refuse `what` (a row problem), or leave it out when the user chose to drop media."""
+    drop = _dropping.get()
+    if drop is None:
+        raise RowProblem(MEDIA_PROBLEM, column, f"{what}; this server trains text models, so images, video and "
+                         "audio are not read. Remove them, or choose on this dataset's page to drop them.")
+    drop.items += count
 
 
 def describe(value: object) -> str:
@@ -122,7 +165,8 @@ def read_message(item: Any, column: str, number: int) -> dict:
 
 def _content(value: Any, column: str, number: int, role_name: str) -> str | None:
     if value is None or value.__class__ is str:
-        return value
+        drop = _dropping.get()
+        return _MEDIA_PLACEHOLDER.sub("", value).strip() if value and drop and drop.placeholders else value
     if value.__class__ in (int, float):
         return str(value)
     if value.__class__ is dict and value.get("type") is None:
@@ -134,14 +178,16 @@ def _content(value: Any, column: str, number: int, role_name: str) -> str | None
     for part in parts:
         kind = part.get("type") if part.__class__ is dict else None
         if kind in _MEDIA_PARTS:
-            raise RowProblem("image or audio content", column, f"message {number} ({role_name}) holds {kind} "
-                             "content; this server trains text models, so images and audio are not read. "
-                             "Remove those parts (or those rows) and upload the file again.")
+            _media(column, f"message {number} ({role_name}) holds {kind} content")
+            continue
         text = part.get("text", part.get("value")) if part.__class__ is dict and kind in _TEXT_PARTS else None
         if text.__class__ is not str:
             raise RowProblem("bad content part", column, f"message {number} ({role_name}) has a content part "
                              f"of type {str(kind)[:30]!r}; expected text parts {{\"type\": \"text\", \"text\": ...}}")
         texts.append(text)
+    if not texts and parts:
+        raise RowProblem("only images or audio", column, f"left out: message {number} ({role_name}) holds only "
+                         "images, audio or video, which are dropped (your choice for this dataset)")
     return "\n\n".join(texts)
 
 
@@ -232,10 +278,15 @@ def check_calls_known(messages: list[dict], tools: list[dict], column: str) -> N
 
 
 def refuse_media(record: dict) -> None:
+    """A row with images, videos or audios beside its text: refused, or (dropping) read without them."""
+    drop = _dropping.get()
+    if drop is not None:
+        drop.placeholders = False
     for column in MEDIA_COLUMNS:
-        if record.get(column):
-            raise RowProblem("images or audio", column, f"the row has {column}; this server trains text models, "
-                             "so images, video and audio are not read. Remove the column (or those rows).")
+        value = record.get(column)
+        if value:
+            _media(column, f"the row has {column}", len(value) if value.__class__ is list else 1)
+            drop.placeholders = True
 
 
 # Rows of each family ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from webapp.datasets import checks
+from webapp.datasets import checks, conversations
 from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, propose_task, unpacked_size
 from worker.conversations import CONVERSATION_FIELDS, transcript
 from worker.families import FAMILIES
@@ -102,6 +102,10 @@ class Dataset(models.Model):
     )
     meaning_columns = models.JSONField(
         default=list, blank=True, help_text="The file's columns that judge its rows and that the task does not read.")
+    drop_media = models.BooleanField(
+        default=False, help_text="The user chose to read conversations without their images, audio and video.")
+    media_dropped = models.JSONField(
+        default=dict, blank=True, help_text="With drop_media: {items, rows} the training file's reading left out.")
     mapping = models.JSONField(default=dict)
     rows_total = models.IntegerField(default=0)
     rows_ok = models.IntegerField(default=0)
@@ -328,6 +332,19 @@ class Dataset(models.Model):
         self.save(update_fields=["column_choices"])
         self.request_parse()
 
+    def set_drop_media(self, drop: bool) -> None:
+        """Read the file again with its images, audio and video left out (True) or refused (False)."""
+        self.check_can_change()
+        self.drop_media = drop
+        self.save(update_fields=["drop_media"])
+        self.request_parse()
+
+    @property
+    def media_refused(self) -> int:
+        """How many rows were refused for their images, audio or video (the page offers to drop them)."""
+        return sum(count for kind, count in self.error_counts.items()
+                   if kind.rpartition(": ")[2] == conversations.MEDIA_PROBLEM)
+
     def set_mapping(self, mapping: dict[str, str] | None) -> None:
         """Read the file again with the user's mapping (canonical field -> column); None detects."""
         self.check_can_change()
@@ -424,6 +441,7 @@ class Dataset(models.Model):
             out_path=self.rows_path,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
             column_choices=self.column_choices,
+            drop_media=self.drop_media,
         )
         result = {
             "format": report.format,
@@ -431,6 +449,7 @@ class Dataset(models.Model):
             "columns": report.columns,
             "mapping": report.mapping,
             "meaning_columns": report.meaning_columns,
+            "media_dropped": report.media_dropped,
             "rows_total": report.rows_total,
             "rows_ok": report.rows_ok,
             "error_counts": report.error_counts,
@@ -470,6 +489,7 @@ class Dataset(models.Model):
             out_path=self.validation_rows_path,
             max_decoded_bytes=settings.MAX_DECODED_BYTES,
             column_choices=self.column_choices,
+            drop_media=self.drop_media,
         )
         if report.chat_format != main.chat_format and not report.fatal:
             report.fatal = (
@@ -484,6 +504,7 @@ class Dataset(models.Model):
             "error_counts": report.error_counts,
             "errors": [_error_dict(e) for e in report.errors],
             "fatal": report.fatal or "",
+            "media_dropped": report.media_dropped,
             "in_training": 0 if report.fatal or not report.rows_ok else self._validation_rows_in_training(),
         }
 

@@ -166,6 +166,8 @@ class ParseReport:
     error_counts: dict[str, int] = field(default_factory=dict)
     preview: list[dict] = field(default_factory=list)
     fatal: str | None = None
+    media_dropped: dict[str, int] = field(default_factory=dict)
+    """With drop_media: {"items": images, audio and video left out, "rows": of how many rows}."""
 
     @property
     def usable(self) -> bool:
@@ -187,12 +189,14 @@ def parse_dataset(
     give_up_after: int = GIVE_UP_AFTER,
     max_decoded_bytes: int = MAX_DECODED_BYTES,
     column_choices: dict[str, str] | None = None,
+    drop_media: bool = False,
 ) -> ParseReport:
     """Check the file at `path` (uploaded as `filename`) for `task`; write accepted rows to
     `out_path` as canonical JSON Lines. `mapping` (canonical field -> column) overrides both
     the proposed mapping and chat-format detection. `column_choices` says, per column that
     judges its rows, what instruction tuning does with it ("desirable": train on the rows it
-    marks desirable only; "ignore")."""
+    marks desirable only; "ignore"). `drop_media`: conversations' images, audio and video are
+    left out and counted (report.media_dropped) instead of refusing their rows."""
     if task not in TASK_FIELDS:
         raise ValueError(f"unknown task {task!r}")
     report = ParseReport()
@@ -201,11 +205,36 @@ def parse_dataset(
         with _open_source(report.format, path, max_line_bytes, max_decoded_bytes) as source:
             report.columns = source.columns
             convert, needed = _choose_converter(report, task, mapping, column_choices)
-            with _partial_output(out_path) as write:
-                _convert_rows(source.records(needed), convert, report, write, max_errors_per_kind, give_up_after)
+            with _partial_output(out_path) as write, _media_choice(drop_media, report) as convert_with:
+                _convert_rows(source.records(needed), convert_with(convert), report, write, max_errors_per_kind,
+                              give_up_after)
     except DatasetError as error:
         report.fatal = str(error)
     return report
+
+
+@contextmanager
+def _media_choice(drop_media: bool, report: ParseReport) -> Iterator[Callable[[Callable], Callable]]:
+    """Wraps the converter: as is, or dropping media and counting what it dropped from accepted rows."""
+    if not drop_media:
+        yield lambda convert: convert
+        return
+    with conversations.dropping_media() as drop:
+        def counting(convert: Callable[[dict], dict]) -> Callable[[dict], dict]:
+            def convert_row(record: dict) -> dict:
+                before = drop.items
+                try:
+                    row = convert(record)
+                except _RowProblem:
+                    drop.items = before
+                    raise
+                drop.rows += drop.items > before
+                return row
+            return convert_row
+        try:
+            yield counting
+        finally:
+            report.media_dropped = {"items": drop.items, "rows": drop.rows} if drop.items else {}
 
 
 # Format sniffing ---------------------------------------------------------------------------

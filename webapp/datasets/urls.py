@@ -11,6 +11,7 @@ urlpatterns = [
     path("datasets/<int:dataset_id>/status/", views.dataset_status, name="dataset_status"),
     path("datasets/<int:dataset_id>/mapping/", views.change_mapping, name="dataset_mapping"),
     path("datasets/<int:dataset_id>/columns/", views.choose_columns, name="dataset_columns"),
+    path("datasets/<int:dataset_id>/media/", views.choose_media, name="dataset_media"),
     path("datasets/<int:dataset_id>/accept/", views.accept_rows, name="accept_dataset_rows"),
     path("datasets/<int:dataset_id>/replace/", views.replace_file, name="replace_dataset_file"),
     path("datasets/<int:dataset_id>/validation/", views.add_validation, name="add_validation_file"),

@@ -153,6 +153,14 @@ def choose_columns(request: HttpRequest, dataset: Dataset) -> HttpResponse:
 
 @require_POST
 @_changing_dataset
+def choose_media(request: HttpRequest, dataset: Dataset) -> HttpResponse:
+    """Read the file again with its images, audio and video dropped ("drop"), or refused again."""
+    dataset.set_drop_media(request.POST.get("media") == "drop")
+    return _read_again(request, dataset)
+
+
+@require_POST
+@_changing_dataset
 def replace_file(request: HttpRequest, dataset: Dataset) -> HttpResponse:
     form = FileForm(request.POST, request.FILES, auto_id="id_replace_%s")
     if _too_large(request, form) or not form.is_valid():
