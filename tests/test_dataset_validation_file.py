@@ -107,6 +107,15 @@ def test_the_job_can_drop_the_validation_files_inputs_from_training(owner_client
     owner_client.post("/jobs/new/", {**VALID, "dataset": dataset.id, "drop_validation_overlap": "on"})
     job = Job.objects.get()
     assert job.spec["drop_validation_overlap"] is True and job.train_spec().drop_validation_overlap
+    page = owner_client.get(f"/jobs/{job.id}/").content.decode()
+    assert "the dataset's validation file; training rows whose input it holds were dropped" in page
+
+
+def test_the_job_page_says_when_validation_inputs_were_trained_on(owner_client, media_root, train_queue):
+    upload(owner_client, b"question,answer\nq3,other\n")
+    owner_client.post("/jobs/new/", {**VALID, "dataset": Dataset.objects.get().id})
+    page = owner_client.get(f"/jobs/{Job.objects.get().id}/").content.decode()
+    assert "1 of its inputs is also trained on (not dropped)" in page
 
 
 def test_a_job_without_a_validation_file_holds_out_a_share(owner_client, media_root, train_queue):
@@ -114,6 +123,8 @@ def test_a_job_without_a_validation_file_holds_out_a_share(owner_client, media_r
     owner_client.post("/jobs/new/", {**VALID, "dataset": Dataset.objects.get().id})
     assert Job.objects.get().spec["validation_path"] == ""
     assert Job.objects.get().spec["drop_validation_overlap"] is False
+    page = owner_client.get(f"/jobs/{Job.objects.get().id}/").content.decode()
+    assert "of the rows (seeded; rows with the same input on one side)" in page
 
 
 def test_no_validation_file_can_be_added_once_a_job_used_the_dataset(owner_client, owner, media_root):
