@@ -21,6 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from webapp.jobs import stream
+from webapp.jobs.signals import job_finished
 from worker.events import make_event
 from worker.spec import SpecError, TrainSpec
 
@@ -140,6 +141,8 @@ class Job(models.Model):
             moved = rows.update(**changes) == 1
             if moved:
                 self.append_events([make_event("state", self.step, state=to, message=message)])
+                if to in FINAL_STATES:
+                    transaction.on_commit(lambda: job_finished.send(sender=Job, job=self))
         self.refresh_from_db()
         return moved
 
