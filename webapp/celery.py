@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 app = Celery("specialist")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["webapp.jobs", "webapp.datasets"])  # each app's tasks.py
+app.autodiscover_tasks(["webapp.jobs", "webapp.datasets", "webapp.webhooks", "webapp.exports"])  # each app's tasks.py
 
 
 def send(task: str, args: list, queue: str) -> bool:

@@ -85,6 +85,8 @@ INSTALLED_APPS = [
     "webapp.datasets",
     "webapp.jobs",
     "webapp.api",
+    "webapp.webhooks",
+    "webapp.exports",
 ]
 
 MIDDLEWARE = [
@@ -200,7 +202,8 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TASK_ROUTES = {
-    "webapp.jobs.train_job": {"queue": "train"}, "webapp.jobs.*": {"queue": "cpu"}, "webapp.datasets.*": {"queue": "cpu"}
+    "webapp.jobs.train_job": {"queue": "train"}, "webapp.jobs.*": {"queue": "cpu"}, "webapp.datasets.*": {"queue": "cpu"},
+    "webapp.webhooks.*": {"queue": "cpu"}, "webapp.exports.*": {"queue": "cpu"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", 3600)}

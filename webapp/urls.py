@@ -5,4 +5,6 @@ urlpatterns = [
     path("", include("webapp.datasets.urls")),
     path("", include("webapp.jobs.urls")),
     path("", include("webapp.api.urls")),
+    path("", include("webapp.webhooks.urls")),
+    path("", include("webapp.exports.urls")),
 ]
