@@ -28,7 +28,9 @@ def base_label(job: Job) -> str:
 
 
 def model_name(job: Job) -> str:
-    return f"{FINE_TUNE_PREFIX}{base_label(job)}:{job.owner.username}:{job.id}"
+    """`ft:<base>:<owner>:<job id>`, with the API caller's suffix before the id when it gave one."""
+    suffix = f"{job.suffix}:" if job.suffix else ""
+    return f"{FINE_TUNE_PREFIX}{base_label(job)}:{job.owner.username}:{suffix}{job.id}"
 
 
 def catalog_object(key: str) -> dict[str, Any]:

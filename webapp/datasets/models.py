@@ -21,7 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from webapp.datasets import checks, conversations
-from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, propose_task, unpacked_size
+from webapp.datasets.parsing import TASK_FIELDS, ParseReport, parse_dataset, peek_columns, propose_task, unpacked_size
 from worker.conversations import CONVERSATION_FIELDS, transcript
 from worker.families import FAMILIES
 from worker.rows import validation_rows_in_training
@@ -235,7 +235,8 @@ class Dataset(models.Model):
 
     @property
     def in_use(self) -> bool:
-        return self.job_set.exists()
+        """A job trains on it, or holds it out (the fine-tuning API's validation_file)."""
+        return self.job_set.exists() or self.validation_jobs.exists()
 
     def check_can_change(self) -> None:
         """Raise DatasetLocked, with the reason, unless the user may change the dataset now."""
@@ -269,17 +270,21 @@ class Dataset(models.Model):
     # Uploads ----------------------------------------------------------------------------
     @classmethod
     def from_upload(
-        cls, owner, task: str, name: str, upload: File, validation: File | None = None, read_now: bool = False
+        cls, owner, task: str | None, name: str, upload: File, validation: File | None = None, read_now: bool = False
     ) -> "Dataset":
         """Store an upload (and an optional validation file) and read it: now when small, on the
-        "cpu" queue when large.
+        "cpu" queue when large. A `task` of None is proposed from the file's columns (the
+        fine-tuning API's files do not say what they are for), instruction tuning if none fits.
 
         Raises DatasetRejected, keeping nothing, when a file read now cannot be read as a
         dataset at all (binary, empty, broken from its first rows). Every other problem is kept
         on the dataset's page, where the user can change the mapping or replace the file.
         """
-        dataset = cls(owner=owner, task=task, original_name=upload.name[:255], name=name or upload.name[:200])
+        dataset = cls(owner=owner, task=task or "sft", original_name=upload.name[:255], name=name or upload.name[:200])
         dataset._store_original(upload)
+        if task is None:
+            columns = peek_columns(dataset.original.path, dataset.original_name, settings.MAX_DECODED_BYTES)
+            dataset.task = propose_task(columns) or "sft"
         if validation is not None:
             dataset._store_validation(validation)
         dataset.save()

@@ -924,6 +924,16 @@ _TASK_ORDER = ("kto", "dpo", "rerank", "pair", "embed", "classify", "sft", "doma
 """The tasks a file's columns are matched against, the most specific first."""
 
 
+def peek_columns(path: str | os.PathLike, filename: str, max_decoded_bytes: int = MAX_DECODED_BYTES) -> list[str]:
+    """The file's columns (a header, or the keys of its first rows); [] when it cannot be read."""
+    try:
+        fmt = sniff_format(path, filename)
+        with _open_source(fmt, path, MAX_LINE_BYTES, max_decoded_bytes) as source:
+            return list(source.columns)
+    except DatasetError:
+        return []
+
+
 def propose_task(columns: list[str]) -> str | None:
     """The task a file's columns say it is for: a conversation format first (with a label: KTO;
     with chosen and rejected: DPO), then the first task, most specific first, whose required

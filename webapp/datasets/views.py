@@ -203,7 +203,7 @@ def accept_rows(request: HttpRequest, dataset_id: int) -> HttpResponse:
 @require_POST
 def delete(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = _get_dataset_for_user(request, dataset_id)
-    if dataset.job_set.exists():
+    if dataset.in_use:
         messages.error(request, "This dataset was used by a job and is kept with it; delete the jobs first.")
         return redirect("dataset", dataset.id)
     dataset.delete_files()

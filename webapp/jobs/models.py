@@ -91,6 +91,13 @@ class Job(models.Model):
     total_steps = models.IntegerField(default=0)
     last_loss = models.FloatField(null=True, blank=True)
     result = models.JSONField(default=dict, blank=True)
+    # What the fine-tuning API was given besides the settings (webapp/api/fine_tuning.py).
+    suffix = models.CharField(max_length=64, blank=True, help_text="Part of the fine-tuned model's name.")
+    metadata = models.JSONField(default=dict, blank=True, help_text="The API caller's key-value pairs.")
+    validation_dataset = models.ForeignKey(
+        "datasets.Dataset", null=True, blank=True, on_delete=models.PROTECT, related_name="validation_jobs",
+        help_text="A separate file held out (the API's validation_file); else the dataset's own, or a share.",
+    )
 
     class Meta:
         ordering = ["-created_at"]
