@@ -240,8 +240,16 @@ CELERY_BEAT_SCHEDULE = {
         ("resend-queued-jobs", "webapp.jobs.resend_queued_jobs"),
         ("resend-waiting-datasets", "webapp.datasets.resend_waiting_datasets"),
         ("resend-quality-reports", "webapp.datasets.resend_quality_reports"),
+        ("send-due-webhooks", "webapp.webhooks.send_due_deliveries"),
     )
 }
+# Webhooks: the seconds between one try at a delivery and the next (the last repeats), until this
+# long after the event; each try waits this long for a connection and for each read of the answer.
+WEBHOOK_RETRY_SECONDS = [float(s) for s in envlist("SPECIALIST_WEBHOOK_RETRY_SECONDS", "60,300,1800,7200,18000,36000")]
+WEBHOOK_GIVE_UP_SECONDS = float(envint("SPECIALIST_WEBHOOK_GIVE_UP_SECONDS", 24 * 3600))
+WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("SPECIALIST_WEBHOOK_TIMEOUT_SECONDS", 10))
+if not WEBHOOK_RETRY_SECONDS:
+    raise ImproperlyConfigured("SPECIALIST_WEBHOOK_RETRY_SECONDS needs at least one delay")
 # Live event streams (job pages) one user may hold open at once in a web process; past it, 429.
 MAX_STREAMS_PER_USER = envint("SPECIALIST_MAX_STREAMS_PER_USER", 20)
 

@@ -12,6 +12,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from webapp.accounts import ratelimit
 from webapp.accounts.models import ApiKey
+from webapp.webhooks.forms import EndpointForm
+from webapp.webhooks.models import Endpoint
 
 
 class AdminCreationForm(UserCreationForm):
@@ -62,7 +64,8 @@ class ApiKeyForm(forms.Form):
 @never_cache
 @require_http_methods(["GET", "POST"])
 def account(request: HttpRequest) -> HttpResponse:
-    """The user's API keys: made here (shown once, in this response only), listed with their last use."""
+    """The user's API keys: made here (shown once, in this response only), listed with their last use;
+    and their webhook (webapp/webhooks posts its forms)."""
     form = ApiKeyForm(request.POST or None)
     secret = None
     if request.method == "POST" and form.is_valid():
@@ -71,8 +74,21 @@ def account(request: HttpRequest) -> HttpResponse:
         else:
             _, secret = ApiKey.issue(request.user, form.cleaned_data["name"])
             form = ApiKeyForm()
-    context = {"form": form, "keys": request.user.api_keys.all(), "secret": secret, "api_base": "/v1"}
-    return render(request, "accounts/account.html", context, status=400 if form.errors else 200)
+    return render_account(request, key_form=form, secret=secret, status=400 if form.errors else 200)
+
+
+def render_account(
+    request: HttpRequest, *, key_form: ApiKeyForm | None = None, secret: str | None = None,
+    webhook_form: EndpointForm | None = None, webhook_secret: str | None = None, status: int = 200,
+) -> HttpResponse:
+    """The account page; `secret` and `webhook_secret` are shown in full in this response only."""
+    endpoint = Endpoint.objects.filter(owner=request.user).first()
+    context = {
+        "form": key_form or ApiKeyForm(), "keys": request.user.api_keys.all(), "secret": secret, "api_base": "/v1",
+        "webhook": endpoint, "webhook_form": webhook_form or EndpointForm(instance=endpoint),
+        "webhook_secret": webhook_secret, "deliveries": endpoint.recent_deliveries() if endpoint else [],
+    }
+    return render(request, "accounts/account.html", context, status=status)
 
 
 @require_POST
