@@ -77,6 +77,13 @@ def test_a_job_reaching_a_final_state_records_its_event_and_queues_it_on_the_cpu
     assert delivery.state == "pending" and delivery.queued_at is not None and api_job_id(job) == f"ftjob-{job.id}"
 
 
+def test_the_event_reaches_the_real_brokers_cpu_queue(job, endpoint, cpu_queue, django_capture_on_commit_callbacks):
+    assert finish(job, "failed", django_capture_on_commit_callbacks)
+    delivery = Delivery.objects.get(job=job)
+    [message] = cpu_queue()
+    assert message["task"] == "webapp.webhooks.deliver" and message["argsrepr"] == f"[{delivery.id}]"
+
+
 def test_a_user_without_a_webhook_gets_no_delivery(job, queued, django_capture_on_commit_callbacks):
     assert finish(job, "failed", django_capture_on_commit_callbacks)
     assert not Delivery.objects.exists() and queued == []
