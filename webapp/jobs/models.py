@@ -108,6 +108,16 @@ class Job(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("job", args=[self.id])
 
+    @classmethod
+    def start(cls, owner, dataset, spec: dict[str, Any], name: str, **fields: Any) -> Job:
+        """A new queued job with its first event, sent to the train queue once the transaction
+        commits: the one way the new-job form and the fine-tuning API start a job."""
+        with transaction.atomic():
+            job = cls.objects.create(owner=owner, dataset=dataset, spec=spec, name=name, **fields)
+            job.append_events([make_event("state", 0, t=job.created_at.timestamp(), state=job.state, message="")])
+            job.enqueue()
+        return job
+
     # State ------------------------------------------------------------------------------
     @property
     def is_final(self) -> bool:
