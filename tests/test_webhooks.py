@@ -13,10 +13,11 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 
 from tests.support.webhook_receiver import free_port, running_receiver
+from webapp.api.models_api import api_job_id
 from webapp.datasets.models import Dataset
 from webapp.jobs.models import Job
 from webapp.webhooks import tasks
-from webapp.webhooks.models import Delivery, Endpoint, Outcome, api_job_id
+from webapp.webhooks.models import Delivery, Endpoint, Outcome
 
 pytestmark = pytest.mark.django_db
 

@@ -40,7 +40,8 @@ from worker.catalog import CATALOG
 from worker.families import FAMILIES
 from worker.spec import TrainChoices
 
-JOB_PREFIX = "ftjob-"
+JOB_PREFIX = models_api.JOB_PREFIX
+api_job_id = models_api.api_job_id
 EVENT_PREFIX = "ftevent-"
 CHECKPOINT_PREFIX = "ftckpt-"
 METHOD_TASKS = {"supervised": None, "dpo": "dpo", "kto": "kto"}
@@ -316,10 +317,6 @@ def _form_error(form: JobForm, request: JobRequest) -> Invalid:
 
 
 # The job object -----------------------------------------------------------------------------
-
-
-def api_job_id(job: Job) -> str:
-    return f"{JOB_PREFIX}{job.id}"
 
 
 def _job_of(user, value: str) -> Job:

@@ -16,6 +16,12 @@ from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, Job
 from worker.catalog import CATALOG
 
 FINE_TUNE_PREFIX = "ft:"
+JOB_PREFIX = "ftjob-"
+"""A fine-tuning job's id in the API and in webhook events: `ftjob-<job id>`."""
+
+
+def api_job_id(job: Job) -> str:
+    return f"{JOB_PREFIX}{job.id}"
 
 
 def base_label(job: Job) -> str:

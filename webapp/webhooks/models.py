@@ -24,6 +24,8 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from webapp.api.models_api import api_job_id
+
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 SHOWN_CHARS = 12
@@ -34,11 +36,6 @@ TEST_EVENT_TYPE = "webhook.test"
 RECENT_DELIVERIES = 20
 """How many of the last deliveries the account page lists."""
 SCHEMES = ["http", "https"]
-
-
-def api_job_id(job) -> str:
-    """The job's id as the OpenAI-compatible API names it."""
-    return f"ftjob-{job.id}"
 
 
 def new_secret() -> str:
