@@ -7,6 +7,7 @@ from django.urls import URLPattern, get_resolver
 
 from webapp.accounts.models import ApiKey
 from webapp.datasets.models import Dataset
+from webapp.exports.models import Export
 from webapp.jobs.models import Job
 from webapp.webhooks.models import Delivery, Endpoint
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.django_db
 POST_ONLY = {
     "cancel_job", "delete_dataset", "dataset_mapping", "dataset_columns", "dataset_media", "accept_dataset_rows",
     "replace_dataset_file", "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
-    "retry_webhook_delivery",
+    "retry_webhook_delivery", "request_export",
 }
 
 
@@ -29,7 +30,9 @@ def objects(owner, media_root):
     Job.objects.filter(id=job.id).update(state="succeeded", result={"artifact_zip": str(artifact)})
     key, _ = ApiKey.issue(owner, "laptop")
     delivery = Delivery.test_event(Endpoint.objects.create(owner=owner, url="https://example.com/hook"))
-    return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id, "delivery_id": delivery.id}
+    export = Export.objects.create(job=job, kind="merged", state="ready", path=str(artifact), size_bytes=22)
+    return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id, "delivery_id": delivery.id,
+            "export_id": export.id}
 
 
 def urls_with_ids(objects) -> list[tuple[str, str]]:
@@ -43,7 +46,8 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
             found.append((inner.name, "/" + str(inner.pattern).replace("<int:job_id>", str(kwargs.get("job_id")))
                           .replace("<int:dataset_id>", str(kwargs.get("dataset_id")))
                           .replace("<int:key_id>", str(kwargs.get("key_id")))
-                          .replace("<int:delivery_id>", str(kwargs.get("delivery_id")))))
+                          .replace("<int:delivery_id>", str(kwargs.get("delivery_id")))
+                          .replace("<int:export_id>", str(kwargs.get("export_id")))))
     return found
 
 
@@ -57,7 +61,7 @@ def test_the_walk_covers_every_object_url(objects):
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
         "dataset_columns", "dataset_media", "accept_dataset_rows", "replace_dataset_file", "add_validation_file",
         "remove_validation_file", "dataset_quality", "revoke_key", "try_base", "try_tuned", "webhook_delivery",
-        "retry_webhook_delivery",
+        "retry_webhook_delivery", "request_export", "download_export",
     }
 
 

@@ -22,7 +22,7 @@ TRAINING_LIBRARIES = (
     "torch", "transformers", "tokenizers", "peft", "sentence_transformers", "trl", "accelerate", "bitsandbytes",
     "safetensors", "gguf",
 )
-GLUE = ("webapp.jobs.tasks", "webapp.datasets.tasks")
+GLUE = ("webapp.jobs.tasks", "webapp.datasets.tasks", "webapp.exports.tasks")
 
 
 def module_name(path: Path, root: Path) -> str:

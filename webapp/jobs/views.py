@@ -6,6 +6,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.datasets import samples
 from webapp.datasets.models import Dataset
+from webapp.exports.models import Export
 from webapp.jobs import playground
 from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import JobForm
@@ -72,6 +73,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "task": FAMILIES[job.spec.get("task", "sft")],
         # The playground asks the owner's own models (staff may read another user's page, not run it).
         "playground": playground.for_job(job) if job.state == SUCCEEDED and job.owner_id == request.user.id else None,
+        # Exports are the owner's alone, like their downloads.
+        "exports": Export.offers_for(job) if job.owner_id == request.user.id and Export.refusal(job, "merged") is None else None,
     }
     return render(request, "jobs/detail.html", context)
 
