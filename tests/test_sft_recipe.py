@@ -81,6 +81,9 @@ def test_it_reports_states_params_metrics_and_evals_in_order(lora_run):
     metric = next(event for event in events if event["kind"] == "metric")
     assert metric["step"] == 1 and metric["total_steps"] == 24
     assert {"loss", "learning_rate", "epoch"} <= set(metric)
+    # The tokens trained on so far (the fine-tuning API's trained_tokens): padding not counted.
+    tokens = [event["tokens"] for event in events if event["kind"] == "metric"]
+    assert 0 < tokens[0] < tokens[-1] and tokens == sorted(tokens)
     evals = [event for event in events if event["kind"] == "eval"]
     assert [event["step"] for event in evals] == [0, 8, 16, 24]  # baseline, periodic, and once at the end
     assert evals[0]["baseline"] is True and evals[-1]["final"] is True

@@ -48,6 +48,8 @@ class ReportProgress(TrainerCallback):
             return
         self.last_loss = float(logs["loss"])
         values = {name: float(logs[key]) for key, name in self.metric_keys.items() if key in logs}
+        if state.num_input_tokens_seen:  # counted where a recipe asks the Trainer to (sft, classify)
+            values["tokens"] = int(state.num_input_tokens_seen)
         step = state.global_step
         self.reporter.metric(
             step, loss=self.last_loss, total_steps=state.max_steps, epoch=round(float(state.epoch or 0), 4), **values

@@ -115,7 +115,8 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
 
 def training_arguments(spec: TrainSpec) -> TrainingArguments:
     return training.arguments(
-        spec, train_sampling_strategy="group_by_length", remove_unused_columns=False, label_names=["labels"]
+        spec, train_sampling_strategy="group_by_length", remove_unused_columns=False, label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",  # each step's metric event counts the tokens trained on
     )
 
 

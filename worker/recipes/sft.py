@@ -371,6 +371,7 @@ def training_arguments(spec: TrainSpec, evaluate: bool) -> TrainingArguments:
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,  # the held-out metrics need the loss only, not every logit
+        include_num_input_tokens_seen="non_padding",  # each step's metric event counts the tokens trained on
     )
 
 
