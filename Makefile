@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models migrate run test test-long test-fast bench lint chromium clean
+.PHONY: install models migrate run test test-long test-export test-fast bench lint chromium clean
 
 install: $(VENV)/.installed $(PLOTLY_JS)
 
@@ -40,7 +40,7 @@ chromium:
 
 test: install models chromium
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
-	$(BIN)/pytest -m "not serving and not learning"
+	$(BIN)/pytest -m "not serving and not learning and not export"
 
 # What does not fit in `make test`'s 15 minutes on two cores: the serving path end to end (jobs
 # trained by the worker, served by the inference server, called with the openai client), the
@@ -48,6 +48,11 @@ test: install models chromium
 # conversations until they have learnt.
 test-long: install models chromium
 	$(BIN)/pytest -m "serving or learning"
+
+# The GGUF export run in llama.cpp (llama-cpp-python compiles llama.cpp: minutes, once).
+test-export: install models
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install -q -r requirements-export.txt
+	$(BIN)/pytest -m export
 
 lint: install
 	$(BIN)/ruff check manage.py webapp worker tests bench

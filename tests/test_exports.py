@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["What is two plus two?", "Name a colour.", "Say hello."]
 
 
-def lora_adapter(base_dir, out_dir, seed: int = 0):
+def lora_adapter(base_dir, out_dir, seed: int = 0, b_std: float = 0.2):
     """A LoRA adapter on `base_dir` whose B matrices are random (a fresh one would change nothing)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -38,7 +38,7 @@ def lora_adapter(base_dir, out_dir, seed: int = 0):
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0, 0.2)
+                parameter.normal_(0, b_std)
     peft_model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     (out_dir / "README.md").write_text("---\nbase_model: tiny\n---\n\n# specialist-job-adapter\n\nThe training card.\n")
@@ -149,6 +149,20 @@ def test_q8_0_holds_about_half_the_bytes_of_f16(ggufs):
     assert {t.tensor_type.name for t in q8.tensors} == {"Q8_0", "F32"}
     assert 0.5 < tensor_bytes(ggufs["q8_0"]) / tensor_bytes(ggufs["f16"]) < 0.56
     assert ggufs["q8_0"].stat().st_size < 0.7 * ggufs["f16"].stat().st_size  # the vocabulary is the same in both
+
+
+def test_each_q8_0_block_is_within_half_a_step_of_the_f16_weights(ggufs):
+    import gguf
+    import numpy as np
+
+    f16 = {t.name: t for t in gguf.GGUFReader(ggufs["f16"]).tensors}
+    for tensor in gguf.GGUFReader(ggufs["q8_0"]).tensors:
+        if tensor.tensor_type.name != "Q8_0":
+            continue
+        exact = f16[tensor.name].data.astype(np.float32).reshape(-1, 32)
+        rounded = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, 32)
+        step = np.abs(exact).max(axis=1, keepdims=True) / 127
+        assert (np.abs(rounded - exact) <= step / 2 + 1e-3).all(), tensor.name
 
 
 def test_the_vocabulary_is_the_one_llama_cpps_own_converter_wrote_for_smollm2(smollm2_dir):
