@@ -274,7 +274,7 @@ def test_events_are_newest_first_with_the_step_metrics_in_data(api, train_queue)
     assert step["data"] == {"step": 2, "train_loss": 1.5, "total_steps": 2, "learning_rate": 5e-4, "tokens": 960}
     rest = api.get(f"/v1/fine_tuning/jobs/{made['id']}/events?after={events['last_id']}").json()
     assert [e["type"] for e in rest["data"]] == ["metrics", "message"] and not rest["has_more"]
-    assert rest["data"][-1]["message"] == "Job queued (queued)"
+    assert rest["data"][-1]["message"] == "Job queued"
 
 
 def test_a_succeeded_job_names_its_model_its_checkpoint_and_its_result_file(api, train_queue):

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -104,7 +108,7 @@ def test_a_supervised_job_trains_through_the_worker_and_reports_like_openai(api,
     assert len(events) > 5 and events[0].created_at >= events[-1].created_at
     steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
     assert sorted(steps) == list(range(1, 17))
-    assert events[-1].message == "Job queued (queued)"
+    assert events[-1].message == "Job queued"
 
     checkpoint = next(iter(api.fine_tuning.jobs.checkpoints.list(done.id)))
     assert checkpoint.fine_tuned_model_checkpoint == done.fine_tuned_model and checkpoint.step_number == 16
@@ -175,3 +179,22 @@ def test_the_fine_tuned_model_answers_by_the_name_the_job_reports(api, loop, sta
     reply = api.chat.completions.create(model=loop["done"].fine_tuned_model, temperature=0, max_tokens=10,
                                         messages=[{"role": "user", "content": "Say the word for 7."}])
     assert reply.choices[0].message.content.startswith("WORD:"), reply.choices[0].message.content
+
+
+@pytest.mark.serving
+def test_the_readmes_move_from_openai_script_runs_as_written(api, stack, tiny_llama_dir, tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Move from OpenAI fine-tuning", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "train.jsonl").write_bytes(CHAT)
+    (tmp_path / "move.py").write_text(script)
+    stack.start_inference()
+    env = {**os.environ, "SPECIALIST_URL": f"{stack.base_url}/v1", "SPECIALIST_API_KEY": api.api_key,
+           "BASE_MODEL": str(tiny_llama_dir)}
+    done = subprocess.run([sys.executable, "move.py", "Say the word for 7."], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("started ftjob-") and "Job succeeded" in lines
+    assert any(line.startswith("Step 30/30: training loss=") for line in lines)  # the form's suggested steps
+    assert lines[-1].startswith(f"ft:{tiny_llama_dir.name}:{USER}:rewriter:") and " says: " in lines[-1]

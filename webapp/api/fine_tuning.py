@@ -490,7 +490,8 @@ def event_object(event: JobEvent) -> dict[str, Any]:
         body.update(type="metrics", data={"step": event.step, **numbers}, message=f"Held-out metrics {label}: {shown}")
     elif kind == "state":
         state = data.get("state", "")
-        body.update(message=data.get("message") or f"Job {STATUS.get(state, state)} ({state})",
+        shown = STATUS.get(state, state)
+        body.update(message=data.get("message") or (f"Job {shown}" if shown == state else f"Job {shown} ({state})"),
                     level="error" if state == "failed" else "info")
     elif kind == "log":
         body["message"] = data.get("message", "")

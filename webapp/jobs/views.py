@@ -1,5 +1,4 @@
 from django.contrib import messages
-from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -12,7 +11,6 @@ from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import JobForm
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
 from worker.catalog import CATALOG
-from worker.events import make_event
 from worker.families import FAMILIES, suggested_settings
 
 
@@ -45,13 +43,8 @@ def new_job(request: HttpRequest) -> HttpResponse:
     form = JobForm(request.POST or None, user=request.user, initial=initial)
     if request.method == "POST" and form.is_valid():
         dataset = form.cleaned_data["dataset"]
-        with transaction.atomic():
-            job = Job.objects.create(
-                owner=request.user, dataset=dataset, spec=form.spec_dict(),
-                name=form.cleaned_data["name"] or f"{dataset.name} · {form.choices.method}",
-            )
-            job.append_events([make_event("state", 0, t=job.created_at.timestamp(), state=job.state, message="")])
-            job.enqueue()
+        job = Job.start(request.user, dataset, form.spec_dict(),
+                        name=form.cleaned_data["name"] or f"{dataset.name} · {form.choices.method}")
         return redirect(job)
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
     with_validation = [d.id for d in form.fields["dataset"].queryset if d.has_validation]
