@@ -2,6 +2,7 @@
 reader, jobs validated by the new-job form, the objects, paging, events and errors in OpenAI's
 shapes. The official client drives it against the live stack in test_api_fine_tuning_client."""
 
+import asyncio
 import json
 
 import pytest
@@ -46,6 +47,10 @@ def upload(client, content: bytes, name: str = "chat.jsonl", **fields) -> dict:
     reply = client.post("/v1/files", {"file": SimpleUploadedFile(name, content), "purpose": "fine-tune", **fields})
     assert reply.status_code == 200, reply.content.decode()
     return reply.json()
+
+
+async def read_all(chunks) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
 
 
 def create(client, **body):
@@ -303,9 +308,43 @@ def test_the_openapi_description_covers_every_v1_route_and_every_setting(api):
             route = str(inner.pattern)
             if route.startswith("v1/"):
                 routes.add("/" + route.replace("<path:model>", "{model}").replace("<str:file>", "{file_id}")
-                           .replace("<str:fine_tuning_job>", "{fine_tuning_job_id}"))
+                           .replace("<str:fine_tuning_job>", "{fine_tuning_job_id}")
+                           .replace("<str:export>", "{export_id}"))
     assert described == routes
     schemas = openapi.document()["components"]["schemas"]
     assert set(schemas["SpecialistSettings"]["properties"]) == SPECIALIST_SETTINGS
     assert set(schemas["Hyperparameters"]["properties"]) == HYPERPARAMETERS
     assert Client().get("/v1/openapi.json").status_code == 401
+
+
+def test_a_succeeded_jobs_exports_are_asked_for_followed_and_downloaded(
+        api, other_api, cpu_queue, django_capture_on_commit_callbacks):
+    made = create(api, model="smollm2-135m-instruct", training_file=upload(api, CHAT)["id"]).json()
+    job = Job.objects.get(id=int(made["id"][6:]))
+    path = f"/v1/fine_tuning/jobs/{made['id']}/exports"
+    assert "only a succeeded job" in refused(api.post(path, {"kind": "merged"}, content_type="application/json"), 400,
+                                             "kind")
+    job.final_dir.mkdir(parents=True)
+    Job.objects.filter(id=job.id).update(state="succeeded")
+    with django_capture_on_commit_callbacks(execute=True):
+        asked = api.post(path, {"kind": "gguf-q8_0"}, content_type="application/json").json()
+    assert asked["object"] == "fine_tuning.job.export" and asked["state"] == "queued" and asked["download_url"] is None
+    assert asked["fine_tuning_job_id"] == made["id"] and [h["task"] for h in cpu_queue()] == ["webapp.exports.build_export"]
+    again = api.post(path, {"kind": "gguf-q8_0"}, content_type="application/json").json()
+    assert again["id"] == asked["id"]  # made once
+    refused(api.post(path, {"kind": "onnx"}, content_type="application/json"), 400, "kind")
+    refused(other_api.post(path, {"kind": "merged"}, content_type="application/json"), 404, "fine_tuning_job_id")
+    content = f"/v1/exports/{asked['id']}/content"
+    assert "queued, not ready" in refused(api.get(content), 400, "export_id")
+
+    built = job.output_dir / "exports" / "specialist-job-gguf.zip"
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"PK zip bytes")
+    export = job.exports.get()
+    export.claim() and export.finish(built)
+    listed = api.get(path).json()["data"]
+    assert [e["state"] for e in listed] == ["ready"] and listed[0]["size_bytes"] == 12
+    download = api.get(listed[0]["download_url"])
+    assert download.status_code == 200 and download["Content-Length"] == "12"
+    assert asyncio.run(read_all(download.streaming_content)) == b"PK zip bytes"
+    refused(other_api.get(content), 404, "export_id")

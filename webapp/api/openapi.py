@@ -11,6 +11,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 from webapp.api.auth import api_view
+from webapp.exports.models import KINDS as EXPORT_KINDS
 from worker.families import FAMILIES
 
 
@@ -160,6 +161,11 @@ def _schemas() -> dict[str, Any]:
             "id": text, "object": {"const": "fine_tuning.job.event"}, "created_at": {"type": "integer"},
             "level": {"enum": ["info", "warn", "error"]}, "message": text, "type": {"enum": ["message", "metrics"]},
             "data": {"type": "object"}}},
+        "Export": {"type": "object", "properties": {
+            "id": text, "object": {"const": "fine_tuning.job.export"}, "fine_tuning_job_id": text,
+            "kind": {"enum": list(EXPORT_KINDS)}, "state": {"enum": ["queued", "building", "ready", "failed"]},
+            "message": text, "size_bytes": {"type": ["integer", "null"]}, "filename": {"type": ["string", "null"]},
+            "download_url": {"type": ["string", "null"]}}},
         "FineTuningJobCheckpoint": {"type": "object", "properties": {
             "id": text, "object": {"const": "fine_tuning.job.checkpoint"}, "created_at": {"type": "integer"},
             "fine_tuned_model_checkpoint": text, "fine_tuning_job_id": text, "metrics": {"type": "object"},
@@ -216,6 +222,16 @@ def document(server: str = "/") -> dict[str, Any]:
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints": {
             "get": _operation("The model the job keeps", _json(_list_of("FineTuningJobCheckpoint")),
                               parameters=job, tag="Fine-tuning")},
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports": {
+            "get": _operation("The job's exports", _json(_list_of("Export")), parameters=job, tag="Exports"),
+            "post": _operation("Ask for an export (made once; asking again returns it)", _json(_ref("Export")),
+                               parameters=job, tag="Exports", body={"application/json": {"schema": {
+                                   "type": "object", "required": ["kind"],
+                                   "properties": {"kind": {"enum": list(EXPORT_KINDS)}}}}})},
+        "/v1/exports/{export_id}/content": {"get": _operation(
+            "Download a ready export (a zip with a model card)",
+            {"description": "The zip", "content": {"application/zip": {}}},
+            parameters=[_path_param("export_id", "export-4")], tag="Exports")},
         "/v1/openapi.json": {"get": _operation("This description", _json({"type": "object"}), tag="Meta")},
     }
     responses = {name: _json(_ref("Error"), text) for name, text in (

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.api import files, fine_tuning, openapi, views
+from webapp.api import exports, files, fine_tuning, openapi, views
 
 urlpatterns = [
     path("v1/models", views.list_models, name="api_models"),
@@ -17,6 +17,8 @@ urlpatterns = [
     path("v1/fine_tuning/jobs/<str:fine_tuning_job>/cancel", fine_tuning.cancel, name="api_fine_tuning_cancel"),
     path("v1/fine_tuning/jobs/<str:fine_tuning_job>/events", fine_tuning.events, name="api_fine_tuning_events"),
     path("v1/fine_tuning/jobs/<str:fine_tuning_job>/checkpoints", fine_tuning.checkpoints, name="api_fine_tuning_checkpoints"),
+    path("v1/fine_tuning/jobs/<str:fine_tuning_job>/exports", exports.job_exports, name="api_fine_tuning_exports"),
+    path("v1/exports/<str:export>/content", exports.export_content, name="api_export_content"),
     path("v1/openapi.json", openapi.description, name="api_openapi"),
     path("jobs/<int:job_id>/try/base/", views.try_job, {"which": "base"}, name="try_base"),
     path("jobs/<int:job_id>/try/tuned/", views.try_job, {"which": "tuned"}, name="try_tuned"),
