@@ -44,8 +44,8 @@ test: install models chromium
 
 # What does not fit in `make test`'s 15 minutes on two cores: the serving path end to end (jobs
 # trained by the worker, served by the inference server, called with the openai client), the
-# playground in a browser, and the recipe tests that train KTO, domain adaptation and
-# conversations until they have learnt.
+# playground in a browser, and the tests that train until the model has learnt (KTO, domain
+# adaptation, conversations, tool selection, the sample data on MiniLM; marker `learning`).
 test-long: install models chromium
 	$(BIN)/pytest -m "serving or learning"
 

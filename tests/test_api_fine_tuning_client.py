@@ -153,6 +153,7 @@ def test_bad_requests_raise_the_clients_errors_and_create_nothing(api, loop, tin
     assert len(list(api.fine_tuning.jobs.list())) == before
 
 
+@pytest.mark.learning
 def test_a_classifier_and_an_embedding_model_through_extra_body(api, stack, tiny_bert_dir):
     classes = api.files.create(file=("groups.jsonl", io.BytesIO(jsonl(group_rows()))), purpose="fine-tune")
     pairs = api.files.create(file=("tags.jsonl", io.BytesIO(jsonl(tag_rows()))), purpose="fine-tune",

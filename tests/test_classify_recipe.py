@@ -221,12 +221,14 @@ def test_a_decoder_base_learns_the_groups(llama_run):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_minilm_learns_the_sample_intents(minilm_run):
     before, after = accuracies(minilm_run)
     assert before < 0.5 and after >= 0.85, (before, after)
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_minilm_learns_the_sample_faithfulness_pairs(minilm_pair_run):
     before, after = accuracies(minilm_pair_run)
     assert before <= 0.6 and after >= 0.8, (before, after)

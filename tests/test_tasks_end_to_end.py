@@ -80,8 +80,9 @@ CASES = {
                    dict(method="lora", learning_rate=2e-2, max_steps=8, batch_size=4, max_seq_length=32,
                         validation_fraction=0.1)),
 }
-LEARNING = {"tools", "domain"}
-"""Cases that train until learnt: in `make test-long` with the other `learning` tests."""
+LEARNING = {"tools", "domain", "kto"}
+"""Cases that train until learnt: in `make test-long` with the other `learning` tests (KTO's
+recipe tests are there too; DPO's case stands for the preference families in `make test`)."""
 
 # One fresh process loads each downloaded artifact the way the model card says to.
 LOAD = """

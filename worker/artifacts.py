@@ -74,6 +74,10 @@ def make_readable(directory: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+"""Files a zip stores as they are (weights barely compress)."""
+
+
 def zip_dir(src_dir: Path, zip_path: Path) -> Path:
     """Zip `src_dir` under one folder named after the zip; written atomically."""
     src_dir, zip_path = Path(src_dir), Path(zip_path)
@@ -84,7 +88,7 @@ def zip_dir(src_dir: Path, zip_path: Path) -> Path:
         with zipfile.ZipFile(partial, "w") as archive:
             for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
                 # Weights barely compress; deflating them would only cost time.
-                method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                method = zipfile.ZIP_STORED if path.suffix in WEIGHT_SUFFIXES else zipfile.ZIP_DEFLATED
                 archive.write(path, f"{zip_path.stem}/{path.relative_to(src_dir)}", compress_type=method)
         os.chmod(partial, 0o644)
         os.replace(partial, zip_path)

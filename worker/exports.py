@@ -15,21 +15,17 @@ the GGUF with its Ollama Modelfile) and a README.md model card.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
-from worker.artifacts import make_readable
+from worker.artifacts import make_readable, zip_dir
 from worker.errors import UserError
 
 _PROBE = "SPECIALIST-PROBE-REPLY"
 """An assistant reply that no template writes itself: what follows it in the rendered
 conversation is how the template ends a turn."""
 GGUF_TYPES = {"gguf-f16": "f16", "gguf-q8_0": "q8_0"}
-_STORED = (".safetensors", ".gguf")
-"""Weights barely compress: deflating them would only cost the worker time."""
 _LEFT_BEHIND = ("README.md", "train_spec.json", "eval_predictions.json", "generation_config.json")
 
 
@@ -54,24 +50,7 @@ def build(kind: str, final_dir: Path, base: str, out_dir: Path, name: str) -> Pa
         card = (final_dir / "README.md").read_text() if (final_dir / "README.md").is_file() else ""
         (folder / "README.md").write_text(model_card(name, card, usage))
         make_readable(folder)
-        return zip_folder(folder, out_dir / f"{name}.zip")
-
-
-def zip_folder(src_dir: Path, zip_path: Path) -> Path:
-    """`src_dir` zipped under one folder named like the zip, weights stored; written atomically."""
-    fd, partial = tempfile.mkstemp(prefix=f".{zip_path.name}-", dir=zip_path.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
-            for path in sorted(p for p in src_dir.iterdir() if p.is_file()):
-                method = zipfile.ZIP_STORED if path.suffix in _STORED else zipfile.ZIP_DEFLATED
-                archive.write(path, f"{zip_path.stem}/{path.name}", compress_type=method)
-        os.chmod(partial, 0o644)
-        os.replace(partial, zip_path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
-    return zip_path
+        return zip_dir(folder, out_dir / f"{name}.zip")
 
 
 def merge(final_dir: Path, base: str, out_dir: Path) -> Path:
