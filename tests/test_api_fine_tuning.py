@@ -348,3 +348,10 @@ def test_a_succeeded_jobs_exports_are_asked_for_followed_and_downloaded(
     assert download.status_code == 200 and download["Content-Length"] == "12"
     assert asyncio.run(read_all(download.streaming_content)) == b"PK zip bytes"
     refused(other_api.get(content), 404, "export_id")
+
+
+def test_a_job_stored_before_its_settings_existed_still_lists(api, owner):
+    dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl")
+    old = Job.objects.create(owner=owner, dataset=dataset, name="old", spec={"base_model": "x", "method": "lora"})
+    listed = api.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [j["id"] for j in listed] == [f"ftjob-{old.id}"] and listed[0]["hyperparameters"]["batch_size"] == 8

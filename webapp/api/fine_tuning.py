@@ -335,8 +335,8 @@ def _suggested_rate(job: Job) -> float:
 
 
 def _hyperparameters(job: Job) -> dict[str, Any]:
-    spec = job.spec
-    hyper = {"n_epochs": spec["epochs"] if not spec.get("max_steps") else "auto", "batch_size": spec["batch_size"],
+    spec = {**TrainChoices.defaults(), **job.spec}  # a spec stored before a setting existed has its default
+    hyper = {"n_epochs": spec["epochs"] if not spec["max_steps"] else "auto", "batch_size": spec["batch_size"],
              "learning_rate_multiplier": round(spec["learning_rate"] / _suggested_rate(job), 6)}
     if spec.get("task") in PREFERENCE_TASKS:
         hyper["beta"] = spec.get("dpo_beta")
