@@ -8,7 +8,7 @@ from django.urls import URLPattern, get_resolver
 from webapp.accounts.models import ApiKey
 from webapp.datasets.models import Dataset
 from webapp.exports.models import Export
-from webapp.jobs.models import Job
+from webapp.jobs.models import Job, JobGroup
 from webapp.webhooks.models import Delivery, Endpoint
 
 pytestmark = pytest.mark.django_db
@@ -16,14 +16,16 @@ pytestmark = pytest.mark.django_db
 POST_ONLY = {
     "cancel_job", "delete_dataset", "dataset_mapping", "dataset_columns", "dataset_media", "accept_dataset_rows",
     "replace_dataset_file", "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
-    "retry_webhook_delivery", "request_export",
+    "retry_webhook_delivery", "request_export", "cancel_job_group",
 }
 
 
 @pytest.fixture
 def objects(owner, media_root):
     dataset = Dataset.objects.create(owner=owner, name="d", original_name="d.jsonl", format="jsonl")
-    job = Job.objects.create(owner=owner, dataset=dataset, name="j", spec={"base_model": "x", "method": "lora"})
+    group = JobGroup.objects.create(owner=owner, name="sweep")
+    job = Job.objects.create(owner=owner, dataset=dataset, name="j", spec={"base_model": "x", "method": "lora"},
+                             group=group)
     artifact = media_root / "jobs" / str(job.id) / "specialist-job-adapter.zip"
     artifact.parent.mkdir(parents=True)
     zipfile.ZipFile(artifact, "w").close()
@@ -32,7 +34,7 @@ def objects(owner, media_root):
     delivery = Delivery.test_event(Endpoint.objects.create(owner=owner, url="https://example.com/hook"))
     export = Export.objects.create(job=job, kind="merged", state="ready", path=str(artifact), size_bytes=22)
     return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id, "delivery_id": delivery.id,
-            "export_id": export.id}
+            "export_id": export.id, "group_id": group.id}
 
 
 def urls_with_ids(objects) -> list[tuple[str, str]]:
@@ -47,7 +49,8 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
                           .replace("<int:dataset_id>", str(kwargs.get("dataset_id")))
                           .replace("<int:key_id>", str(kwargs.get("key_id")))
                           .replace("<int:delivery_id>", str(kwargs.get("delivery_id")))
-                          .replace("<int:export_id>", str(kwargs.get("export_id")))))
+                          .replace("<int:export_id>", str(kwargs.get("export_id")))
+                          .replace("<int:group_id>", str(kwargs.get("group_id")))))
     return found
 
 
@@ -61,7 +64,7 @@ def test_the_walk_covers_every_object_url(objects):
         "dataset", "delete_dataset", "job", "job_events", "cancel_job", "download", "dataset_status", "dataset_mapping",
         "dataset_columns", "dataset_media", "accept_dataset_rows", "replace_dataset_file", "add_validation_file",
         "remove_validation_file", "dataset_quality", "revoke_key", "try_base", "try_tuned", "webhook_delivery",
-        "retry_webhook_delivery", "request_export", "download_export",
+        "retry_webhook_delivery", "request_export", "download_export", "job_group", "job_group_status", "cancel_job_group",
     }
 
 

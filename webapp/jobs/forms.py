@@ -4,6 +4,8 @@ The dataset decides the task; the base model must be able to serve it; every num
 checked by TrainChoices itself, and its complaint is shown on the field it names.
 """
 
+import itertools
+
 from django import forms
 from django.conf import settings
 
@@ -34,6 +36,10 @@ GATED = {
     "gradient_checkpointing": "Gradient checkpointing needs a training worker that reports support for it",
 }
 GATED_CHOICES = (("qlora", "method", "qlora"), ("gradient_checkpointing", "gradient_checkpointing", True))
+SWEPT_NUMBERS = {"learning_rate": float, "lora_r": int, "max_steps": int}
+"""Settings a sweep tries several values of (and the method); each run is one job of a group."""
+MAX_SWEEP_VALUES = 4
+MAX_RUNS = 12
 
 
 def _base_model_choices(own_models: list[Job] = ()) -> list:
@@ -107,9 +113,21 @@ class JobForm(forms.Form):
                   "the other turns are context.",
     )
 
+    sweep_learning_rate = forms.CharField(
+        label="Learning rates", required=False, help_text="2 to 4 values, such as 1e-3, 2e-3, 5e-3.")
+    sweep_lora_r = forms.CharField(label="LoRA ranks", required=False, help_text="Such as 4, 8, 16.")
+    sweep_max_steps = forms.CharField(label="Max steps", required=False, help_text="Such as 30, 60.")
+    sweep_method = forms.MultipleChoiceField(
+        label="Methods", required=False, widget=forms.CheckboxSelectMultiple,
+        choices=[(key, label.split(":")[0]) for key, label in METHODS],
+        help_text="Each method with its suggested learning rate, unless learning rates are swept too.",
+    )
+
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
+        self.runs: list[tuple[dict, TrainChoices]] = []
+        """(the swept values, the run's choices) of each job to start: one without a sweep."""
         self.fields["dataset"].queryset = Dataset.objects.filter(owner=user, status=READY)
         self.own_models = {f"{JOB_BASE_PREFIX}{job.id}": job for job in Job.models_of(user)}
         self.fields["base_model"].choices = _base_model_choices(list(self.own_models.values()))
@@ -132,7 +150,66 @@ class JobForm(forms.Form):
                 self.add_error(field_name, self._unsupported(feature))
         if not self.errors:
             self._validate_choices(data, dataset, base)
+        if not self.errors:
+            self._plan_runs(data, dataset)
         return data
+
+    def _plan_runs(self, data: dict, dataset: Dataset) -> None:
+        """self.runs: the one job, or every combination of the swept values, each validated."""
+        swept: dict[str, list] = {}
+        for name, kind in SWEPT_NUMBERS.items():
+            values = self._swept_values(f"sweep_{name}", data.get(f"sweep_{name}") or "", kind)
+            if values:
+                swept[name] = values
+        methods = data.get("sweep_method") or []
+        if len(methods) == 1:
+            self.add_error("sweep_method", "Choose two methods or more to compare them, or none.")
+        elif methods:
+            swept["method"] = methods
+        if self.errors:
+            return
+        if not swept:
+            self.runs = [({}, self.choices)]
+            return
+        count = 1
+        for values in swept.values():
+            count *= len(values)
+        if count > MAX_RUNS:
+            raise forms.ValidationError(f"The sweep makes {count} runs; at most {MAX_RUNS} are started at once. "
+                                        "Sweep fewer values.")
+        active = Job.objects.filter(owner=self.user, state__in=Job.ACTIVE_STATES).count()
+        if active + count > settings.MAX_ACTIVE_JOBS_PER_USER:
+            raise forms.ValidationError(
+                f"The sweep's {count} runs and your {active} queued or running jobs are more than the "
+                f"{settings.MAX_ACTIVE_JOBS_PER_USER} one person may have at once.")
+        family = FAMILIES[dataset.task]
+        for combination in itertools.product(*swept.values()):
+            values = dict(zip(swept, combination, strict=True))
+            choices = {**self.choices.to_dict(), **values}
+            if "method" in values and "learning_rate" not in values:
+                choices["learning_rate"] = family.suggested.learning_rates.get(values["method"], choices["learning_rate"])
+            if values.get("method") == "qlora" and not self.offers["qlora"]:
+                self.add_error("sweep_method", self._unsupported("qlora"))
+                return
+            try:
+                self.runs.append((values, TrainChoices(**choices)))
+            except SpecError as exc:
+                field = f"sweep_{exc.field}" if f"sweep_{exc.field}" in self.fields and exc.field in values else None
+                self.add_error(field, f"The run with {describe_run(values)}: {exc.message}")
+                return
+
+    def _swept_values(self, field: str, text: str, kind: type) -> list:
+        if not text.strip():
+            return []
+        try:
+            values = [kind(part) for part in text.replace(";", ",").split(",") if part.strip()]
+        except ValueError:
+            self.add_error(field, "Give numbers separated by commas, such as 1e-3, 2e-3, 5e-3.")
+            return []
+        if not 2 <= len(values) <= MAX_SWEEP_VALUES or len(set(values)) < len(values):
+            self.add_error(field, f"Give 2 to {MAX_SWEEP_VALUES} different values, or leave it empty.")
+            return []
+        return values
 
     def _check_active_jobs(self) -> None:
         active = Job.objects.filter(owner=self.user, state__in=Job.ACTIVE_STATES).count()
@@ -198,9 +275,14 @@ class JobForm(forms.Form):
             initial.update(base_model=CUSTOM, custom_base_model=base)
         return initial
 
-    def spec_dict(self) -> dict:
-        """What the job stores: the user's choices and the dataset it trains on (Job.train_spec
-        adds where the worker runs it)."""
+    def spec_dict(self, choices: TrainChoices | None = None) -> dict:
+        """What the job stores: the user's choices (or one run's) and the dataset it trains on
+        (Job.train_spec adds where the worker runs it)."""
         dataset = self.cleaned_data["dataset"]
         validation = str(dataset.validation_rows_path) if dataset.has_validation else ""
-        return {**self.choices.to_dict(), "dataset_name": dataset.name, "validation_path": validation}
+        return {**(choices or self.choices).to_dict(), "dataset_name": dataset.name, "validation_path": validation}
+
+
+def describe_run(values: dict) -> str:
+    """A sweep run's swept values in words: "learning_rate 0.002, lora_r 8"."""
+    return ", ".join(f"{name} {value}" for name, value in values.items())

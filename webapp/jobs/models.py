@@ -67,6 +67,29 @@ class Lease:
         return {"worker_id": self.worker_id, "attempts": self.attempt, "state__in": RUNNING_STATES}
 
 
+class JobGroup(models.Model):
+    """The runs of one sweep: jobs that differ in the swept settings only, compared on one page."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    name = models.CharField(max_length=200)
+    swept = models.JSONField(default=dict, help_text="Setting -> the values the sweep tried.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("job_group", args=[self.id])
+
+    def cancel(self) -> int:
+        """Cancel every run still queued or running; how many it cancelled."""
+        return sum(job.transition(CANCELLED, message="Cancelled with its sweep.")
+                   for job in self.jobs.filter(state__in=Job.ACTIVE_STATES))
+
+
 class Job(models.Model):
     STATES = [(s, s) for s in (QUEUED, *RUNNING_STATES, *FINAL_STATES)]
     ACTIVE_STATES = (QUEUED, *RUNNING_STATES)
@@ -94,6 +117,8 @@ class Job(models.Model):
     # What the fine-tuning API was given besides the settings (webapp/api/fine_tuning.py).
     suffix = models.CharField(max_length=64, blank=True, help_text="Part of the fine-tuned model's name.")
     metadata = models.JSONField(default=dict, blank=True, help_text="The API caller's key-value pairs.")
+    group = models.ForeignKey(JobGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs",
+                              help_text="The sweep this job is a run of.")
     validation_dataset = models.ForeignKey(
         "datasets.Dataset", null=True, blank=True, on_delete=models.PROTECT, related_name="validation_jobs",
         help_text="A separate file held out (the API's validation_file); else the dataset's own, or a share.",

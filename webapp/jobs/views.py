@@ -1,15 +1,16 @@
 from django.contrib import messages
-from django.http import Http404, HttpRequest, HttpResponse
+from django.db import transaction
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from webapp.datasets import samples
 from webapp.datasets.models import Dataset
 from webapp.exports.models import Export
-from webapp.jobs import playground
+from webapp.jobs import comparison, playground
 from webapp.jobs.downloads import file_download
-from webapp.jobs.forms import JobForm
-from webapp.jobs.models import CANCELLED, SUCCEEDED, Job
+from webapp.jobs.forms import JobForm, describe_run
+from webapp.jobs.models import CANCELLED, SUCCEEDED, Job, JobGroup
 from worker.catalog import CATALOG
 from worker.families import FAMILIES, suggested_settings
 
@@ -43,14 +44,30 @@ def new_job(request: HttpRequest) -> HttpResponse:
     form = JobForm(request.POST or None, user=request.user, initial=initial)
     if request.method == "POST" and form.is_valid():
         dataset = form.cleaned_data["dataset"]
-        job = Job.start(request.user, dataset, form.spec_dict(),
-                        name=form.cleaned_data["name"] or f"{dataset.name} · {form.choices.method}")
-        return redirect(job)
+        name = form.cleaned_data["name"] or f"{dataset.name} · {form.choices.method}"
+        if len(form.runs) == 1:
+            return redirect(Job.start(request.user, dataset, form.spec_dict(), name=name))
+        return redirect(_start_sweep(request.user, dataset, form, name))
     datasets = {d.id: d.task for d in form.fields["dataset"].queryset}
     with_validation = [d.id for d in form.fields["dataset"].queryset if d.has_validation]
     context = {"form": form, "catalog": CATALOG.values(), "tasks": FAMILIES.values(), "extra_samples": samples.EXTRA, "dataset_tasks": datasets,
                "dataset_validation": with_validation, "suggested": suggested_settings()}
     return render(request, "jobs/new.html", context)
+
+
+def _start_sweep(user, dataset: Dataset, form: JobForm, name: str) -> JobGroup:
+    """One job per run of the form's sweep, in one group, all queued together."""
+    swept: dict[str, list] = {}
+    for values, _ in form.runs:
+        for setting, value in values.items():
+            swept.setdefault(setting, [])
+            if value not in swept[setting]:
+                swept[setting].append(value)
+    with transaction.atomic():
+        group = JobGroup.objects.create(owner=user, name=f"{name} (sweep)", swept=swept)
+        for values, choices in form.runs:
+            Job.start(user, dataset, form.spec_dict(choices), name=f"{name} · {describe_run(values)}", group=group)
+    return group
 
 
 def _chosen_dataset(request: HttpRequest) -> Dataset | None:
@@ -82,7 +99,8 @@ def compare(request: HttpRequest) -> HttpResponse:
         except playground.NotComparable as refusal:
             context = {"groups": playground.comparable_groups(request.user), "refusal": str(refusal)}
             return render(request, "jobs/compare_pick.html", context, status=400)
-        context = {"jobs": jobs, "playground": playground.for_comparison(jobs), "title": playground.describe(jobs[0])}
+        context = {"jobs": jobs, "playground": playground.for_comparison(jobs), "title": playground.describe(jobs[0]),
+                   **_side_by_side(jobs)}
         return render(request, "jobs/compare.html", context)
     return render(request, "jobs/compare_pick.html", {"groups": playground.comparable_groups(request.user)})
 
@@ -104,3 +122,51 @@ def download(request: HttpRequest, job_id: int) -> HttpResponse:
         raise Http404("This job has no artifact to download.")
     return file_download(request, artifact, filename=artifact.name)
 
+
+
+def _side_by_side(jobs: list[Job]) -> dict:
+    """What the compare and sweep pages show of several jobs: curves, differing settings, metrics."""
+    best = comparison.best_job(jobs)
+    return {"curves": comparison.curves(jobs), "differing": comparison.differing_settings(jobs),
+            "final_metrics": comparison.final_metrics(jobs), "best": best,
+            "primary": comparison.primary_metric(jobs[0]) if jobs else ""}
+
+
+def _get_group_for_user(request: HttpRequest, group_id: int) -> JobGroup:
+    return get_object_or_404(JobGroup, id=group_id, owner=request.user)
+
+
+def job_group(request: HttpRequest, group_id: int) -> HttpResponse:
+    """A sweep's runs, compared live: each run's state and metrics, the best marked, the curves."""
+    group = _get_group_for_user(request, group_id)
+    jobs = list(group.jobs.select_related("dataset").order_by("id"))
+    context = {"group": group, "jobs": jobs, "active": any(not job.is_final for job in jobs), **_side_by_side(jobs)}
+    context["runs"] = [(job, _primary_after(job, context["primary"])) for job in jobs]
+    return render(request, "jobs/group.html", context)
+
+
+def _primary_after(job: Job, primary: str) -> float | None:
+    return (job.result.get("metrics_after") or {}).get(primary)
+
+
+def job_group_status(request: HttpRequest, group_id: int) -> JsonResponse:
+    """The group page's live data, polled while a run is queued or running."""
+    group = _get_group_for_user(request, group_id)
+    jobs = list(group.jobs.order_by("id"))
+    best = comparison.best_job(jobs)
+    primary = comparison.primary_metric(jobs[0]) if jobs else ""
+    return JsonResponse({
+        "active": any(not job.is_final for job in jobs), "best": best.id if best else None,
+        "jobs": [{"id": job.id, "state": job.state, "step": job.step, "total_steps": job.total_steps,
+                  "after": _primary_after(job, primary)} for job in jobs],
+        "curves": comparison.curves(jobs),
+    })
+
+
+@require_POST
+def cancel_job_group(request: HttpRequest, group_id: int) -> HttpResponse:
+    group = _get_group_for_user(request, group_id)
+    cancelled = group.cancel()
+    messages.info(request, f"Cancelled {cancelled} run{'s' if cancelled != 1 else ''} of the sweep."
+                  if cancelled else "Every run of the sweep had already ended.")
+    return redirect(group)
