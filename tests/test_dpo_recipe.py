@@ -3,20 +3,21 @@
 import json
 import math
 import shutil
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.support import preference as support
 from tests.support.model_fixtures import number_word, write_jsonl
+from tests.support.preference import fresh_process_logps, prompt_turns
 from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
-from worker.errors import Cancelled, UserError
+from worker import preference
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.recipes import dpo
-from worker.spec import TrainSpec
 
 
 def preference_rows(count: int = 64) -> list[dict[str, str]]:
@@ -29,23 +30,8 @@ def preference_rows(count: int = 64) -> list[dict[str, str]]:
     ]
 
 
-def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
-    settings = dict(
-        task="dpo",
-        max_steps=8,
-        batch_size=8,
-        max_seq_length=64,
-        eval_every=4,
-        validation_fraction=0.25,
-        learning_rate=2e-2,
-    )
-    return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
-
-
-def train(spec: TrainSpec) -> dict:
-    reporter = Reporter()
-    result = dpo.run(spec, reporter)
-    return {"result": result, "events": reporter.events, "spec": spec}
+make_spec = partial(support.make_spec, "dpo")
+train = partial(support.train, dpo.run)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +57,6 @@ def rpo_run(tiny_llama_dir, dpo_jsonl, tmp_path_factory):
     return train(make_spec(tiny_llama_dir, dpo_jsonl, tmp_path_factory.mktemp("dpo-rpo")))
 
 
-def evals(events: list[dict]) -> list[dict]:
-    return [event for event in events if event["kind"] == "eval"]
-
-
 def test_lora_dpo_learns_the_preference_the_base_does_not_have(lora_run):
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     assert lora_run["result"]["primary_metric"] == "preference_accuracy"
@@ -97,110 +79,41 @@ def test_the_chosen_reply_term_makes_the_model_write_the_chosen_replies(lora_run
     assert rpo_run["result"]["metrics_after"]["preference_accuracy"] >= 0.9
     # Pure DPO only widens the gap between the answers; with the likelihood term the chosen
     # replies themselves become far more likely (what the user then sees in generations).
-    assert mean_chosen_logp(rpo_run) > mean_chosen_logp(lora_run) + 2.0, (mean_chosen_logp(rpo_run),
-                                                                          mean_chosen_logp(lora_run))
+    assert mean_chosen_logp(rpo_run) > mean_chosen_logp(lora_run) + 2.0, (
+        mean_chosen_logp(rpo_run),
+        mean_chosen_logp(lora_run),
+    )
 
 
 def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
-    events = lora_run["events"]
-    states = [event["state"] for event in events if event["kind"] == "state"]
-    assert states == ["preparing", "training", "evaluating", "exporting"]
-    kinds = [event["kind"] for event in events]
-    baseline = kinds.index("eval")
-    assert kinds.index("log") < kinds.index("params") < baseline < kinds.index("metric") < kinds.index("artifact")
-    assert events[baseline]["baseline"] is True and events[baseline + 1]["state"] == "training"
-    metrics = [event for event in events if event["kind"] == "metric"]
-    assert [event["step"] for event in metrics] == list(range(1, 9))
+    metrics = support.assert_reported_in_order(lora_run)
     assert {"loss", "total_steps", "epoch", "learning_rate", "reward_accuracy", "reward_margin"} <= set(metrics[0])
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the first step starts from the reference
     assert lora_run["result"]["train_loss"] == metrics[-1]["loss"]
-    held_out = evals(events)
-    assert [event["step"] for event in held_out] == [0, 4, 8]
-    assert held_out[-1]["final"] is True and "final" not in held_out[1]
-    final = {key: held_out[-1][key] for key in lora_run["result"]["metrics_after"]}
-    assert final == lora_run["result"]["metrics_after"]
-    log = next(event["message"] for event in events if event["kind"] == "log")
+    log = next(event["message"] for event in lora_run["events"] if event["kind"] == "log")
     assert log == "48 training pairs, 16 validation pairs."
 
 
 def test_the_final_eval_carries_replies_before_and_after(lora_run):
-    samples = evals(lora_run["events"])[-1]["samples"]
-    assert samples == lora_run["result"]["samples"] and len(samples) == 3
-    assert all(set(sample) == {"instruction", "reference", "before", "after"} for sample in samples)
+    samples = support.assert_samples_before_and_after(lora_run)
     assert all(sample["instruction"].startswith("Say ") and sample["reference"].endswith("!") for sample in samples)
-    assert any(sample["before"] != sample["after"] for sample in samples)
 
 
 def test_the_artifact_is_an_adapter_with_tokenizer_spec_and_a_before_after_card(lora_run):
-    artifact = Path(lora_run["result"]["artifact_dir"])
-    names = {path.name for path in artifact.iterdir()}
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "tokenizer.json",
-        "train_spec.json",
-        "README.md",
-    } <= names
-    assert "model.safetensors" not in names and "ref" not in names  # only the trained adapter
-    assert TrainSpec.from_json((artifact / "train_spec.json").read_text()) == lora_run["spec"]
-    card = (artifact / "README.md").read_text()
+    card = support.adapter_card(lora_run)
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     row = (
         f"| preference_accuracy (held out) | {before['preference_accuracy']:.4f} → {after['preference_accuracy']:.4f} |"
     )
     assert row in card and "preference tuning (DPO" in card
-    assert "perplexity" not in card  # meaningless for DPO's loss
-    assert 'PeftModel.from_pretrained(base, "specialist-job-7-adapter")' in card
-
-
-SCORE_IN_A_FRESH_PROCESS = """
-import json, sys
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base_dir, adapter_dir, predictions_path = sys.argv[1:4]
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-
-def answer_logp(messages, answer):
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], return_dict=False)
-    assert full[: len(prompt)] == prompt
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([full])).logits[0, :-1]
-    logps = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
-    return logps[len(prompt) - 1 :].sum().item()
-
-scores = []
-for pair in json.load(open(predictions_path)):
-    messages = [{"role": "system", "content": pair["system"]}] if "system" in pair else []
-    messages.append({"role": "user", "content": pair["prompt"]})
-    scores.append([answer_logp(messages, pair["chosen"]), answer_logp(messages, pair["rejected"])])
-print(json.dumps(scores))
-"""
 
 
 def test_the_adapter_scores_the_held_out_pairs_the_same_in_a_fresh_process(lora_run):
-    predictions_path = Path(lora_run["spec"].output_dir) / "eval_predictions.json"
-    predictions = json.loads(predictions_path.read_text())
+    predictions = json.loads((Path(lora_run["spec"].output_dir) / "eval_predictions.json").read_text())
     assert len(predictions) == 16 and sum(p["prefers_chosen"] for p in predictions) >= 15
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCORE_IN_A_FRESH_PROCESS,
-            lora_run["spec"].base_model,
-            lora_run["result"]["artifact_dir"],
-            str(predictions_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    scores = json.loads(done.stdout.splitlines()[-1])
-    for pair, (chosen_logp, rejected_logp) in zip(predictions, scores, strict=True):
+    answers = [(prompt_turns(pair), pair[answer]) for pair in predictions for answer in ("chosen", "rejected")]
+    scores = fresh_process_logps(lora_run, answers)
+    for pair, chosen_logp, rejected_logp in zip(predictions, scores[::2], scores[1::2], strict=True):
         assert chosen_logp == pytest.approx(pair["chosen_logp"], abs=1e-3)
         assert rejected_logp == pytest.approx(pair["rejected_logp"], abs=1e-3)
         assert pair["reward_chosen"] == pytest.approx(0.1 * (pair["chosen_logp"] - pair["reference_chosen_logp"]))
@@ -212,23 +125,12 @@ def test_full_fine_tune_trains_against_a_frozen_copy_and_exports_the_model(tiny_
     after = run["result"]["metrics_after"]
     # Rewards move only if the reference stayed where the policy started.
     assert after["reward_margin"] > 0 and after["reward_accuracy"] >= 0.9, after
-    names = {path.name for path in Path(run["result"]["artifact_dir"]).iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
-    assert "adapter_config.json" not in names
+    support.assert_full_model_artifact(run)
 
 
 def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, small_jsonl, tmp_path):
-    class StopAfterTwoSteps(Reporter):
-        def metric(self, step, **values):
-            super().metric(step, **values)
-            if step == 2:
-                self.stop_requested.set()
-
-    reporter = StopAfterTwoSteps()
-    with pytest.raises(Cancelled):
-        dpo.run(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_fraction=0.0), reporter)
-    assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
-    assert not (tmp_path / "out" / "final").exists()
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_fraction=0.0)
+    support.assert_a_stop_request_cancels(dpo.run, spec)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -262,7 +164,10 @@ def test_a_malformed_validation_file_is_named_as_such(tiny_llama_dir, small_json
     validation = tmp_path / "val.jsonl"
     validation.write_text('{"prompt": "p", "chosen": "c"}\n')
     spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_path=str(validation))
-    with pytest.raises(UserError, match="In the validation file: Line 1 .* needs text fields prompt \(or prompt_messages\), chosen and rejected"):
+    with pytest.raises(
+        UserError,
+        match="In the validation file: Line 1 .* needs text fields prompt \(or prompt_messages\), chosen and rejected",
+    ):
         dpo.run(spec, Reporter())
 
 
@@ -283,7 +188,9 @@ def test_it_refuses_an_encoder_as_base(tiny_bert_dir, small_jsonl, tmp_path):
 
 def test_it_refuses_rows_without_a_rejected_answer(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Say one.", "chosen": "one!"}])
-    with pytest.raises(UserError, match="Line 1 of the dataset needs text fields prompt \(or prompt_messages\), chosen and rejected"):
+    with pytest.raises(
+        UserError, match="Line 1 of the dataset needs text fields prompt \(or prompt_messages\), chosen and rejected"
+    ):
         dpo.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
 
 
@@ -303,7 +210,7 @@ def test_pairs_whose_prompt_fills_the_length_are_skipped_and_reported(tiny_llama
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     rows = preference_rows(4) + [{"prompt": "word " * 100, "chosen": "a", "rejected": "b"}]
     reporter = Reporter()
-    kept = dpo.tokenize_pairs(rows, tokenizer, 64, reporter, "training")
+    kept = preference.tokenize(dpo.PAIRS, rows, tokenizer, 64, reporter, "training")
     assert [row for row, _ in kept] == rows[:4]
     assert reporter.events[-1]["message"].startswith("Skipped 1 of 5 training pairs")
 

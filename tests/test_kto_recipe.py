@@ -2,21 +2,22 @@
 
 import json
 import re
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.support import preference as support
 from tests.support.model_fixtures import number_word, write_jsonl
+from tests.support.preference import fresh_process_logps, prompt_turns
 from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
-from worker.errors import Cancelled, UserError
+from worker.errors import UserError
 from worker.events import Reporter
 from worker.preflight import preflight_examples
 from worker.recipes import kto
-from worker.spec import SpecError, TrainChoices, TrainSpec
+from worker.spec import SpecError, TrainChoices
 
 pytestmark = pytest.mark.learning
 
@@ -39,23 +40,8 @@ def feedback_rows(count: int = 64) -> list[dict[str, str]]:
     return rows
 
 
-def make_spec(base: Path, data: Path, out: Path, **overrides) -> TrainSpec:
-    settings = dict(
-        task="kto",
-        max_steps=8,
-        batch_size=8,
-        max_seq_length=64,
-        eval_every=4,
-        validation_fraction=0.25,
-        learning_rate=2e-2,
-    )
-    return TrainSpec(base_model=str(base), dataset_path=str(data), output_dir=str(out), **(settings | overrides))
-
-
-def train(spec: TrainSpec) -> dict:
-    reporter = Reporter()
-    result = kto.run(spec, reporter)
-    return {"result": result, "events": reporter.events, "spec": spec}
+make_spec = partial(support.make_spec, "kto")
+train = partial(support.train, kto.run)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +57,6 @@ def small_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lora_run(tiny_llama_dir, kto_jsonl, tmp_path_factory):
     return train(make_spec(tiny_llama_dir, kto_jsonl, tmp_path_factory.mktemp("kto-lora"), job_id=7))
-
-
-def evals(events: list[dict]) -> list[dict]:
-    return [event for event in events if event["kind"] == "eval"]
 
 
 def test_lora_kto_raises_the_sign_accuracy_clearly_above_chance(lora_run):
@@ -98,104 +80,32 @@ def test_the_training_loss_falls_from_where_the_reference_starts(lora_run):
 
 
 def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
-    events = lora_run["events"]
-    states = [event["state"] for event in events if event["kind"] == "state"]
-    assert states == ["preparing", "training", "evaluating", "exporting"]
-    kinds = [event["kind"] for event in events]
-    baseline_at = kinds.index("eval")
-    assert kinds.index("log") < kinds.index("params") < baseline_at < kinds.index("metric") < kinds.index("artifact")
-    assert events[baseline_at]["baseline"] is True and events[baseline_at + 1]["state"] == "training"
-    metrics = [event for event in events if event["kind"] == "metric"]
-    assert [event["step"] for event in metrics] == list(range(1, 9))
+    metrics = support.assert_reported_in_order(lora_run)
     assert {"loss", "total_steps", "epoch", "learning_rate", "kl"} <= set(metrics[0])
     assert any("reward_margin" in event for event in metrics)
-    held_out = evals(events)
-    assert [event["step"] for event in held_out] == [0, 4, 8]
-    assert held_out[-1]["final"] is True and "final" not in held_out[1]
-    final = {key: held_out[-1][key] for key in lora_run["result"]["metrics_after"]}
-    assert final == lora_run["result"]["metrics_after"]
-    log = next(event["message"] for event in events if event["kind"] == "log")
+    log = next(event["message"] for event in lora_run["events"] if event["kind"] == "log")
     counts = re.fullmatch(r"48 training rows \((\d+) desirable, (\d+) undesirable\), 16 validation rows\.", log)
     assert counts and int(counts[1]) + int(counts[2]) == 48, log
 
 
 def test_the_final_eval_carries_replies_before_and_after_to_desirable_prompts(lora_run):
-    samples = evals(lora_run["events"])[-1]["samples"]
-    assert samples == lora_run["result"]["samples"] and len(samples) == 3
-    assert all(set(sample) == {"instruction", "reference", "before", "after"} for sample in samples)
+    samples = support.assert_samples_before_and_after(lora_run)
     # Desirable rows come first: their completion is a reference answer.
     assert all(sample["instruction"].startswith("Say ") and sample["reference"].endswith("!") for sample in samples)
-    assert any(sample["before"] != sample["after"] for sample in samples)
 
 
 def test_the_artifact_is_an_adapter_with_tokenizer_spec_and_a_before_after_card(lora_run):
-    artifact = Path(lora_run["result"]["artifact_dir"])
-    names = {path.name for path in artifact.iterdir()}
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "tokenizer.json",
-        "train_spec.json",
-        "README.md",
-    } <= names
-    assert "model.safetensors" not in names and "ref" not in names  # only the trained adapter
-    assert TrainSpec.from_json((artifact / "train_spec.json").read_text()) == lora_run["spec"]
-    card = (artifact / "README.md").read_text()
+    card = support.adapter_card(lora_run)
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     assert f"| sign_accuracy (held out) | {before['sign_accuracy']:.4f} → {after['sign_accuracy']:.4f} |" in card
     assert "preference tuning (KTO" in card
-    assert "perplexity" not in card  # meaningless for KTO's loss
-    assert 'PeftModel.from_pretrained(base, "specialist-job-7-adapter")' in card
-
-
-SCORE_IN_A_FRESH_PROCESS = """
-import json, sys
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base_dir, adapter_dir, predictions_path = sys.argv[1:4]
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-
-def completion_logp(messages, completion):
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], return_dict=False)
-    assert full[: len(prompt)] == prompt
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([full])).logits[0, :-1]
-    logps = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
-    return logps[len(prompt) - 1 :].sum().item()
-
-scores = []
-for row in json.load(open(predictions_path)):
-    messages = [{"role": "system", "content": row["system"]}] if "system" in row else []
-    messages.append({"role": "user", "content": row["prompt"]})
-    scores.append(completion_logp(messages, row["completion"]))
-print(json.dumps(scores))
-"""
 
 
 def test_the_adapter_scores_the_held_out_rows_the_same_in_a_fresh_process(lora_run):
-    predictions_path = Path(lora_run["spec"].output_dir) / "eval_predictions.json"
-    predictions = json.loads(predictions_path.read_text())
+    predictions = json.loads((Path(lora_run["spec"].output_dir) / "eval_predictions.json").read_text())
     assert len(predictions) == 16 and sum(row["sign_right"] for row in predictions) >= 14
     assert {row["label"] for row in predictions} == {"true", "false"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCORE_IN_A_FRESH_PROCESS,
-            lora_run["spec"].base_model,
-            lora_run["result"]["artifact_dir"],
-            str(predictions_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    scores = json.loads(done.stdout.splitlines()[-1])
+    scores = fresh_process_logps(lora_run, [(prompt_turns(row), row["completion"]) for row in predictions])
     for row, logp in zip(predictions, scores, strict=True):
         assert logp == pytest.approx(row["logp"], abs=1e-3)
         assert row["reward"] == pytest.approx(0.1 * (row["logp"] - row["reference_logp"]))
@@ -208,23 +118,12 @@ def test_full_fine_tune_trains_against_a_frozen_copy_and_exports_the_model(tiny_
     after = run["result"]["metrics_after"]
     # Rewards move only if the reference stayed where the policy started.
     assert after["reward_margin"] > 0.5 and after["sign_accuracy"] >= 0.9, after
-    names = {path.name for path in Path(run["result"]["artifact_dir"]).iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
-    assert "adapter_config.json" not in names
+    support.assert_full_model_artifact(run)
 
 
 def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, small_jsonl, tmp_path):
-    class StopAfterTwoSteps(Reporter):
-        def metric(self, step, **values):
-            super().metric(step, **values)
-            if step == 2:
-                self.stop_requested.set()
-
-    reporter = StopAfterTwoSteps()
-    with pytest.raises(Cancelled):
-        kto.run(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_fraction=0.0), reporter)
-    assert max(event["step"] for event in reporter.events if event["kind"] == "metric") <= 3
-    assert not (tmp_path / "out" / "final").exists()
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_fraction=0.0)
+    support.assert_a_stop_request_cancels(kto.run, spec)
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny_llama_dir, small_jsonl, tmp_path):

@@ -1,7 +1,7 @@
 """Preference tuning (KTO): teach a causal LM to write more like the completions labelled
 desirable and less like those labelled undesirable, from unpaired rows.
 
-setup → train → save, on TRL's KTOTrainer.
+setup → train → save, on TRL's KTOTrainer; the steps it shares with DPO are worker.preference's.
 
 - Data: JSONL rows {"prompt", "completion", "label", optional "system"} (or a multi-turn prompt
   as "prompt_messages", with optional "tools": worker.conversations), the label read by
@@ -35,196 +35,80 @@ setup → train → save, on TRL's KTOTrainer.
 
 from __future__ import annotations
 
-import copy
-import json
 import random
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-import torch.nn.functional as F
-from transformers import set_seed
-from transformers.trainer_callback import PrinterCallback
 from trl import KTOConfig, KTOTrainer
 from trl.data_utils import common_prefix_length
 
-from worker import training
-from worker.artifacts import export
-from worker.checkpointing import Checkpointing
-from worker.checkpoints import resume_or_measure
-from worker.conversations import prompt_messages as conversation_prompt
+from worker import preference, training
 from worker.conversations import template_prompt
 from worker.desirability import ACCEPTED, is_desirable
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
-from worker.generation import SAMPLE_COUNT, generate_replies
-from worker.models import apply_method, load_causal_lm
-from worker.params import census
-from worker.progress import METRIC_KEYS, ReportProgress
-from worker.rows import read_rows, split_rows, validation_split
+from worker.generation import SAMPLE_COUNT
+from worker.progress import METRIC_KEYS
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["kto"].required
-ANSWER_FIELDS = ("completion", "label")
-FIELDS_NAMED = "prompt (or prompt_messages), completion and label"
-ROWS_PER_FORWARD = 4  # held-out rows scored per forward pass (two sequences each); bounds the logits' memory
 KTO_KEYS = METRIC_KEYS | {"rewards/margins": "reward_margin", "kl": "kl"}
 """KTO's reward margin and KL estimate (TRL's, per batch) are reported with each step's loss."""
 
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
-    setup = set_up(spec, reporter)
-    resume_from, baseline = measure_baseline(setup)
-    progress = report_progress(setup, baseline)
+    setup = preference.set_up(Setup, spec, reporter, prepare_data, kto_trainer)
+    resume_from, baseline = preference.measure_baseline(setup)
+    progress = preference.report_progress(setup, baseline, KTO_KEYS)
     step = training.train(setup.trainer, resume_from, reporter)
-    after = evaluate_after_training(setup, baseline, step)
-    return save(setup, baseline, after, progress.last_loss, step)
+    after = preference.evaluate_after_training(setup, baseline, step)
+    return preference.save(setup, baseline, after, progress.last_loss, step)
 
 
-@dataclass
-class Setup:
-    """What one KTO run trains and evaluates."""
-
-    spec: TrainSpec
-    reporter: Reporter
-    model: Any
-    tokenizer: Any
-    trainer: KTOTrainer
-    eval_rows: list[tuple[dict, dict]]
-    """The held-out rows as (row, token ids); empty when nothing is held out."""
+class Setup(preference.Setup):
+    """What one KTO run trains and evaluates: its held-out rows are labelled completions."""
 
     @property
     def desirable(self) -> torch.Tensor:
         return torch.tensor([row["desirable"] for row, _ in self.eval_rows], dtype=torch.bool)
 
     def scores(self) -> torch.Tensor:
-        return score_rows(self.model, self.eval_rows, self.spec.max_seq_length)
+        """For each row, the summed log-probability and the token count of its own completion and of
+        a mismatched one (the previous row's; the first row takes the last's, as TRL rotates a batch)
+        given its prompt: shape (rows, 2 [own, mismatched], 2 [log-prob, tokens])."""
+        own = [ids for _, ids in self.eval_rows]
+        with_mismatched = [
+            (ids["prompt"], (ids["completion"], other["completion"]))
+            for ids, other in zip(own, own[-1:] + own[:-1], strict=True)
+        ]
+        return preference.score(self.model, with_mismatched, self.spec.max_seq_length)
 
     def metrics(self, scores: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
         return kto_metrics(scores, reference, self.desirable, self.spec.dpo_beta)
 
-    def replies(self) -> list[str]:
-        """The model's replies to the prompts of the sample rows."""
-        prompts = [template_prompt(row, self.tokenizer) for row in sample_rows(self.eval_rows)]
-        return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
+    def predictions(self, scores: torch.Tensor, reference: torch.Tensor) -> list[dict]:
+        return row_predictions(self.eval_rows, scores, reference, self.spec.dpo_beta)
+
+    def sample_rows(self) -> list[dict]:
+        """Desirable rows first, since their completion is a reference answer."""
+        rows = sorted((row for row, _ in self.eval_rows), key=lambda row: not row["desirable"])
+        return rows[:SAMPLE_COUNT]
+
+    def reference_answer(self, row: dict) -> str:
+        return row["completion"] if row["desirable"] else ""
 
 
-@dataclass
-class Baseline:
-    """The untouched model on the held-out rows. It is also the reference, so its scores are kept
-    (with the baseline, for a resumed job: by then the model has moved)."""
-
-    metrics: dict[str, float]
-    replies: list[str]
-    reference_scores: torch.Tensor
-
-
-@dataclass
-class Evaluation:
-    """The held-out rows after training (all empty when nothing is held out)."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    samples: list[dict] = field(default_factory=list)
-    predictions: list[dict] = field(default_factory=list)
-
-
-def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
-    """The base model with its method applied, its reference, the rows, and a KTOTrainer over them."""
-    reporter.state("preparing")
-    set_seed(spec.seed)
-    datasets.disable_progress_bars()  # events go through the reporter, not stderr
-    model, tokenizer = load_causal_lm(spec)
-    train_rows, eval_rows = prepare_data(spec, tokenizer, reporter)
-    reference = copy.deepcopy(model).requires_grad_(False) if spec.method == "full" else None
-    model = apply_method(model, spec)
-    reporter.params(census(model, spec))
-    trainer = KTOTrainer(
-        model=model,
-        ref_model=reference,
+def kto_trainer(spec: TrainSpec, tokenizer, train_rows: list[dict], **shared: Any) -> KTOTrainer:
+    """A KTOTrainer over the training rows (`shared`: the model, its reference and the callbacks)."""
+    return KTOTrainer(
         args=kto_arguments(spec, train_rows),
         train_dataset=datasets.Dataset.from_list([conversation(row, tokenizer) for row in train_rows]),
         processing_class=tokenizer,
-        callbacks=[Checkpointing(spec, reporter)],
+        **shared,
     )
-    if "ref" in getattr(model, "peft_config", {}):
-        # TRL keeps a copy of a given adapter as the reference; ours is freshly initialised (it adds
-        # nothing yet), so the base with adapters switched off is the same reference, for free.
-        model.delete_adapter("ref")
-    trainer.remove_callback(PrinterCallback)
-    return Setup(spec, reporter, model, tokenizer, trainer, eval_rows)
-
-
-def measure_baseline(setup: Setup) -> tuple[str | None, Baseline]:
-    """(the checkpoint to resume from, or None; the untouched model's baseline): a resumed job
-    keeps the one its first attempt measured."""
-    resume_from, kept = resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
-    metrics, replies, reference_scores = kept
-    return resume_from, Baseline(metrics, replies, torch.tensor(reference_scores).view(-1, 2, 2))
-
-
-def held_out_baseline(setup: Setup) -> list:
-    """[metrics, replies, reference scores], as JSON."""
-    scores = setup.scores()
-    metrics = setup.metrics(scores, scores) if setup.eval_rows else {}
-    if setup.eval_rows:
-        setup.reporter.eval(0, baseline=True, **metrics)
-    return [metrics, setup.replies(), scores.tolist()]
-
-
-def report_progress(setup: Setup, baseline: Baseline) -> ReportProgress:
-    """Each step's loss, reward margin and KL estimate, and the held-out metrics every eval_every steps."""
-
-    def evaluate() -> dict[str, float]:
-        return setup.metrics(setup.scores(), baseline.reference_scores)
-
-    evaluate_held_out = evaluate if setup.eval_rows else None
-    progress = ReportProgress(setup.reporter, evaluate_held_out, setup.spec.eval_every, KTO_KEYS)
-    setup.trainer.add_callback(progress)
-    return progress
-
-
-def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> Evaluation:
-    """The held-out metrics, a record per row, and the sample replies before and after training."""
-    if not setup.eval_rows:
-        return Evaluation()
-    setup.reporter.state("evaluating")
-    scores = setup.scores()
-    metrics = setup.metrics(scores, baseline.reference_scores)
-    predictions = row_predictions(setup.eval_rows, scores, baseline.reference_scores, setup.spec.dpo_beta)
-    samples = [
-        {
-            "instruction": conversation_prompt(row)[-1]["content"],
-            "reference": row["completion"] if row["desirable"] else "",
-            "before": before,
-            "after": after,
-        }
-        for row, before, after in zip(sample_rows(setup.eval_rows), baseline.replies, setup.replies(), strict=True)
-    ]
-    setup.reporter.eval(step, final=True, **metrics, samples=samples)
-    return Evaluation(metrics, samples, predictions)
-
-
-def save(setup: Setup, baseline: Baseline, after: Evaluation, train_loss: float | None, step: int) -> dict[str, Any]:
-    """The artifact folder and eval_predictions.json; the job's result."""
-    spec = setup.spec
-    setup.reporter.state("exporting")
-    metrics = {"train_loss": train_loss, "eval_loss": after.metrics.get("eval_loss"), "steps": step}
-    summary = {
-        "primary_metric": FAMILIES["kto"].primary_metric,
-        "metrics_before": baseline.metrics,
-        "metrics_after": after.metrics,
-    }
-    # The card's before → after table holds eval_loss; a top-level one would add a "perplexity",
-    # which means nothing for KTO's loss.
-    card_metrics = {"train_loss": train_loss, "steps": step, **summary}
-    artifact_dir = export(setup.model, setup.tokenizer, spec, card_metrics, Path(spec.output_dir) / "final")
-    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(after.predictions, indent=2) + "\n")
-    setup.reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "samples": after.samples, "artifact_dir": str(artifact_dir)}
 
 
 def kto_arguments(spec: TrainSpec, train_rows: list[dict]) -> KTOConfig:
@@ -253,24 +137,7 @@ def balancing_weights(train_rows: list[dict]) -> dict[str, float]:
 
 def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[dict], list[tuple[dict, dict]]]:
     """The training rows (shuffled, seeded), and the held-out rows as (row, token ids) (seeded split)."""
-    if not tokenizer.chat_template:
-        raise UserError(
-            f"{spec.base_model} has no chat template, so it cannot be preference-tuned here. "
-            "Choose an instruction (chat) model such as smollm2-135m-instruct."
-        )
-    rows = read_rows(Path(spec.dataset_path), ANSWER_FIELDS, keep=read_row, fields_named=FIELDS_NAMED)
-    if spec.validation_path:
-        validation = validation_rows(Path(spec.validation_path))
-        train, held_out = validation_split(rows, validation, spec.drop_validation_overlap, new_first=True)
-    else:
-        train, held_out = split_rows(rows, spec.validation_fraction, spec.seed)
-    train_rows = [row for row, _ in tokenize_rows(train, tokenizer, spec.max_seq_length, reporter, "training")]
-    eval_rows = tokenize_rows(held_out, tokenizer, spec.max_seq_length, reporter, "validation")
-    if not train_rows:
-        raise UserError(
-            f"No training prompt fits in max_seq_length={spec.max_seq_length} tokens with room for a "
-            "completion. Raise the maximum length or shorten the prompts."
-        )
+    train_rows, eval_rows = preference.split_data(spec, tokenizer, reporter, LABELLED_ROWS)
     desirable = sum(row["desirable"] for row in train_rows)
     if desirable in (0, len(train_rows)):
         kind = "desirable" if desirable else "undesirable"
@@ -286,11 +153,8 @@ def prepare_data(spec: TrainSpec, tokenizer, reporter: Reporter) -> tuple[list[d
     return train_rows, eval_rows
 
 
-def read_row(row: dict, where: str) -> dict:
-    """The row with its label read as `desirable` (True or False); its prompt is text, or a
-    conversation's turns (prompt_messages, worker.conversations)."""
-    if not isinstance(row.get("prompt"), str) and not isinstance(row.get("prompt_messages"), list):
-        raise UserError(f"{where} needs text fields {FIELDS_NAMED}.")
+def read_label(row: dict, where: str) -> dict:
+    """The row with its label read as `desirable` (True or False)."""
     desirable = is_desirable(row["label"])
     if desirable is None:
         raise UserError(
@@ -298,27 +162,6 @@ def read_row(row: dict, where: str) -> dict:
             f"(labels read: {ACCEPTED})."
         )
     return {**row, "desirable": desirable}
-
-
-def validation_rows(path: Path) -> list[dict]:
-    """The rows of the uploaded validation file (its problems named as the validation file's)."""
-    try:
-        return read_rows(path, ANSWER_FIELDS, keep=read_row, fields_named=FIELDS_NAMED)
-    except UserError as exc:
-        raise UserError(f"In the validation file: {exc}") from exc
-
-
-def tokenize_rows(rows: list[dict], tokenizer, max_length: int, reporter: Reporter, split: str) -> list[tuple]:
-    """(row, token ids) for the rows whose prompt leaves room for a completion in max_length tokens
-    (TRL drops the others from training)."""
-    tokenized = [(row, tokenize_row(row, tokenizer)) for row in rows]
-    kept = [(row, ids) for row, ids in tokenized if len(ids["prompt"]) < max_length]
-    if len(kept) < len(rows):
-        reporter.log(
-            f"Skipped {len(rows) - len(kept)} of {len(rows)} {split} rows: the prompt fills the "
-            f"{max_length} tokens, leaving no room for a completion."
-        )
-    return kept
 
 
 def tokenize_row(row: dict, tokenizer) -> dict[str, list[int]]:
@@ -332,6 +175,17 @@ def tokenize_row(row: dict, tokenizer) -> dict[str, list[int]]:
     return {"prompt": prompt[:length], "completion": full[length:]}
 
 
+LABELLED_ROWS = preference.Rows(
+    fields=("completion", "label"),
+    named="prompt (or prompt_messages), completion and label",
+    noun="rows",
+    answer="a completion",
+    tokenize=tokenize_row,
+    read=read_label,
+)
+"""How KTO's rows are read, tokenized and named."""
+
+
 def conversation(row: dict, tokenizer) -> dict[str, Any]:
     """A row in TRL's conversational unpaired preference format."""
     messages, tools = template_prompt(row, tokenizer)
@@ -343,56 +197,13 @@ def conversation(row: dict, tokenizer) -> dict[str, Any]:
     }
 
 
-def sample_rows(eval_rows: list[tuple[dict, dict]]) -> list[dict]:
-    """The held-out rows whose prompts are answered before and after training: desirable rows
-    first, since their completion is a reference answer."""
-    rows = sorted((row for row, _ in eval_rows), key=lambda row: not row["desirable"])
-    return rows[:SAMPLE_COUNT]
-
-
-# Held-out scoring -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def score_rows(model, rows: list[tuple[dict, dict]], max_length: int) -> torch.Tensor:
-    """For each row, the summed log-probability and the token count of its own completion and of a
-    mismatched one (the previous row's; the first row takes the last's, as TRL rotates a batch)
-    given its prompt: shape (rows, 2 [own, mismatched], 2 [log-prob, tokens]).
-
-    Each prompt + completion is cut to max_length tokens, as in training. In fp32 throughout, so
-    that the scores are exact and anyone can reproduce them: for bf16 training accelerate wraps the
-    model's forward in autocast, and keeps the unwrapped one as `_original_forward`.
-    """
-    forward = getattr(model, "_original_forward", model.forward)
-    was_training = model.training
-    model.eval()
-    own = [ids for _, ids in rows]
-    with_mismatched = list(zip(own, own[-1:] + own[:-1], strict=True))
-    scores = []
-    for start in range(0, len(rows), ROWS_PER_FORWARD):
-        sequences, completion_masks = [], []
-        for ids, other in with_mismatched[start : start + ROWS_PER_FORWARD]:
-            for completion in (ids["completion"], other["completion"]):
-                sequences.append((ids["prompt"] + completion)[:max_length])
-                completion_masks.append(([0] * len(ids["prompt"]) + [1] * len(completion))[:max_length])
-        width = max(len(sequence) for sequence in sequences)
-        input_ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=model.device)
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=model.device)
-        completion_mask = torch.tensor([m + [0] * (width - len(m)) for m in completion_masks], device=model.device)
-        logits = forward(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        # The token at position t is predicted from the logits at t - 1.
-        token_logps = -F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
-        mask = completion_mask[:, 1:]
-        sums, counts = (token_logps * mask).sum(dim=1), mask.sum(dim=1).float()
-        scores.append(torch.stack([sums, counts], dim=1).view(-1, 2, 2).cpu())
-    model.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0, 2, 2)
+# Held-out metrics -----------------------------------------------------------------------------
 
 
 def kto_metrics(
     scores: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, beta: float
 ) -> dict[str, float]:
-    """The held-out metrics of the module docstring, from score_rows of the model and of the
+    """The held-out metrics of the module docstring, from Setup.scores of the model and of the
     reference, and each row's label (True: desirable)."""
     logratios = scores[..., 0] - reference[..., 0]
     rewards = beta * logratios[:, 0]
