@@ -14,13 +14,19 @@ SAMPLE_NEW_TOKENS = 48
 @torch.no_grad()
 def generate_replies(
     model, tokenizer, conversations: list[list[dict]], tools: list[list[dict] | None] | None = None,
-    max_new_tokens: int = SAMPLE_NEW_TOKENS,
+    max_new_tokens: int | list[int] = SAMPLE_NEW_TOKENS,
 ) -> list[str]:
-    """Greedy replies (up to max_new_tokens tokens) to each conversation (with its tools, as the
-    chat template takes them), in one left-padded batch."""
+    """Greedy replies (up to max_new_tokens tokens, or each row's own limit from a list) to each
+    conversation (with its tools, as the chat template takes them), in one left-padded batch.
+
+    Rows with a shorter limit ride along in the batch to the longest one and are cut at theirs: a
+    greedy reply's first n tokens do not depend on how far it goes on, and on a CPU a few more rows
+    in a batch cost much less than a batch of their own (the forgetting meter's general answers
+    join the sample replies so)."""
     if not conversations:
         return []
     tools = tools or [None] * len(conversations)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(conversations)
     prompts = [
         tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True, tools=row_tools
@@ -37,12 +43,13 @@ def generate_replies(
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max(limits),
             do_sample=False,
             pad_token_id=pad_id,
         )
     model.train(was_training)
-    return [reply.strip() for reply in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    replies = [row[width : width + limit] for row, limit in zip(output, limits, strict=True)]
+    return [reply.strip() for reply in tokenizer.batch_decode(replies, skip_special_tokens=True)]
 
 
 def _decode_in_bf16(model) -> bool:
