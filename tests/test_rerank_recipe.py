@@ -114,9 +114,16 @@ def test_the_result_names_the_primary_metric_and_matches_the_evals(full_run):
     result, events = full_run["result"], full_run["events"]
     assert result["primary_metric"] == "ndcg@10" and result["steps"] == 20
     baseline, final = evals(events)[0], evals(events)[-1]
-    assert result["metrics_before"] == {key: baseline[key] for key in ("ndcg@10", "mrr@10")}
-    assert result["metrics_after"] == {key: final[key] for key in ("ndcg@10", "mrr@10")}
+    assert result["metrics_before"] == {key: baseline[key] for key in ("ndcg@10", "mrr@10", "forgetting")}
+    assert result["metrics_after"] == {key: final[key] for key in ("ndcg@10", "mrr@10", "forgetting")}
     assert result["train_loss"] == [e["loss"] for e in events if e["kind"] == "metric"][-1]
+
+
+def test_evaluations_carry_how_far_the_encoder_moved_on_general_text(full_run, lora_run):
+    for run in (full_run, lora_run):
+        steps = evals(run["events"])
+        assert steps[0]["forgetting"] == 0.0
+        assert 0 < steps[-1]["forgetting"] == run["result"]["metrics_after"]["forgetting"] <= 2
 
 
 def test_lora_trains_adapters_on_every_linear_layer_and_the_head(lora_run):

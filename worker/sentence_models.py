@@ -16,6 +16,7 @@ from worker.artifacts import _point_adapter_at_base, make_readable, write_card_a
 from worker.errors import UserError
 from worker.families import FAMILIES
 from worker.models import resolve_encoder
+from worker.progress import report_baseline
 from worker.spec import TrainSpec
 
 Model = TypeVar("Model")
@@ -46,6 +47,16 @@ def load(kind: type[Model], spec: TrainSpec, purpose: str, described: str, **opt
         raise UserError(f"Could not load {spec.base_model} as {described}: {exc}") from exc
     model.max_seq_length = min(spec.max_seq_length, model.max_seq_length)
     return model
+
+
+def measure_baseline(setup: Any) -> dict[str, Any]:
+    """The untouched model's held-out metrics with its forgetting (step 0's eval event; {} when
+    nothing is held out), and its probe similarities, the base the forgetting meter compares with.
+    `setup` is the recipe's (reporter, evaluate, forgetting)."""
+    if setup.evaluate is None:
+        return {"metrics": {}, "probe": None}
+    metrics = report_baseline(setup.reporter, lambda: setup.evaluate() | setup.forgetting())
+    return {"metrics": metrics, "probe": setup.forgetting.base}
 
 
 def export(model: Any, spec: TrainSpec, metrics: dict[str, Any], out_dir: Path, usage: str) -> Path:

@@ -15,6 +15,8 @@ setup → train → save, on sentence-transformers' CrossEncoderTrainer.
   out (a ranking with nothing to find has no NDCG).
 - Metrics over the held-out queries: NDCG@10 (gain 2^relevance - 1, discount log2(rank + 1))
   and MRR@10 (1 / rank of the first document with relevance above 0). NDCG@10 is the primary one.
+  With them `forgetting`: how far the encoder under the scoring head moved on general text
+  (worker.encoder_forgetting).
 - Methods: full (every weight); lora (adapters on the encoder's linear layers, the fresh
   scoring head trained in full; merged into the weights before saving); head (only the scoring
   head trains).
@@ -44,12 +46,13 @@ from worker import sentence_models, training
 from worker.artifacts import artifact_name
 from worker.checkpointing import AdapterResume, Checkpointing
 from worker.checkpoints import resume_or_measure
+from worker.encoder_forgetting import ForgettingMeter
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
-from worker.progress import ReportProgress, report_baseline
+from worker.progress import ReportProgress
 from worker.rows import hold_out_queries, normalised, validation_split
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
@@ -60,10 +63,11 @@ CUTOFF = 10  # the @10 of the metrics: how deep a user looks into a ranking
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
-    resume_from, metrics_before = resume_or_measure(spec, reporter, partial(report_baseline, reporter, setup.evaluate))
+    resume_from, baseline = resume_or_measure(spec, reporter, partial(sentence_models.measure_baseline, setup))
+    setup.forgetting.base = baseline["probe"]
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after = evaluate_after_training(setup, step)
-    return sentence_models.save(setup, metrics_before, metrics_after, step, usage(setup.spec))
+    return sentence_models.save(setup, baseline["metrics"], metrics_after, step, usage(setup.spec))
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Setup:
     """The held-out rows; empty when nothing is held out (no metrics)."""
     evaluate: Callable[[], dict[str, float]] | None
     """The model's ranking metrics on the held-out queries (None when nothing is held out)."""
+    forgetting: ForgettingMeter
+    """How far the encoder moved on general text (worker.encoder_forgetting)."""
 
 
 def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
@@ -90,7 +96,9 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     apply_method(model, spec)
     reporter.params(census(model, spec))
     evaluate = (lambda: ranking_metrics(held_out, predict(model, held_out))) if held_out else None
-    progress = ReportProgress(reporter, evaluate, spec.eval_every)
+    forgetting = ForgettingMeter(lambda: model[0].model, model.tokenizer)
+    during_training = (lambda: evaluate() | forgetting.if_affordable()) if evaluate else None
+    progress = ReportProgress(reporter, during_training, spec.eval_every)
     trainer = RerankTrainer(
         model=model,
         args=training.arguments(spec, CrossEncoderTrainingArguments),
@@ -101,7 +109,7 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
         callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-    return Setup(spec, reporter, model, trainer, progress, held_out, evaluate)
+    return Setup(spec, reporter, model, trainer, progress, held_out, evaluate, forgetting)
 
 
 class RerankTrainer(AdapterResume, CrossEncoderTrainer):
@@ -116,7 +124,7 @@ def evaluate_after_training(setup: Setup, step: int) -> dict[str, float]:
     if setup.held_out:
         setup.reporter.state("evaluating")
         scores = predict(setup.model, setup.held_out)
-        metrics = ranking_metrics(setup.held_out, scores)
+        metrics = ranking_metrics(setup.held_out, scores) | setup.forgetting()
         setup.reporter.eval(step, final=True, **metrics)
     write_predictions(Path(setup.spec.output_dir) / "eval_predictions.json", setup.held_out, scores)
     return metrics
