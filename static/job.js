@@ -97,7 +97,9 @@
   // Held-out evaluations: eval_loss joins the loss chart; every other number gets a line on
   // the metrics chart; the baseline (step 0) and the final evaluation fill the before/after
   // table; classifiers bring a confusion matrix, instruction tuning a few generations.
-  const NOT_METRICS = ["kind", "step", "t", "seq", "baseline", "final", "confusion", "samples", "eval_loss", "perplexity"];
+  // general_kl is forgetting under its own name; the coverage of its top-k stays the same all job long.
+  const NOT_METRICS = ["kind", "step", "t", "seq", "baseline", "final", "confusion", "samples", "eval_loss", "perplexity",
+    "general_kl", "general_kl_coverage"];
   const metricTraces = {};
   const comparison = { before: null, after: null };
 
@@ -113,6 +115,40 @@
     if (ev.baseline || ev.final) drawComparison();
     if (ev.confusion) drawConfusion(ev.confusion, ev.final ? "after training" : ev.baseline ? "before training" : `step ${ev.step}`);
     if (ev.samples) drawSamples(ev.samples);
+    if (ev.general_answers) drawGeneralAnswers(ev.general_answers);
+    if (ev.forgetting !== undefined) plotTradeoff(ev);
+  }
+
+  // The trade-off: the primary held-out metric against forgetting, one point per evaluation.
+  const primary = root.dataset.primaryMetric;
+  const tradeoff = { x: [], y: [], text: [] };
+
+  function plotTradeoff(ev) {
+    if (typeof ev[primary] !== "number") return;
+    tradeoff.x.push(ev.forgetting);
+    tradeoff.y.push(ev[primary]);
+    tradeoff.text.push(ev.baseline ? "base" : `step ${ev.step}`);
+    document.getElementById("tradeoff").classList.remove("hidden");
+    Plotly.react(document.getElementById("tradeoff-chart"), [{
+      x: tradeoff.x, y: tradeoff.y, text: tradeoff.text, mode: "lines+markers+text", textposition: "top center",
+      line: { color: "#7c3aed" }, hovertemplate: `%{text}<br>forgetting %{x:.4f}<br>${primary} %{y:.4f}<extra></extra>`,
+    }], { margin: { t: 20, r: 20, b: 50, l: 60 }, height: 320, showlegend: false,
+          xaxis: { title: { text: "forgetting (0 = the base model; higher = more forgotten)" }, rangemode: "tozero" },
+          yaxis: { title: { text: primary } } }, { displaylogo: false, responsive: true });
+  }
+
+  function drawGeneralAnswers(answers) {
+    const panel = document.getElementById("general-answers");
+    panel.classList.remove("hidden");
+    const table = document.createElement("table");
+    table.className = "list";
+    table.innerHTML = "<thead><tr><th>General prompt</th><th>Base model</th><th>Fine-tuned</th></tr></thead>";
+    const body = table.createTBody();
+    for (const answer of answers) {
+      const row = body.insertRow();
+      for (const key of ["prompt", "before", "after"]) row.insertCell().textContent = answer[key] ?? "";
+    }
+    panel.querySelector(".content").replaceChildren(table);
   }
 
   function plotMetric(name, step, value) {

@@ -3,6 +3,7 @@ them, held-out perplexity falling, and an artifact that reloads and scores the s
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.model_fixtures import write_jsonl
 from webapp.datasets.samples import domain as samples
+from worker import forgetting
 from worker.events import Reporter
 from worker.recipes import domain
 from worker.spec import TrainSpec
@@ -108,8 +110,34 @@ def test_it_reports_states_params_metrics_and_evals_in_order(lora_run):
     held = evals(lora_run)
     assert [event["step"] for event in held] == [0, 4, 8]
     assert held[0]["baseline"] is True and held[-1]["final"] is True
-    assert lora_run["result"]["metrics_before"] == {key: held[0][key] for key in ("perplexity", "eval_loss")}
+    keys = ("perplexity", "eval_loss", "general_perplexity", "general_kl", "forgetting", "general_kl_coverage")
+    assert lora_run["result"]["metrics_before"] == {key: held[0][key] for key in keys}
     assert any("held-out documents" in event.get("message", "") for event in events if event["kind"] == "log")
+
+
+@pytest.mark.parametrize("run", ["lora_run", "full_run"])
+def test_every_evaluation_measures_forgetting_and_the_general_prompts_are_answered(request, run):
+    result = request.getfixturevalue(run)["result"]
+    held = evals(request.getfixturevalue(run))
+    assert held[0]["forgetting"] == 0 and all(event["forgetting"] == event["general_kl"] > 0 for event in held[1:])
+    assert result["metrics_after"]["forgetting"] == held[-1]["forgetting"]
+    assert result["metrics_after"]["general_perplexity"] != result["metrics_before"]["general_perplexity"]
+    # The tiny llama has the SmolLM2 chat template, so it answers the general prompts.
+    assert [answer["prompt"] for answer in result["general_answers"]] == forgetting.general_prompts()
+
+
+def test_a_base_without_a_chat_template_measures_forgetting_but_answers_nothing(tiny_llama_dir, documents_jsonl,
+                                                                               tmp_path):
+    plain = tmp_path / "plain-llama"
+    shutil.copytree(tiny_llama_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    run = train(make_spec(plain, documents_jsonl, tmp_path / "out", method="lora", learning_rate=2e-2, max_steps=2,
+                          eval_every=2))
+    assert run["result"]["general_answers"] == [] and "forgetting" in run["result"]["metrics_after"]
+    assert any("no chat template" in event.get("message", "") for event in run["events"] if event["kind"] == "log")
 
 
 def test_the_lora_artifact_reloads_and_scores_the_held_out_documents_the_same(lora_run, tiny_llama_dir):

@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.model_fixtures import sft_rows, write_jsonl
+from worker import forgetting
 from worker.artifacts import zip_dir
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
@@ -101,8 +102,9 @@ def test_it_reports_the_untouched_model_as_the_baseline_and_the_final_eval_after
     result = lora_run["result"]
     evals = [event for event in lora_run["events"] if event["kind"] == "eval"]
     assert result["primary_metric"] == "eval_loss"
-    assert result["metrics_before"] == {key: evals[0][key] for key in ("eval_loss", "perplexity")}
-    assert result["metrics_after"] == {key: evals[-1][key] for key in ("eval_loss", "perplexity")}
+    keys = ("eval_loss", "perplexity", *GENERAL_KEYS)
+    assert result["metrics_before"] == {key: evals[0][key] for key in keys}
+    assert result["metrics_after"] == {key: evals[-1][key] for key in keys}
     assert result["metrics_after"]["eval_loss"] < result["metrics_before"]["eval_loss"] - 2
     assert result["metrics_before"]["perplexity"] == pytest.approx(math.exp(result["metrics_before"]["eval_loss"]))
 
@@ -116,6 +118,33 @@ def test_a_lora_jobs_baseline_after_its_first_step_is_the_untouched_models(lora_
     assert baseline(lora_run) == pytest.approx(baseline(full_run), rel=1e-5)
     kinds = [event["kind"] for event in full_run["events"]]
     assert kinds.index("eval") < kinds.index("metric")
+
+
+GENERAL_KEYS = ("general_perplexity", "general_kl", "forgetting", "general_kl_coverage")
+
+
+@pytest.mark.parametrize("run", ["lora_run", "full_run"])
+def test_every_evaluation_measures_forgetting_on_the_general_probe(request, run):
+    evals = [event for event in request.getfixturevalue(run)["events"] if event["kind"] == "eval"]
+    assert all(set(GENERAL_KEYS) <= set(event) for event in evals)
+    assert evals[0]["forgetting"] == 0  # the baseline is the base itself
+    assert all(event["forgetting"] == event["general_kl"] > 0 for event in evals[1:])
+
+
+def test_the_baseline_probe_is_the_untouched_models_with_or_without_adapters(lora_run, full_run):
+    def baseline(run):
+        return next(e for e in run["events"] if e["kind"] == "eval" and e.get("baseline"))["general_perplexity"]
+
+    assert baseline(lora_run) == pytest.approx(baseline(full_run), rel=1e-4)
+
+
+@pytest.mark.parametrize("run", ["lora_run", "full_run"])
+def test_it_answers_the_general_prompts_before_and_after_training(request, run):
+    result = request.getfixturevalue(run)["result"]
+    answers = result["general_answers"]
+    assert [answer["prompt"] for answer in answers] == forgetting.general_prompts()
+    assert all(set(answer) == {"prompt", "before", "after"} for answer in answers)
+    assert any(answer["before"] != answer["after"] for answer in answers)
 
 
 def test_it_answers_held_out_instructions_before_and_after_training(lora_run):
@@ -150,6 +179,9 @@ def test_the_lora_artifact_holds_the_adapter_tokenizer_spec_and_card(lora_run):
     assert "| LoRA rank r | 16 |" in card and "| Final validation loss |" in card
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     assert f"| eval_loss (held out) | {before['eval_loss']:.4f} → {after['eval_loss']:.4f} |" in card
+    assert f"| forgetting (general text; 0 = the base) | 0.0000 → {after['forgetting']:.4f} |" in card
+    assert f"| perplexity on general text | {before['general_perplexity']:.4f} → " in card
+    assert "general_kl" not in card
     adapter_config = json.loads((artifact / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == lora_run["spec"].base_model
 

@@ -175,14 +175,24 @@ def _settings(spec: TrainSpec) -> list[tuple[str, Any]]:
     ]
 
 
+GENERAL_METRICS = {
+    "forgetting": "forgetting (general text; 0 = the base)",
+    "general_perplexity": "perplexity on general text",
+}
+"""The forgetting meter's metrics the card shows (worker.forgetting), by the name it shows them under;
+general_kl (forgetting under its own name) and the probe's coverage stay in the job's result."""
+NOT_ON_CARD = {"general_kl", "general_kl_coverage"}
+
+
 def _results(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     """Steps and losses, then each held-out metric as "base (step 0) → fine-tuned"."""
     rows: list[tuple[str, Any]] = [("Optimizer steps", metrics.get("steps"))]
     before, after = metrics.get("metrics_before") or {}, metrics.get("metrics_after") or {}
     for name, value in after.items():
-        if isinstance(value, int | float):
+        if isinstance(value, int | float) and name not in NOT_ON_CARD:
             start = before.get(name)
-            rows.append((f"{name} (held out)", f"{start:.4f} → {value:.4f}" if isinstance(start, int | float) else f"{value:.4f}"))
+            label = GENERAL_METRICS.get(name, f"{name} (held out)")
+            rows.append((label, f"{start:.4f} → {value:.4f}" if isinstance(start, int | float) else f"{value:.4f}"))
     if metrics.get("train_loss") is not None:
         rows.append(("Final training loss", f"{metrics['train_loss']:.4f}"))
     if metrics.get("eval_loss") is not None:

@@ -18,6 +18,11 @@ setup → baseline → train → final eval → save, on transformers' Trainer.
   tokens) and eval_loss, of the untouched model (step 0), every eval_every steps and at the end;
   each held-out document's perplexity before and after goes to eval_predictions.json. The final
   evaluation runs in fp32 without autocast, as the exported model runs.
+- The forgetting meter (worker.forgetting) rides along with every held-out evaluation:
+  general_perplexity, general_kl and forgetting on the probe set, against the base's top-k kept
+  with the baseline; and, for a base with a chat template, its answers to a few general prompts
+  before and after (result["general_answers"]; a base without one answers nothing, the event log
+  says so).
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from worker import training
+from worker import forgetting, training
 from worker.artifacts import export
 from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
+from worker.generation import generate_replies
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
@@ -98,6 +104,22 @@ class Setup:
     """The held-out documents as read; empty when nothing is held out (no metrics)."""
     evaluate: Any
     """() → HeldOut: the model on the held-out documents (held_out_loss)."""
+    general: forgetting.Reference | None = None
+    """The base's top-k on the probe set (set with the baseline), what the forgetting meter compares with."""
+
+    @property
+    def answers(self) -> bool:
+        """Whether the general prompts are answered: only through a chat template."""
+        return bool(self.tokenizer.chat_template)
+
+    def general_answers(self) -> list[str]:
+        conversations = forgetting.general_conversations()
+        return generate_replies(self.model, self.tokenizer, conversations, max_new_tokens=forgetting.ANSWER_TOKENS)
+
+    def held_out_metrics(self) -> dict[str, float]:
+        """An evaluation's values: the held-out documents' and the forgetting meter's."""
+        held = self.evaluate().metrics
+        return held | forgetting.measure(self.model, self.general) if self.general else held
 
 
 @dataclass
@@ -127,7 +149,7 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     evaluate = partial(held_out_loss, model, held_rows, len(held_out), spec.batch_size)
-    progress = ReportProgress(reporter, (lambda: evaluate().metrics) if held_out else None, spec.eval_every)
+    progress = ReportProgress(reporter, None, spec.eval_every)
     trainer = Trainer(
         model=model,
         args=training_arguments(spec),
@@ -136,7 +158,10 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
         callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-    return Setup(spec, reporter, model, tokenizer, trainer, progress, held_out, evaluate)
+    setup = Setup(spec, reporter, model, tokenizer, trainer, progress, held_out, evaluate)
+    if held_out:
+        progress.evaluate = setup.held_out_metrics
+    return setup
 
 
 def training_arguments(spec: TrainSpec) -> TrainingArguments:
@@ -150,41 +175,66 @@ def training_arguments(spec: TrainSpec) -> TrainingArguments:
 
 
 def measure_baseline(setup: Setup) -> tuple[str | None, dict[str, Any]]:
-    """(the checkpoint to resume from, or None; the untouched model on the held-out documents): a
-    resumed job keeps the one its first attempt measured."""
-    return resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
+    """(the checkpoint to resume from, or None; the untouched model on the held-out documents and
+    the probe set): a resumed job keeps the one its first attempt measured."""
+    resume_from, baseline = resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
+    general = baseline.get("general")
+    setup.general = forgetting.Reference.from_json(general["reference"]) if general else None
+    return resume_from, baseline
 
 
 def held_out_baseline(setup: Setup) -> dict[str, Any]:
     if not setup.held_out:
         return {"metrics": {}, "document_losses": []}
     held = setup.evaluate()
-    setup.reporter.eval(0, baseline=True, **held.metrics)
-    return {"metrics": held.metrics, "document_losses": held.document_losses}
+    general, reference = forgetting.measure_base(setup.model, setup.tokenizer)
+    # A full fine-tune changes the base, so it answers now; an adapter job's base answers after
+    # training, its adapters switched off.
+    answers = setup.general_answers() if setup.answers and not setup.spec.adapters else []
+    if not setup.answers:
+        setup.reporter.log("The base model has no chat template: the general prompts are not answered "
+                           "(the forgetting meter measures the probe set all the same).")
+    setup.reporter.eval(0, baseline=True, **held.metrics, **general)
+    return {"metrics": held.metrics | general, "document_losses": held.document_losses,
+            "general": {"reference": reference.to_json(), "answers": answers}}
 
 
-def evaluate_after_training(setup: Setup, baseline: dict[str, Any], step: int) -> dict[str, float]:
-    """The held-out metrics ({} when nothing is held out), and eval_predictions.json."""
+def evaluate_after_training(setup: Setup, baseline: dict[str, Any], step: int) -> tuple[dict[str, float], list[dict]]:
+    """The held-out metrics with the forgetting meter's, and the general answers before and after
+    ({} and [] when nothing is held out); eval_predictions.json."""
     training.without_autocast(setup.trainer, setup.model)
     if not setup.held_out:
         write_predictions(setup.spec, [], [], [])
-        return {}
+        return {}, []
     setup.reporter.state("evaluating")
     held = setup.evaluate()
-    setup.reporter.eval(step, final=True, **held.metrics)
+    metrics = held.metrics | (forgetting.measure(setup.model, setup.general) if setup.general else {})
+    general_answers = answers_before_and_after(setup, baseline)
+    setup.reporter.eval(step, final=True, **metrics, general_answers=general_answers)
     write_predictions(setup.spec, setup.held_out, baseline["document_losses"], held.document_losses)
-    return held.metrics
+    return metrics, general_answers
 
 
-def save(setup: Setup, baseline: dict[str, Any], after: dict[str, float], step: int) -> dict[str, Any]:
+def answers_before_and_after(setup: Setup, baseline: dict[str, Any]) -> list[dict]:
+    if not setup.answers or "general" not in baseline:
+        return []
+    before = baseline["general"]["answers"]
+    if setup.spec.adapters:
+        with setup.model.disable_adapter():
+            before = setup.general_answers()
+    return forgetting.answers_table(before, setup.general_answers())
+
+
+def save(setup: Setup, baseline: dict[str, Any], evaluated: tuple[dict[str, float], list[dict]], step: int) -> dict[str, Any]:
     """The artifact folder; the job's result."""
     spec, reporter = setup.spec, setup.reporter
     reporter.state("exporting")
+    after, general_answers = evaluated
     metrics = {"train_loss": setup.progress.last_loss, "eval_loss": after.get("eval_loss"), "steps": step}
     summary = {"primary_metric": PRIMARY_METRIC, "metrics_before": baseline["metrics"], "metrics_after": after}
     artifact_dir = export(setup.model, setup.tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, "general_answers": general_answers, "artifact_dir": str(artifact_dir)}
 
 
 def write_predictions(spec: TrainSpec, held_out: list[dict], before: list[float], after: list[float]) -> None:

@@ -22,12 +22,17 @@ setup → train → save, on transformers' Trainer.
   sooner), every eval_every steps, and at the end; plus greedy replies to a few held-out
   instructions before and after training (result["samples"], and the final eval event), so a
   person can read what changed.
+- The forgetting meter (worker.forgetting) rides along with every evaluation: general_perplexity,
+  general_kl and forgetting on the probe set no job trains on, against the base's top-k kept at
+  step 0 (with the baseline, for a resumed attempt); and the answers to a few general prompts
+  before and after (result["general_answers"]), generated in the same batch as the samples.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,7 +42,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from worker import microbatches, token_cache, training
+from worker import forgetting, microbatches, token_cache, training
 from worker.artifacts import export
 from worker.batching import LengthGroupedBatches
 from worker.checkpointing import Checkpointing
@@ -56,7 +61,7 @@ from worker.conversations import (
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
-from worker.generation import SAMPLE_COUNT, generate_replies
+from worker.generation import SAMPLE_COUNT, SAMPLE_NEW_TOKENS, generate_replies
 from worker.hardware import bf16_supported
 from worker.models import apply_method, load_causal_lm
 from worker.params import census
@@ -75,8 +80,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
     resume_from, baseline = measure_baseline(setup)
     step = training.train(setup.trainer, resume_from, reporter)
-    metrics_after, samples = evaluate_after_training(setup, baseline, step)
-    return save(setup, baseline, metrics_after, samples, step)
+    metrics_after, replies = evaluate_after_training(setup, baseline, step)
+    return save(setup, baseline, metrics_after, replies, step)
 
 
 @dataclass
@@ -99,9 +104,19 @@ class Setup:
         """(messages, tools) of the first held-out rows, as the chat template takes them."""
         return [template_messages(row, self.tokenizer, prompt_only=True) for row in self.held_out[:SAMPLE_COUNT]]
 
-    def replies(self) -> list[str]:
-        prompts = self.sample_prompts
-        return generate_replies(self.model, self.tokenizer, [m for m, _ in prompts], [t for _, t in prompts])
+    def replies(self) -> tuple[list[str], list[str]]:
+        """(the replies to the sample prompts, the answers to the general prompts), in one batch."""
+        prompts, general = self.sample_prompts, forgetting.general_conversations()
+        replies = generate_replies(
+            self.model, self.tokenizer, [m for m, _ in prompts] + general, [t for _, t in prompts] + [None] * len(general),
+            max_new_tokens=[SAMPLE_NEW_TOKENS] * len(prompts) + [forgetting.ANSWER_TOKENS] * len(general),
+        )
+        return replies[: len(prompts)], replies[len(prompts) :]
+
+    def general_metrics(self, baseline: Baseline) -> dict[str, float]:
+        """The forgetting meter against the base's kept reference ({} before it is measured, or for
+        a job resumed from a baseline kept without one)."""
+        return forgetting.measure(self.model, baseline.general) if baseline.general else {}
 
     def tool_metrics(self) -> dict[str, float]:
         """How often the model, asked the held-out rows that end with a tool call, calls the same
@@ -130,6 +145,15 @@ class Baseline:
     """Filled in during training when it is measured after the first step."""
     replies: list[str] = field(default_factory=list)
     """Its replies to the sample prompts; [] for an adapter job, whose base replies after training."""
+    general: forgetting.Reference | None = None
+    """Its top-k next tokens on the probe set, what the forgetting meter compares with."""
+    general_answers: list[str] = field(default_factory=list)
+    """Its answers to the general prompts; [] for an adapter job (as replies)."""
+
+    def kept(self) -> list:
+        """What keep_baseline stores for a resumed attempt (kept_baseline reads it back)."""
+        general = {"reference": self.general.to_json(), "answers": self.general_answers} if self.general else None
+        return [self.metrics, self.replies, general]
 
 
 def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
@@ -164,17 +188,23 @@ def measure_baseline(setup: Setup) -> tuple[str | None, Baseline]:
     """(the checkpoint to resume from, or None; the untouched model's baseline)."""
     resume_from, kept = resume_point(setup.spec, setup.reporter)
     if resume_from is not None:
-        return resume_from, kept_baseline(kept)
-    if setup.spec.adapters and setup.eval_rows:
-        return None, baseline_after_first_step(setup)
-    return None, baseline_before_training(setup)
+        baseline = kept_baseline(kept)
+    elif setup.spec.adapters and setup.eval_rows:
+        baseline = baseline_after_first_step(setup)
+    else:
+        baseline = baseline_before_training(setup)
+    setup.progress.general = partial(setup.general_metrics, baseline)
+    return resume_from, baseline
 
 
 def kept_baseline(kept: list) -> Baseline:
     # A job requeued after its worker died resumes from its last checkpoint: the untouched model
-    # is gone by then, so it keeps the baseline it measured the first time.
-    metrics, replies = kept
-    return Baseline(metrics, replies)
+    # is gone by then, so it keeps the baseline it measured the first time (the forgetting
+    # meter's reference included; a baseline kept before the meter existed has none).
+    metrics, replies, general = (*kept, None)[:3]
+    if not general:
+        return Baseline(metrics, replies)
+    return Baseline(metrics, replies, forgetting.Reference.from_json(general["reference"]), general["answers"])
 
 
 def baseline_after_first_step(setup: Setup) -> Baseline:
@@ -187,14 +217,18 @@ def baseline_after_first_step(setup: Setup) -> Baseline:
 
 
 def baseline_before_training(setup: Setup) -> Baseline:
-    # A full fine-tune changes the base, so it replies now. Adapters leave the base untouched: its
-    # replies can wait until after training (switched off), so the first step comes sooner.
-    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics() if setup.eval_rows else {}
-    replies = [] if setup.spec.adapters else setup.replies()
-    keep_baseline(setup.spec, [metrics, replies])
-    if setup.eval_rows:
-        setup.reporter.eval(0, baseline=True, **metrics)
-    return Baseline(metrics, replies)
+    # A full fine-tune changes the base, so it replies now (an adapter job comes here only when
+    # nothing is held out: nothing to evaluate, nor to reply to).
+    if not setup.eval_rows:
+        keep_baseline(setup.spec, Baseline({}).kept())
+        return Baseline({})
+    general, reference = forgetting.measure_base(setup.model, setup.tokenizer)
+    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics() | general
+    replies, answers = setup.replies()
+    baseline = Baseline(metrics, replies, reference, answers)
+    keep_baseline(setup.spec, baseline.kept())
+    setup.reporter.eval(0, baseline=True, **metrics)
+    return baseline
 
 
 class BaselineAfterFirstStep(TrainerCallback):
@@ -215,45 +249,48 @@ class BaselineAfterFirstStep(TrainerCallback):
         with trainer.model.disable_adapter():
             output = trainer.evaluation_loop(trainer.get_eval_dataloader(), "Baseline", True)
             tools = self.setup.tool_metrics()
-        self.baseline.metrics = loss_metrics(output.metrics["eval_loss"]) | tools
-        keep_baseline(self.setup.spec, [self.baseline.metrics, []])
+            general, self.baseline.general = forgetting.measure_base(trainer.model, self.setup.tokenizer)
+        self.baseline.metrics = loss_metrics(output.metrics["eval_loss"]) | tools | general
+        keep_baseline(self.setup.spec, self.baseline.kept())
         self.setup.reporter.eval(0, baseline=True, **self.baseline.metrics)
 
 
 # After training -------------------------------------------------------------------------------
 
 
-def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> tuple[dict[str, float], list[dict]]:
-    """The held-out metrics, and the sample replies before and after training ({} and [] when
-    nothing is held out)."""
+def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> tuple[dict[str, float], dict[str, list]]:
+    """The held-out metrics (with the forgetting meter's), and the replies before and after
+    training: {"samples": the held-out instructions', "general_answers": the general prompts'}
+    ({} and empty lists when nothing is held out)."""
     if not setup.eval_rows:
-        return {}, []
+        return {}, {"samples": [], "general_answers": []}
     setup.reporter.state("evaluating")
-    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics()
-    replies_after = setup.replies()
-    replies_before = baseline.replies
+    metrics = held_out_metrics(setup.trainer) | setup.tool_metrics() | setup.general_metrics(baseline)
+    replies_after, answers_after = setup.replies()
+    replies_before, answers_before = baseline.replies, baseline.general_answers
     if setup.spec.adapters:
         with setup.model.disable_adapter():
-            replies_before = setup.replies()
+            replies_before, answers_before = setup.replies()
     samples = [
         {"instruction": prompt_messages(row)[-1]["content"], "reference": reply_text(last_reply(row)),
          "before": before, "after": after}
         for row, before, after in zip(setup.held_out, replies_before, replies_after, strict=False)
     ]
-    setup.reporter.eval(step, final=True, **metrics, samples=samples)
-    return metrics, samples
+    general_answers = forgetting.answers_table(answers_before, answers_after)
+    setup.reporter.eval(step, final=True, **metrics, samples=samples, general_answers=general_answers)
+    return metrics, {"samples": samples, "general_answers": general_answers}
 
 
-def save(setup: Setup, baseline: Baseline, metrics_after: dict, samples: list[dict], step: int) -> dict[str, Any]:
+def save(setup: Setup, baseline: Baseline, metrics_after: dict, replies: dict[str, list], step: int) -> dict[str, Any]:
     """The artifact folder and eval_predictions.json; the job's result."""
     spec, reporter = setup.spec, setup.reporter
     reporter.state("exporting")
     metrics = {"train_loss": setup.progress.last_loss, "eval_loss": metrics_after.get("eval_loss"), "steps": step}
     summary = {"primary_metric": FAMILIES["sft"].primary_metric, "metrics_before": baseline.metrics, "metrics_after": metrics_after}
     artifact_dir = export(setup.model, setup.tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
-    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(samples, indent=2) + "\n")
+    (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(replies["samples"], indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "samples": samples, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, **replies, "artifact_dir": str(artifact_dir)}
 
 
 # Training -------------------------------------------------------------------------------------
@@ -339,6 +376,8 @@ class ReportLossEvaluations(ReportProgress):
     def __init__(self, reporter: Reporter):
         super().__init__(reporter)
         self.training = False
+        self.general: Callable[[], dict[str, float]] = dict
+        """The forgetting meter's values for each evaluation (set once the baseline is known)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -350,7 +389,7 @@ class ReportLossEvaluations(ReportProgress):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self.training:
             return
-        self.reporter.eval(state.global_step, **loss_metrics(float(metrics["eval_loss"])))
+        self.reporter.eval(state.global_step, **loss_metrics(float(metrics["eval_loss"])), **self.general())
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
