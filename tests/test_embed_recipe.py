@@ -105,7 +105,15 @@ def test_it_reports_states_params_baseline_metrics_and_evals_in_order(full_run):
     assert log == "90 training queries (90 rows), 30 held-out queries (30 rows)."
     result = full_run["result"]
     assert result["primary_metric"] == "recall@1" and result["steps"] == 20
-    assert result["metrics_after"] == {key: evals(events)[-1][key] for key in ("recall@1", "recall@10", "mrr@10")}
+    keys = ("recall@1", "recall@10", "mrr@10", "forgetting", "general_gold_rho")
+    assert result["metrics_after"] == {key: evals(events)[-1][key] for key in keys}
+
+
+def test_evaluations_carry_forgetting_and_how_well_the_model_orders_general_sentence_pairs(full_run):
+    steps, result = evals(full_run["events"]), full_run["result"]
+    assert steps[0]["forgetting"] == result["metrics_before"]["forgetting"] == 0.0
+    assert -1 <= steps[0]["general_gold_rho"] == result["metrics_before"]["general_gold_rho"] <= 1
+    assert 0 < steps[-1]["forgetting"] <= 2 and -1 <= steps[-1]["general_gold_rho"] <= 1
 
 
 def test_lora_adapts_the_encoder_and_lifts_recall(lora_run):

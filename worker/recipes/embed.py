@@ -16,7 +16,9 @@ setup → train → save, on sentence-transformers' SentenceTransformerTrainer.
   held-out positives plus negatives (each text once); each held-out query ranks all of it.
   Metrics: recall@1 and recall@10 (positives found in the top k / min(k, positives of the
   query), so recall@1 is 1 exactly when the top hit is a positive), and MRR@10 (1 / rank of the
-  first positive). recall@1 is the primary one.
+  first positive). recall@1 is the primary one. With them `forgetting` (how far the encoder moved
+  on general text) and general_gold_rho (how well its similarities order the probe's everyday
+  sentence pairs against a person's scores): worker.encoder_forgetting.
 - Methods: full (every weight); lora (adapters on the encoder's linear layers, merged into the
   weights before saving).
 - The artifact is a SentenceTransformer folder: ``SentenceTransformer(folder)`` loads it as is.
@@ -50,12 +52,13 @@ from worker import sentence_models, training
 from worker.artifacts import artifact_name
 from worker.checkpointing import AdapterResume, Checkpointing
 from worker.checkpoints import resume_or_measure
+from worker.encoder_forgetting import ForgettingMeter
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
 from worker.models import lora_config
 from worker.params import census
-from worker.progress import ReportProgress, report_baseline
+from worker.progress import ReportProgress
 from worker.rows import hold_out_queries, validation_split
 from worker.rows import read_rows as read_jsonl_rows
 from worker.spec import TrainSpec
@@ -66,10 +69,11 @@ CUTOFF = 10  # how deep the metrics look into each ranking
 
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
-    resume_from, metrics_before = resume_or_measure(spec, reporter, partial(report_baseline, reporter, setup.evaluate))
+    resume_from, baseline = resume_or_measure(spec, reporter, partial(sentence_models.measure_baseline, setup))
+    setup.forgetting.base = baseline["probe"]
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after = evaluate_after_training(setup, step)
-    return sentence_models.save(setup, metrics_before, metrics_after, step, usage(setup.spec))
+    return sentence_models.save(setup, baseline["metrics"], metrics_after, step, usage(setup.spec))
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Setup:
     """...and per query the corpus indices of its positives (retrieval_task)."""
     evaluate: Callable[[], dict[str, float]] | None
     """The model's retrieval metrics on the held-out queries (None when nothing is held out)."""
+    forgetting: ForgettingMeter
+    """How far the encoder moved on general text (worker.encoder_forgetting)."""
 
     def search(self) -> list[list[tuple[int, float]]]:
         return search(self.model, self.queries, self.corpus)
@@ -104,7 +110,9 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     reporter.params(census(model, spec))
     queries, corpus, relevant = retrieval_task(held_out)
     evaluate = (lambda: retrieval_metrics(relevant, search(model, queries, corpus))) if queries else None
-    progress = ReportProgress(reporter, evaluate, spec.eval_every)
+    forgetting = ForgettingMeter(lambda: model[0].model, model.tokenizer, gold=True)
+    during_training = (lambda: evaluate() | forgetting.if_affordable()) if evaluate else None
+    progress = ReportProgress(reporter, during_training, spec.eval_every)
     trainer = EmbeddingTrainer(
         model=model,
         # A duplicate in a batch would be a false in-batch negative.
@@ -114,7 +122,7 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
         callbacks=[progress, Checkpointing(spec, reporter, best_by=PRIMARY_METRIC, higher_is_better=True)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-    return Setup(spec, reporter, model, trainer, progress, queries, corpus, relevant, evaluate)
+    return Setup(spec, reporter, model, trainer, progress, queries, corpus, relevant, evaluate, forgetting)
 
 
 class EmbeddingTrainer(AdapterResume, SentenceTransformerTrainer):
@@ -129,7 +137,7 @@ def evaluate_after_training(setup: Setup, step: int) -> dict[str, float]:
     if setup.queries:
         setup.reporter.state("evaluating")
         rankings = setup.search()
-        metrics = retrieval_metrics(setup.relevant, rankings)
+        metrics = retrieval_metrics(setup.relevant, rankings) | setup.forgetting()
         setup.reporter.eval(step, final=True, **metrics)
     path = Path(setup.spec.output_dir) / "eval_predictions.json"
     write_predictions(path, setup.queries, setup.corpus, setup.relevant, rankings)
