@@ -20,6 +20,8 @@ setup → train → save, on transformers' Trainer.
   predicted), the cross-entropy loss, and with exactly two labels the F1 of the positive label
   and AUROC. The positive label is the one that reads as "yes" (see POSITIVE_NAMES) when
   exactly one does, else the second in sorted order.
+- `forgetting` with them: how far the network under the head moved on general text
+  (worker.encoder_forgetting; the base's probe similarities are kept with the baseline).
 - The baseline and the final evaluation run in fp32 without autocast, so eval_predictions.json
   holds what the exported model predicts; the evaluations during training run as training
   does (bf16 autocast where the hardware has it).
@@ -41,6 +43,7 @@ from worker import training
 from worker.artifacts import artifact_name, write_card_and_spec
 from worker.checkpointing import Checkpointing
 from worker.checkpoints import resume_or_measure
+from worker.encoder_forgetting import ForgettingMeter
 from worker.errors import UserError
 from worker.events import Reporter
 from worker.families import FAMILIES
@@ -61,6 +64,7 @@ PRIMARY_METRIC = FAMILIES["classify"].primary_metric
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
     resume_from, baseline = measure_baseline(setup)
+    setup.forgetting.base = baseline["probe"]
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after, confusion_after = evaluate_after_training(setup, step)
     return save(setup, baseline, metrics_after, confusion_after, step)
@@ -82,7 +86,9 @@ class Setup:
     held_out: list[dict]
     """The held-out rows as read; empty when nothing is held out (no metrics)."""
     evaluate: Any
-    """() → (metrics, confusion, probabilities) of the model on the held-out rows (evaluate_rows)."""
+    """(forgetting) → (metrics, confusion, probabilities) of the model on the held-out rows, the
+    metrics with those of `forgetting`, the meter or its if_affordable (evaluate_rows)."""
+    forgetting: ForgettingMeter
 
 
 def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
@@ -100,8 +106,10 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     collate = DataCollatorWithPadding(tokenizer)
+    forgetting = ForgettingMeter(lambda: model, tokenizer)
     evaluate = partial(evaluate_rows, model, eval_examples, collate, labels, spec.batch_size)
-    progress = ReportProgress(reporter, (lambda: eval_values(*evaluate()[:2])) if held_out else None, spec.eval_every)
+    during_training = (lambda: eval_values(*evaluate(forgetting.if_affordable)[:2])) if held_out else None
+    progress = ReportProgress(reporter, during_training, spec.eval_every)
     trainer = Trainer(
         model=model,
         args=training_arguments(spec),
@@ -110,7 +118,9 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
         callbacks=[progress, Checkpointing(spec, reporter)],
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
-    return Setup(spec, reporter, model, tokenizer, trainer, progress, labels, max_length, held_out, evaluate)
+    return Setup(
+        spec, reporter, model, tokenizer, trainer, progress, labels, max_length, held_out, evaluate, forgetting
+    )
 
 
 def training_arguments(spec: TrainSpec) -> TrainingArguments:
@@ -121,18 +131,18 @@ def training_arguments(spec: TrainSpec) -> TrainingArguments:
 
 
 def measure_baseline(setup: Setup) -> tuple[str | None, dict[str, Any]]:
-    """(the checkpoint to resume from, or None; the untouched model's metrics and confusion
-    matrix): a resumed job keeps the one its first attempt measured."""
+    """(the checkpoint to resume from, or None; the untouched model's metrics, confusion matrix
+    and probe similarities): a resumed job keeps the one its first attempt measured."""
     return resume_or_measure(setup.spec, setup.reporter, partial(held_out_baseline, setup))
 
 
 def held_out_baseline(setup: Setup) -> dict[str, Any]:
     if not setup.held_out:
         setup.reporter.log("No rows are held out (validation fraction 0, or one row per label): no metrics.")
-        return {"metrics": {}, "confusion": None}
-    metrics, confusion = setup.evaluate()[:2]
+        return {"metrics": {}, "confusion": None, "probe": None}
+    metrics, confusion = setup.evaluate(setup.forgetting)[:2]
     setup.reporter.eval(0, baseline=True, **eval_values(metrics, confusion))
-    return {"metrics": metrics, "confusion": confusion}
+    return {"metrics": metrics, "confusion": confusion, "probe": setup.forgetting.base}
 
 
 def evaluate_after_training(setup: Setup, step: int) -> tuple[dict[str, float], dict | None]:
@@ -143,7 +153,7 @@ def evaluate_after_training(setup: Setup, step: int) -> tuple[dict[str, float], 
     metrics, confusion, probabilities = {}, None, []
     if setup.held_out:
         setup.reporter.state("evaluating")
-        metrics, confusion, probabilities = setup.evaluate()
+        metrics, confusion, probabilities = setup.evaluate(setup.forgetting)
         setup.reporter.eval(step, final=True, **eval_values(metrics, confusion))
     write_predictions(
         Path(setup.spec.output_dir) / "eval_predictions.json", setup.held_out, setup.labels, probabilities
@@ -222,12 +232,13 @@ def encode_row(row: dict[str, str], tokenizer, label_ids: dict[str, int], max_le
 # Evaluation -----------------------------------------------------------------------------------
 
 
-def evaluate_rows(model, examples: list[dict], collate, labels: list[str], batch_size: int):
-    """(metrics, confusion, probabilities) of `model` on the encoded held-out `examples`."""
+def evaluate_rows(model, examples: list[dict], collate, labels: list[str], batch_size: int, forgetting):
+    """(metrics, confusion, probabilities) of `model` on the encoded held-out `examples`; the
+    metrics also carry the values of `forgetting` (a ForgettingMeter or its if_affordable)."""
     probabilities, loss = predict(model, examples, collate, batch_size)
     gold = [example["labels"] for example in examples]
     metrics, confusion = classification_metrics(probabilities, gold, labels)
-    return {**metrics, "eval_loss": loss}, confusion, probabilities
+    return {**metrics, "eval_loss": loss, **forgetting()}, confusion, probabilities
 
 
 def eval_values(metrics: dict[str, float], confusion: dict | None) -> dict[str, Any]:
