@@ -16,7 +16,7 @@ pytestmark = pytest.mark.django_db
 POST_ONLY = {
     "cancel_job", "delete_dataset", "dataset_mapping", "dataset_columns", "dataset_media", "accept_dataset_rows",
     "replace_dataset_file", "add_validation_file", "remove_validation_file", "revoke_key", "try_base", "try_tuned",
-    "retry_webhook_delivery", "request_export", "cancel_job_group",
+    "retry_webhook_delivery", "request_export", "cancel_job_group", "evaluate_dataset",
 }
 
 
@@ -33,8 +33,13 @@ def objects(owner, media_root):
     key, _ = ApiKey.issue(owner, "laptop")
     delivery = Delivery.test_event(Endpoint.objects.create(owner=owner, url="https://example.com/hook"))
     export = Export.objects.create(job=job, kind="merged", state="ready", path=str(artifact), size_bytes=22)
+    rows_csv = media_root / "jobs" / "rows.csv"
+    rows_csv.write_text("row,input\n1,a\n")
+    evaluation = Job.objects.create(owner=owner, dataset=dataset, name="e", kind="evaluate", state="succeeded",
+                                    spec={"task": "classify", "models": [], "base_model": "x"},
+                                    result={"leaderboard": [], "rows_csv": str(rows_csv), "rows_json": "none"})
     return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id, "delivery_id": delivery.id,
-            "export_id": export.id, "group_id": group.id}
+            "export_id": export.id, "group_id": group.id, "evaluation_id": evaluation.id}
 
 
 def urls_with_ids(objects) -> list[tuple[str, str]]:
@@ -50,7 +55,8 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
                           .replace("<int:key_id>", str(kwargs.get("key_id")))
                           .replace("<int:delivery_id>", str(kwargs.get("delivery_id")))
                           .replace("<int:export_id>", str(kwargs.get("export_id")))
-                          .replace("<int:group_id>", str(kwargs.get("group_id")))))
+                          .replace("<int:group_id>", str(kwargs.get("group_id")))
+                          .replace("<int:evaluation_id>", str(kwargs.get("evaluation_id")))))
     return found
 
 
@@ -65,6 +71,7 @@ def test_the_walk_covers_every_object_url(objects):
         "dataset_columns", "dataset_media", "accept_dataset_rows", "replace_dataset_file", "add_validation_file",
         "remove_validation_file", "dataset_quality", "revoke_key", "try_base", "try_tuned", "webhook_delivery",
         "retry_webhook_delivery", "request_export", "download_export", "job_group", "job_group_status", "cancel_job_group",
+        "evaluate_dataset", "evaluation_rows", "evaluation_csv",
     }
 
 

@@ -23,6 +23,8 @@ from worker import checkpoints
 
 PREFIX = "attempt-"
 PUBLISHED = ("final", "eval_predictions.json")
+FILE_KEYS = ("artifact_zip", "rows_json", "rows_csv")
+"""Result keys naming a file of the attempt's folder that is published with it."""
 
 
 def folder_of(job_dir: Path, attempt: int) -> Path:
@@ -51,20 +53,26 @@ def prepare(job_dir: Path, attempt: int) -> Path:
 
 
 def publish(folder: Path, job_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """Move the attempt's model, zip and predictions into the job's folder; the result with
-    the published paths."""
-    zip_path = Path(result["artifact_zip"])
-    for name in (*PUBLISHED, zip_path.name):
+    """Move the attempt's model, zip and predictions (an evaluation's per-row files) into the
+    job's folder; the result with the published paths."""
+    for name in _published(result):
         if (folder / name).exists():
             _remove(job_dir / name)
             os.replace(folder / name, job_dir / name)
-    return {**result, "artifact_dir": str(job_dir / "final"), "artifact_zip": str(job_dir / zip_path.name)}
+    published = {key: str(job_dir / Path(result[key]).name) for key in FILE_KEYS if key in result}
+    if "artifact_zip" in result:
+        published["artifact_dir"] = str(job_dir / "final")
+    return {**result, **published}
 
 
 def unpublish(job_dir: Path, result: dict[str, Any]) -> None:
     """Take back what `publish` put in place (the job ended otherwise in the meantime)."""
-    for name in (*PUBLISHED, Path(result["artifact_zip"]).name):
+    for name in _published(result):
         _remove(job_dir / name)
+
+
+def _published(result: dict[str, Any]) -> list[str]:
+    return [*PUBLISHED, *(Path(result[key]).name for key in FILE_KEYS if key in result)]
 
 
 def discard(job_dir: Path) -> None:

@@ -219,3 +219,42 @@ def _within(name: str, value: int, minimum: int) -> None:
     _at_least(name, value, minimum)
     if value > LIMITS[name]:
         raise SpecError(name, f"must be at most {LIMITS[name]:,}")
+
+
+# Evaluation -----------------------------------------------------------------------------------
+
+EVALUATION_TASKS = ("sft", "classify", "pair")
+"""The families worker.evaluation scores on a test set (the others are not built yet)."""
+
+
+@dataclass
+class EvalModel:
+    """One model an evaluation scores (worker.evaluation): the base, or a job's fine-tune."""
+
+    label: str
+    """What the leaderboard calls it: "Base model", "Job 12: rewrites"."""
+    spec: dict[str, Any]
+    """The TrainSpec (as a dict) of the job it comes from; for the base, of the first job."""
+    final_dir: str = ""
+    """The fine-tune's folder (an adapter or a whole model); empty for the base."""
+    job_id: int | None = None
+    labels: list[str] = field(default_factory=list)
+    """A classifier base's labels, in its job's order (its untrained head is the one measured at step 0)."""
+
+
+@dataclass
+class EvalSpec:
+    """An evaluation of models on a test set: the contract between the web app and
+    worker.evaluation, as TrainSpec is for training."""
+
+    task: str
+    dataset_path: str
+    output_dir: str
+    models: list[EvalModel]
+    batch_size: int = 8
+    max_seq_length: int = 512
+    job_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**{**data, "models": [EvalModel(**m) for m in data["models"]]})

@@ -35,7 +35,7 @@ from webapp.api.auth import api_key_required, error
 from webapp.api.paging import PagingError, page_of
 from webapp.datasets.models import READY, REVIEW, Dataset
 from webapp.jobs.forms import CUSTOM, JobForm
-from webapp.jobs.models import CANCELLED, JOB_BASE_PREFIX, QUEUED, RUNNING_STATES, SUCCEEDED, Job, JobEvent
+from webapp.jobs.models import CANCELLED, JOB_BASE_PREFIX, QUEUED, RUNNING_STATES, SUCCEEDED, TRAIN, Job, JobEvent
 from worker.catalog import CATALOG
 from worker.families import FAMILIES
 from worker.spec import TrainChoices
@@ -321,7 +321,7 @@ def _form_error(form: JobForm, request: JobRequest) -> Invalid:
 
 def _job_of(user, value: str) -> Job:
     number = value.removeprefix(JOB_PREFIX)
-    job = Job.objects.filter(owner=user, id=int(number)).select_related("owner", "dataset").first() \
+    job = Job.objects.filter(owner=user, id=int(number), kind=TRAIN).select_related("owner", "dataset").first() \
         if value.startswith(JOB_PREFIX) and number.isdigit() else None
     if job is None:
         raise Invalid(f"No such fine-tuning job: '{value[:80]}'.", "fine_tuning_job_id", status=404,
@@ -424,7 +424,7 @@ def _create(request: HttpRequest) -> JsonResponse:
 
 
 def _list(request: HttpRequest) -> JsonResponse:
-    rows = Job.objects.filter(owner=request.user).select_related("owner", "dataset", "validation_dataset")
+    rows = Job.objects.filter(owner=request.user, kind=TRAIN).select_related("owner", "dataset", "validation_dataset")
     for name, value in request.GET.items():
         match = re.fullmatch(r"metadata\[(.+)\]", name)
         if match:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Any
 
-from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, Job
+from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, TRAIN, Job
 from worker.catalog import CATALOG
 
 FINE_TUNE_PREFIX = "ft:"
@@ -51,7 +51,7 @@ def job_object(job: Job) -> dict[str, Any]:
 
 def models_of(user) -> list[dict[str, Any]]:
     """The catalog's bases, then the user's succeeded jobs, newest first."""
-    jobs = Job.objects.filter(owner=user, state=SUCCEEDED).select_related("owner").order_by("-finished_at", "-id")
+    jobs = Job.objects.filter(owner=user, state=SUCCEEDED, kind=TRAIN).select_related("owner").order_by("-finished_at", "-id")
     return [*(catalog_object(key) for key in CATALOG), *(job_object(job) for job in jobs)]
 
 
@@ -64,5 +64,5 @@ def find(user, name: str) -> dict[str, Any] | None:
     job_id = name.rsplit(":", 1)[-1]
     if not job_id.isdigit():
         return None
-    job = Job.objects.filter(id=int(job_id), owner=user, state=SUCCEEDED).select_related("owner").first()
+    job = Job.objects.filter(id=int(job_id), owner=user, state=SUCCEEDED, kind=TRAIN).select_related("owner").first()
     return job_object(job) if job is not None and model_name(job) == name else None

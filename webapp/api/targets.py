@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webapp.api import models_api
-from webapp.jobs.models import SUCCEEDED, Job
+from webapp.jobs.models import SUCCEEDED, TRAIN, Job
 from worker.catalog import CATALOG
 from worker.spec import SpecError
 
@@ -50,7 +50,8 @@ def for_model(user, name: Any, kind: str) -> dict[str, Any]:
 
 def _job_named(user, name: str) -> Job:
     job_id = name.rsplit(":", 1)[-1] if name.startswith(models_api.FINE_TUNE_PREFIX) else ""
-    job = Job.objects.filter(id=int(job_id), owner=user).select_related("owner").first() if job_id.isdigit() else None
+    job = Job.objects.filter(id=int(job_id), owner=user, kind=TRAIN).select_related("owner").first() \
+        if job_id.isdigit() else None
     if job is None or models_api.model_name(job) != name:
         raise Refusal(404, f"The model '{name}' does not exist or you do not have access to it.",
                       code="model_not_found")

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_GET, require_POST
 from webapp.datasets.forms import ColumnChoicesForm, FileForm, MappingForm, UploadForm
 from webapp.datasets.models import REJECTED, REVIEW, Dataset, DatasetLocked, DatasetRejected
 from webapp.datasets.samples import sample_name, sample_rows, sample_task
+from webapp.jobs import evaluations
 from worker.spec import TrainChoices
 
 DEFAULT_VALIDATION_FRACTION = TrainChoices.defaults()["validation_fraction"]
@@ -101,6 +102,8 @@ def _detail_page(request: HttpRequest, dataset: Dataset, status: int = 200, **fo
         "validation_form": forms.get("validation_form") or FileForm(auto_id="id_validation_%s"),
         "validation_fraction": DEFAULT_VALIDATION_FRACTION,
         "held_out_rows": dataset.held_out_rows(DEFAULT_VALIDATION_FRACTION),
+        "leaderboard": evaluations.leaderboard(dataset),
+        "evaluate_form": evaluations.EvaluateForm(dataset=dataset) if evaluations.can_evaluate(dataset) else None,
     }
     return render(request, "datasets/detail.html", context, status=status)
 

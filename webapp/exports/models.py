@@ -65,6 +65,8 @@ class Export(models.Model):
         """Why `job` cannot be exported as `kind`, or None."""
         if kind not in KINDS:
             return f"Unknown export {kind!r}: choose one of {', '.join(KINDS)}."
+        if job.is_evaluation:
+            return "An evaluation has no model of its own to export."
         if job.state != SUCCEEDED:
             return f"The job is {job.state}: only a succeeded job's model can be exported."
         family = FAMILIES.get(job.spec.get("task", "sft"))

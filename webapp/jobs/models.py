@@ -23,7 +23,7 @@ from django.utils import timezone
 from webapp.jobs import stream
 from webapp.jobs.signals import job_finished
 from worker.events import make_event
-from worker.spec import SpecError, TrainSpec
+from worker.spec import EvalSpec, SpecError, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,15 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 
 RUNNING_STATES = (PREPARING, TRAINING, EVALUATING, EXPORTING)
+TRAIN = "train"
+EVALUATE = "evaluate"
+"""Job kinds: a fine-tune (a recipe), or an evaluation of models on a test set (worker.evaluation)."""
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 JOB_BASE_PREFIX = "job:"
 """A base model named by job: `job:<id>`, one of the owner's own succeeded jobs."""
 ALLOWED = {
     QUEUED: {PREPARING, FAILED, CANCELLED},
-    PREPARING: {TRAINING, QUEUED, FAILED, CANCELLED},
+    PREPARING: {TRAINING, EVALUATING, QUEUED, FAILED, CANCELLED},  # an evaluation job goes straight to evaluating
     TRAINING: {EVALUATING, EXPORTING, QUEUED, FAILED, CANCELLED},
     EVALUATING: {TRAINING, EXPORTING, QUEUED, FAILED, CANCELLED},
     EXPORTING: {SUCCEEDED, QUEUED, FAILED, CANCELLED},
@@ -117,6 +120,8 @@ class Job(models.Model):
     # What the fine-tuning API was given besides the settings (webapp/api/fine_tuning.py).
     suffix = models.CharField(max_length=64, blank=True, help_text="Part of the fine-tuned model's name.")
     metadata = models.JSONField(default=dict, blank=True, help_text="The API caller's key-value pairs.")
+    kind = models.CharField(max_length=10, choices=[(TRAIN, "training"), (EVALUATE, "evaluation")], default=TRAIN,
+                            db_index=True, help_text="A fine-tune, or an evaluation of models on the dataset.")
     group = models.ForeignKey(JobGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs",
                               help_text="The sweep this job is a run of.")
     validation_dataset = models.ForeignKey(
@@ -319,7 +324,7 @@ class Job(models.Model):
     @classmethod
     def models_of(cls, user, limit: int = 50) -> list[Job]:
         """The user's succeeded jobs that a new job can use as its base, newest first."""
-        jobs = cls.objects.filter(owner=user, state=SUCCEEDED).order_by("-finished_at", "-id")[:limit]
+        jobs = cls.objects.filter(owner=user, state=SUCCEEDED, kind=TRAIN).order_by("-finished_at", "-id")[:limit]
         return [job for job in jobs if job.holds_model]
 
     def parent(self) -> Job | None:
@@ -354,6 +359,19 @@ class Job(models.Model):
         return TrainSpec.from_dict({
             **self.spec, "base_model": base, "job_id": self.id, "dataset_path": str(self.dataset.rows_path),
             "output_dir": str(self.attempt_dir(self.attempts)),
+        })
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind == EVALUATE
+
+    def eval_spec(self):
+        """The evaluation the worker runs (worker.evaluation.EvalSpec): the spec's models, the
+        dataset's rows as the test set, the current attempt's folder."""
+        return EvalSpec.from_dict({
+            **{key: self.spec[key] for key in ("task", "models", "batch_size", "max_seq_length")},
+            "dataset_path": str(self.dataset.rows_path), "output_dir": str(self.attempt_dir(self.attempts)),
+            "job_id": self.id,
         })
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 from django.http import Http404
 from django.urls import reverse
 
-from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, Job
+from webapp.jobs.models import JOB_BASE_PREFIX, SUCCEEDED, TRAIN, Job
 from worker.catalog import CATALOG
 from worker.families import FAMILIES
 
@@ -148,7 +148,7 @@ def jobs_to_compare(user, values: list[str]) -> list[Job]:
     ids = chosen_ids(values)
     if not 2 <= len(ids) <= MAX_COMPARED:
         raise NotComparable(f"Choose two to {MAX_COMPARED} jobs to compare; {len(ids)} were chosen.")
-    found = {job.id: job for job in Job.objects.filter(owner=user, id__in=ids)}
+    found = {job.id: job for job in Job.objects.filter(owner=user, id__in=ids, kind=TRAIN)}
     if len(found) < len(ids):
         raise Http404("No such job.")
     jobs = [found[job_id] for job_id in ids]
@@ -178,6 +178,6 @@ def base_name(base: str) -> str:
 def comparable_groups(user) -> list[dict[str, Any]]:
     """The user's succeeded jobs by task and base, newest first: the compare page's choices."""
     groups: dict[tuple[str, str], list[Job]] = {}
-    for job in Job.objects.filter(owner=user, state=SUCCEEDED).order_by("-finished_at", "-id")[:200]:
+    for job in Job.objects.filter(owner=user, state=SUCCEEDED, kind=TRAIN).order_by("-finished_at", "-id")[:200]:
         groups.setdefault((task_of(job), job.spec.get("base_model", "")), []).append(job)
     return [{"title": describe(jobs[0]), "jobs": jobs} for jobs in groups.values()]

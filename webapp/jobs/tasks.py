@@ -128,6 +128,11 @@ class JobRunner:
         from worker.artifacts import artifact_name, zip_dir
         from worker.run import load_recipe
 
+        if self.job.is_evaluation:
+            from worker import evaluation
+
+            attempts.prepare(self.job.output_dir, self.lease.attempt)
+            return evaluation.run(self.job.eval_spec(), self.reporter)
         try:
             spec = self.job.train_spec()
         except SpecError as exc:

@@ -1,13 +1,16 @@
+from pathlib import Path
+
 from django.contrib import messages
 from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from webapp.datasets import samples
 from webapp.datasets.models import Dataset
 from webapp.exports.models import Export
-from webapp.jobs import comparison, playground
+from webapp.jobs import comparison, evaluations, playground
 from webapp.jobs.downloads import file_download
 from webapp.jobs.forms import JobForm, describe_run
 from webapp.jobs.models import CANCELLED, SUCCEEDED, Job, JobGroup
@@ -78,6 +81,9 @@ def _chosen_dataset(request: HttpRequest) -> Dataset | None:
 
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
+    if job.is_evaluation:
+        board = evaluations.table(job.result.get("leaderboard", []))
+        return render(request, "jobs/evaluation.html", {"job": job, "board": board})
     context = {
         "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]), "parent": job.parent(),
         "task": FAMILIES[job.spec.get("task", "sft")],
@@ -170,3 +176,43 @@ def cancel_job_group(request: HttpRequest, group_id: int) -> HttpResponse:
     messages.info(request, f"Cancelled {cancelled} run{'s' if cancelled != 1 else ''} of the sweep."
                   if cancelled else "Every run of the sweep had already ended.")
     return redirect(group)
+
+
+@require_POST
+def evaluate_dataset(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    """Start an evaluation of the chosen models on this dataset (its rows are the test set)."""
+    dataset = get_object_or_404(Dataset, id=dataset_id, owner=request.user)
+    page = f"{reverse('dataset', args=[dataset.id])}#evaluate"
+    if not dataset.is_ready:
+        messages.error(request, f"{dataset.name} is {dataset.get_status_display()}: it can be a test set once it is ready.")
+        return redirect(page)
+    form = evaluations.EvaluateForm(request.POST, dataset=dataset)
+    if not form.is_valid():
+        messages.error(request, " ".join(error for errors in form.errors.values() for error in errors))
+        return redirect(page)
+    return redirect(evaluations.start(request.user, dataset, form))
+
+
+def _get_evaluation_for_user(request: HttpRequest, job_id: int) -> Job:
+    job = _get_job_for_user(request, job_id)
+    if not job.is_evaluation:
+        raise Http404("This job is not an evaluation.")
+    return job
+
+
+def evaluation_rows(request: HttpRequest, evaluation_id: int) -> HttpResponse:
+    """Each test row with each model's output and score, sortable by the change."""
+    job = _get_evaluation_for_user(request, evaluation_id)
+    sort = request.GET.get("sort", "row")
+    records = evaluations.row_records(job, sort)
+    labels = [entry["label"] for entry in job.result.get("leaderboard", [])]
+    return render(request, "jobs/evaluation_rows.html", {"job": job, "records": records, "labels": labels,
+                                                          "sort": sort, "limit": evaluations.ROW_LIMIT})
+
+
+def evaluation_csv(request: HttpRequest, evaluation_id: int) -> HttpResponse:
+    job = _get_evaluation_for_user(request, evaluation_id)
+    path = Path(job.result.get("rows_csv", ""))
+    if job.state != SUCCEEDED or not path.is_file():
+        raise Http404("This evaluation has no rows to download.")
+    return file_download(request, path, filename=f"specialist-evaluation-{job.id}.csv")

@@ -21,7 +21,7 @@ def queue_job_event(sender, job: Job, **kwargs) -> None:
     try:
         endpoint = Endpoint.objects.filter(owner_id=job.owner_id).first()
         job.refresh_from_db(fields=["state"])  # the sender's copy may predate the committed move
-        if endpoint is not None and job.state in FINAL_STATES:
+        if endpoint is not None and job.state in FINAL_STATES and not job.is_evaluation:
             Delivery.for_job(endpoint, job).send()
     except Exception:
         log.exception("job %s ended but its webhook event could not be recorded", job.id)
