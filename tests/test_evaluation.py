@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,37 @@ def test_another_users_evaluation_and_rows_are_not_found(stack, evaluated):
     http = stack.session("stranger")
     for path in ("", "rows/", "rows.csv"):
         assert http.get(f"{stack.base_url}/jobs/{evaluated['evaluation']}/{path}").status_code == 404
+
+
+@pytest.mark.slow
+def test_instruction_tuning_is_scored_by_the_reference_replys_loss_and_greedy_replies(tiny_llama_dir, tmp_path):
+    """worker.evaluation on its own: the base and a LoRA adapter of the tiny llama (its B matrices
+    set, so it differs from the base) on a small test set."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from worker.evaluation import run
+    from worker.events import Reporter
+    from worker.spec import TrainSpec
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(adapter)
+    data = write_jsonl(tmp_path / "test.jsonl", [
+        {"instruction": f"Say {n}.", "response": f"=SUM({n})"} for n in range(6)])
+    from dataclasses import asdict
+
+    spec_dict = asdict(TrainSpec(base_model=str(tiny_llama_dir), dataset_path=str(data), output_dir=str(tmp_path)))
+    spec = EvalSpec(task="sft", dataset_path=str(data), output_dir=str(tmp_path / "out"), max_seq_length=64,
+                    models=[EvalModel("Base model", spec_dict), EvalModel("Job 1: t", spec_dict, str(adapter), 1)])
+    reporter = Reporter()
+    result = run(spec, reporter)
+    base, tuned = (entry["metrics"] for entry in result["leaderboard"])
+    assert set(base) == {"eval_loss", "perplexity", "exact_match"} and base["eval_loss"] != tuned["eval_loss"]
+    records = json.loads(Path(result["rows_json"]).read_text())
+    assert len(records) == 6 and records[0]["reference"] == "=SUM(0)" and records[0]["models"][1]["output"] is not None
+    assert records[0]["change"] == pytest.approx(records[0]["models"][0]["score"] - records[0]["models"][1]["score"])
+    table = list(csv.reader(io.StringIO(Path(result["rows_csv"]).read_text())))
+    assert table[1][2] == "'=SUM(0)"  # a formula in the user's data stays text in the CSV
+    assert [e["step"] for e in reporter.events if e["kind"] == "metric"] == [1, 2]
