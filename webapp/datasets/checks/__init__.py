@@ -16,6 +16,17 @@ def problems(task: str, rows_path: Path) -> list[str]:
     return check(_read_rows(rows_path))
 
 
+def is_text(value: object) -> bool:
+    """Whether a row's value is text with something in it."""
+    return isinstance(value, str) and bool(value.strip())
+
+
+def quote(text: str, limit: int = 60) -> str:
+    """A value of the user's row as a problem message shows it: quoted, cut at `limit` characters."""
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 def _read_rows(path: Path) -> Iterator[dict]:
     with Path(path).open(encoding="utf-8", newline="\n") as f:
         for line in f:

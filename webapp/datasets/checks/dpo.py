@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from webapp.datasets.checks import is_text, quote
+
 EXAMPLES = 3  # how many offending rows a message quotes
 ANSWERS = ("chosen", "rejected")
 
@@ -28,8 +30,8 @@ def check(rows: Iterable[dict]) -> list[str]:
     same_count = 0
     for number, row in enumerate(rows, start=1):
         count += 1
-        has_prompt = bool(row.get("prompt_messages")) or _is_text(row.get("prompt"))
-        if not has_prompt or not all(_is_text(row.get(name)) for name in ANSWERS):
+        has_prompt = bool(row.get("prompt_messages")) or is_text(row.get("prompt"))
+        if not has_prompt or not all(is_text(row.get(name)) for name in ANSWERS):
             missing_count += 1
             if len(missing) < EXAMPLES:
                 missing.append(f"row {number}")
@@ -37,7 +39,7 @@ def check(rows: Iterable[dict]) -> list[str]:
         if row["chosen"].strip() == row["rejected"].strip():
             same_count += 1
             if len(same) < EXAMPLES:
-                same.append(f"row {number} ({_quote(row['chosen'])})")
+                same.append(f"row {number} ({quote(row['chosen'])})")
 
     if count == 0:
         return ["The dataset has no rows."]
@@ -55,12 +57,3 @@ def check(rows: Iterable[dict]) -> list[str]:
             "different columns."
         )
     return problems
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _quote(text: str, limit: int = 60) -> str:
-    text = text.strip()
-    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

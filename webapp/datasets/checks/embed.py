@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from webapp.datasets.checks import is_text
+
 EXAMPLES = 3  # how many offending rows a message quotes
 
 
@@ -34,7 +36,7 @@ class _Tally:
     def add(self, number: int, row: dict) -> None:
         self.count += 1
         query, positive = row.get("query"), row.get("positive")
-        if not _is_text(query) or not _is_text(positive):
+        if not is_text(query) or not is_text(positive):
             self.missing_count += 1
             if len(self.missing) < EXAMPLES:
                 self.missing.append(f"row {number}")
@@ -82,7 +84,3 @@ def _problems(tally: _Tally) -> list[str]:
             "matches itself. The positive should be the document that answers the query."
         )
     return problems
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())

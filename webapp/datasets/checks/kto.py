@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from webapp.datasets.checks import is_text, quote
 from worker.desirability import ACCEPTED, is_desirable
 
 EXAMPLES = 3  # how many offending rows a message quotes
@@ -32,8 +33,8 @@ def check(rows: Iterable[dict]) -> list[str]:
     kinds = {True: 0, False: 0}
     for number, row in enumerate(rows, start=1):
         count += 1
-        has_prompt = bool(row.get("prompt_messages")) or _is_text(row.get("prompt"))
-        if not has_prompt or not all(_is_text(row.get(name)) for name in ANSWER_FIELDS):
+        has_prompt = bool(row.get("prompt_messages")) or is_text(row.get("prompt"))
+        if not has_prompt or not all(is_text(row.get(name)) for name in ANSWER_FIELDS):
             missing_count += 1
             if len(missing) < EXAMPLES:
                 missing.append(f"row {number}")
@@ -42,7 +43,7 @@ def check(rows: Iterable[dict]) -> list[str]:
         if desirable is None:
             unreadable_count += 1
             if len(unreadable) < EXAMPLES:
-                unreadable.append(f"row {number} ({_quote(row['label'])})")
+                unreadable.append(f"row {number} ({quote(row['label'])})")
             continue
         kinds[desirable] += 1
 
@@ -63,12 +64,3 @@ def check(rows: Iterable[dict]) -> list[str]:
             "kind, or train on the desirable completions with instruction tuning."
         )
     return problems
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _quote(text: str, limit: int = 60) -> str:
-    text = text.strip()
-    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

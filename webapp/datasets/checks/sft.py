@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from webapp.datasets.checks import is_text, quote
 from worker.conversations import reply_text
 
 EXAMPLES = 3  # how many offending rows a message quotes
@@ -33,7 +34,7 @@ def check(rows: Iterable[dict]) -> list[str]:
             instruction, response = _conversation_ends(row["messages"])
         else:
             instruction, response = row.get("instruction"), row.get("response")
-        if not _is_text(instruction) or not _is_text(response):
+        if not is_text(instruction) or not is_text(response):
             missing_count += 1
             if len(missing) < EXAMPLES:
                 missing.append(f"row {number}")
@@ -49,7 +50,7 @@ def check(rows: Iterable[dict]) -> list[str]:
         problems.append(f"{missing_count} row(s) have no instruction or no response text, e.g. {', '.join(missing)}.")
     if count - missing_count >= 2 and same_response:
         problems.append(
-            f"Every row has the same response ({_quote(first_response)}); the model would learn to give "
+            f"Every row has the same response ({quote(first_response)}); the model would learn to give "
             "that answer to everything. Check that the response column holds each row's own answer."
         )
     return problems
@@ -62,11 +63,3 @@ def _conversation_ends(messages: object) -> tuple[str | None, str | None]:
     user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
     last = messages[-1]
     return user, reply_text(last) if last.get("role") == "assistant" else None
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _quote(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
