@@ -176,8 +176,8 @@ def _settings(spec: TrainSpec) -> list[tuple[str, Any]]:
 
 
 GENERAL_METRICS = {
-    "forgetting": "forgetting (general text; 0 = the base)",
-    "general_perplexity": "perplexity on general text",
+    "forgetting": "Forgetting on general text (0 = the base)",
+    "general_perplexity": "Perplexity on general text",
 }
 """The forgetting meter's metrics the card shows (worker.forgetting), by the name it shows them under;
 general_kl (forgetting under its own name) and the probe's coverage stay in the job's result."""

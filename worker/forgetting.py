@@ -26,17 +26,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from worker.generation import generate_replies
 from worker.hardware import bf16_supported
 
 PROBE_DIR = Path(__file__).parent / "probes"
 PROBE_FILES = ("prose.txt", "dialogue.txt", "code.txt")
 PROMPTS_FILE = "prompts.json"
+REPLAY_FILE = "replay.txt"
+"""General text for replay (TrainChoices.replay_fraction): other text than the probe set's, so the
+probe keeps measuring text the model never trained on."""
+REPLAY_TOKENS = 128
+"""Tokens per replay row (fewer when max_seq_length is shorter)."""
 PROBE_TOKENS = 128
 """Tokens read from each probe file: 3 × 128 keeps the probe within 5 % of a default job's time
 on a CPU (docs/performance.md, "The forgetting probe")."""
@@ -73,6 +81,22 @@ def answers_table(before: list[str], after: list[str]) -> list[dict[str, str]]:
         {"prompt": prompt, "before": b, "after": a}
         for prompt, b, a in zip(general_prompts(), before, after, strict=False)
     ]
+
+
+def replay_rows(tokenizer, count: int, max_length: int) -> list[dict[str, list[int]]]:
+    """`count` training rows of general text for replay: the replay file through the base's
+    tokenizer, cut into rows of REPLAY_TOKENS tokens (or max_length), taken in turn and again from
+    the start when more are wanted. The loss is on every token (labels = the token ids)."""
+    ids = tokenizer((PROBE_DIR / REPLAY_FILE).read_text())["input_ids"]
+    length = min(REPLAY_TOKENS, max_length)
+    pieces = [ids[start : start + length] for start in range(0, len(ids) - 1, length)]
+    pieces = [piece for piece in pieces if len(piece) > 1]
+    return [{"input_ids": piece, "labels": list(piece)} for piece in (pieces[i % len(pieces)] for i in range(count))]
+
+
+def replay_count(training_rows: int, fraction: float) -> int:
+    """How many replay rows make `fraction` of the training rows once mixed in."""
+    return round(training_rows * fraction / (1 - fraction)) if fraction else 0
 
 
 # The probe -----------------------------------------------------------------------------------
@@ -201,6 +225,41 @@ def general_metrics(logprobs: torch.Tensor, targets: torch.Tensor, reference: Re
         "forgetting": float(kl.mean()),
         "general_kl_coverage": float(coverage.mean()),
     }
+
+
+class AgainstReferenceModel:
+    """The forgetting meter of a recipe that holds its untouched base anyway: DPO and KTO keep it as
+    their reference (a full fine-tune's frozen copy, else the model with its adapters switched off).
+    The base's probe reference and answers come from it when they are first needed, so nothing is
+    kept with the baseline and a resumed job measures against the same base."""
+
+    def __init__(self, model: Any, ref_model: Any, tokenizer: Any):
+        self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
+        self.reference: Reference | None = None
+
+    @contextmanager
+    def base(self) -> Iterator[Any]:
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def metrics(self) -> dict[str, float]:
+        if self.reference is None:
+            with self.base() as base:
+                _, self.reference = measure_base(base, self.tokenizer)
+        return measure(self.model, self.reference)
+
+    def answers(self) -> list[dict[str, str]]:
+        """The general prompts answered by the base and by the tuned model ([] without a chat template)."""
+        if not self.tokenizer.chat_template:
+            return []
+        conversations = general_conversations()
+        with self.base() as base:
+            before = generate_replies(base, self.tokenizer, conversations, max_new_tokens=ANSWER_TOKENS)
+        after = generate_replies(self.model, self.tokenizer, conversations, max_new_tokens=ANSWER_TOKENS)
+        return answers_table(before, after)
 
 
 # Pure helpers ----------------------------------------------------------------------------------

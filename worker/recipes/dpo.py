@@ -25,7 +25,7 @@ setup → train → save, on TRL's DPOTrainer; the steps it shares with KTO are 
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import datasets
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
-from worker import preference, training
+from worker import forgetting, preference, training
 from worker.conversations import template_prompt
 from worker.events import Reporter
 from worker.families import FAMILIES
@@ -53,7 +53,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     progress = preference.report_progress(setup, baseline, PREFERENCE_KEYS)
     step = training.train(setup.trainer, resume_from, reporter)
     after = preference.evaluate_after_training(setup, baseline, step)
-    return preference.save(setup, baseline, after, progress.last_loss, step)
+    general_answers = setup.general.answers() if setup.eval_rows else []
+    return preference.save(setup, baseline, after, progress.last_loss, step) | {"general_answers": general_answers}
 
 
 class Setup(preference.Setup):
@@ -66,7 +67,12 @@ class Setup(preference.Setup):
         return preference.score(self.model, answers, self.spec.max_seq_length)
 
     def metrics(self, scores: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-        return preference_metrics(scores, reference, self.spec.dpo_beta)
+        return preference_metrics(scores, reference, self.spec.dpo_beta) | self.general.metrics()
+
+    @cached_property
+    def general(self) -> forgetting.AgainstReferenceModel:
+        """The forgetting meter, against the reference model (the untouched base)."""
+        return forgetting.AgainstReferenceModel(self.model, self.trainer.ref_model, self.tokenizer)
 
     def predictions(self, scores: torch.Tensor, reference: torch.Tensor) -> list[dict]:
         return pair_predictions(self.eval_rows, scores, reference, self.spec.dpo_beta)
