@@ -13,6 +13,10 @@ both see the same rows in the same order and their losses compare step by step. 
 warm-up steps are left out of the timing. Results go to stdout and var/bench/results.json;
 docs/performance.md says what the numbers mean. ``--cuda`` also appends them to that page, and
 on a machine without CUDA says so and exits 0.
+
+On the CPU it also times the forgetting probe (worker.forgetting) inside a default
+instruction-tuning job (the family's suggested settings, with its evaluations): its share of the
+job's time (``--only probe`` runs just that part).
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from webapp.datasets.samples import domain as domain_samples
+from worker import forgetting
 from worker.events import Reporter
+from worker.families import FAMILIES
 from worker.hardware import bf16_supported
 from worker.models import REPO_ROOT, resolve_base
-from worker.recipes import sft
+from worker.recipes import domain, sft
 from worker.spec import TrainSpec
 
 WORK_DIR = REPO_ROOT / "var" / "bench"
@@ -298,8 +305,110 @@ def pad_to_max_length(features: list[dict[str, list[int]]], pad_id: int) -> dict
     }
 
 
+# The forgetting probe's share of a default job -------------------------------------------------
+
+PROBE_JOB_ROWS = 270
+"""Rows of the probe's job: 30 steps of 8 training rows once a tenth is held out."""
+
+
+def run_probe_job(task: str) -> dict[str, Any]:
+    """A default job of `task` (the family's suggested settings, an evaluation every 10 steps) with
+    the forgetting meter's work timed: the probe (forgetting.measure_base, forgetting.measure) and
+    the general answers. Instruction tuning (SmolLM2, LoRA, 30 steps of 8 generated rows) answers
+    them in the samples' batch: each such call is timed again without the general prompts, the
+    difference is theirs and the second call is left out of the job's time. Domain adaptation
+    (30 steps of 2 × 128 tokens of the sample manual) answers them in calls of their own."""
+    spent = {"probe_s": 0.0, "probe_calls": 0, "answers_s": 0.0, "untimed_s": 0.0}
+
+    def timed(function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent["probe_s"] += time.perf_counter() - started
+                spent["probe_calls"] += 1
+
+        return wrapper
+
+    forgetting.measure_base, forgetting.measure = timed(forgetting.measure_base), timed(forgetting.measure)
+    generate, general = sft.generate_replies, len(forgetting.general_prompts())
+
+    def generate_and_time(model, tokenizer, conversations, tools=None, max_new_tokens=48):
+        started = time.perf_counter()
+        replies = generate(model, tokenizer, conversations, tools, max_new_tokens)
+        with_general = time.perf_counter() - started
+        if isinstance(max_new_tokens, list):  # the sample prompts followed by the general ones
+            started = time.perf_counter()
+            generate(model, tokenizer, conversations[:-general], tools[:-general], max_new_tokens[:-general])
+            alone = time.perf_counter() - started
+            spent["answers_s"] += with_general - alone
+            spent["untimed_s"] += alone
+        return replies
+
+    def generate_answers(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return domain_generate(*args, **kwargs)
+        finally:
+            spent["answers_s"] += time.perf_counter() - started
+
+    sft.generate_replies = generate_and_time
+    domain_generate, domain.generate_replies = domain.generate_replies, generate_answers
+    suggested = FAMILIES[task].suggested
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(suggested.base_model))
+    data = WORK_DIR / f"probe-{task}-data.jsonl"
+    rows = generate_rows(PROBE_JOB_ROWS, tokenizer, SEED + 1) if task == "sft" else domain_samples.rows()
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with tempfile.TemporaryDirectory(dir=WORK_DIR) as output_dir:
+        spec = TrainSpec(
+            base_model=suggested.base_model, dataset_path=str(data), output_dir=output_dir, method=suggested.method,
+            learning_rate=suggested.learning_rates[suggested.method], max_steps=suggested.max_steps,
+            batch_size=suggested.batch_size, max_seq_length=suggested.max_seq_length, seed=SEED, task=task,
+        )
+        started = time.perf_counter()
+        with Reporter() as reporter:
+            (sft if task == "sft" else domain).run(spec, reporter)
+        wall = time.perf_counter() - started
+    job_s = wall - spent["untimed_s"]
+    evaluations = sum(1 for event in reporter.events if event["kind"] == "eval")
+    return spent | {"job_s": job_s, "evaluations": evaluations, "share": (spent["probe_s"] + spent["answers_s"]) / job_s,
+                    "probe_tokens": len(forgetting.PROBE_FILES) * forgetting.PROBE_TOKENS}
+
+
+PROBE_GOAL = 0.05
+
+
+PROBE_TASKS = ("sft", "domain")
+
+
+def probe_share(plan: Plan) -> dict[str, Any]:
+    return {task: probe_share_of(task, plan) for task in PROBE_TASKS}
+
+
+def probe_share_of(task: str, plan: Plan) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.training", "--child", "probe", task, "--threads", str(plan.threads)]
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    load_before = os.getloadavg()[0]
+    subprocess.run(command, check=True, env=CHILD_ENV | os.environ | quiet, cwd=REPO_ROOT)
+    result = json.loads((WORK_DIR / f"probe-{task}.json").read_text())
+    result["load_average"] = [load_before, os.getloadavg()[0]]
+    print(
+        f"forgetting probe ({result['probe_tokens']} tokens, {result['evaluations']} evaluations, "
+        f"{len(forgetting.general_prompts())} general answers before and after) in a default {task} job: "
+        f"probe {result['probe_s']:.1f} s over {result['probe_calls']} passes + answers {result['answers_s']:.1f} s "
+        f"of the job's {result['job_s']:.0f} s = {result['share']:.1%} "
+        f"(goal ≤ {PROBE_GOAL:.0%}: {'met' if result['share'] <= PROBE_GOAL else 'NOT met'}); "
+        "load average {:.1f} → {:.1f}".format(*result["load_average"])
+    )
+    return result
+
+
 def run_child(role: str, method: str, plan: Plan) -> None:
     torch.set_num_threads(plan.threads)
+    if role == "probe":
+        (WORK_DIR / f"probe-{method}.json").write_text(json.dumps(run_probe_job(method)))
+        return
     result = run_app(method, plan) if role == "app" else run_baseline(method, plan)
     if role == "app":
         (WORK_DIR / f"order-{method}.json").write_text(json.dumps(result.pop("batches")))
@@ -538,7 +647,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run")
-    parser.add_argument("--only", choices=CUDA_METHODS, help="benchmark one method only")
+    parser.add_argument("--only", choices=(*CUDA_METHODS, "probe"), help="benchmark one method only, or the forgetting probe")
     parser.add_argument(
         "--cuda", action="store_true", help="on the GPU (LoRA, full, QLoRA); append the numbers to docs/performance.md"
     )
@@ -558,6 +667,10 @@ def main(argv: list[str]) -> int:
     results["environment"] = environment()
     if results["environment"]["load_average_at_start"][0] > 0.5:
         print("warning: the machine is busy (see the load averages below); other processes slow the runs down")
+    if args.only == "probe":
+        results["probe"] = probe_share(plan)
+        (WORK_DIR / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     results["matmul_peak_flop_per_s"] = peaks = measure_peaks(plan)
     results["data"] = data = prepare_data(plan)
     print(
@@ -568,6 +681,8 @@ def main(argv: list[str]) -> int:
     methods = [args.only] if args.only else CUDA_METHODS if args.cuda else METHODS
     for method in methods:
         results[method] = benchmark(method, plan, peaks)
+    if not args.cuda and not args.only:
+        results["probe"] = probe_share(plan)
     results["wall_s"] = time.time() - started
     (WORK_DIR / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['wall_s'] / 60:.1f} minutes; results in {WORK_DIR / 'results.json'}")

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker import forgetting
 from worker.recipes import sft
+from worker.spec import SpecError, TrainChoices
 
 KL_TOLERANCE = 0.05
 """How far the kept estimate (top-k exact, tail sampled) may be from the full KL on the tiny model
@@ -127,3 +128,30 @@ def test_a_kept_sft_baseline_brings_back_its_reference_and_answers(reference):
     assert again.general.top_ids.tolist() == kept.top_ids.tolist()
     # A baseline kept before the meter existed resumes without it.
     assert sft.kept_baseline([metrics, ["a reply"]]).general is None
+
+
+# Replay: the remedy -----------------------------------------------------------------------------
+
+
+def test_replay_rows_are_general_text_other_than_the_probe_with_the_loss_on_every_token(tokenizer):
+    rows = forgetting.replay_rows(tokenizer, 20, max_length=64)
+    assert len(rows) == 20 and all(row["labels"] == row["input_ids"] and 1 < len(row["input_ids"]) <= 64 for row in rows)
+    pieces = {tuple(row["input_ids"]) for row in rows}
+    assert len(pieces) < 20  # the corpus is taken again from the start
+    replay = (forgetting.PROBE_DIR / forgetting.REPLAY_FILE).read_text()
+    probe_lines = {line.strip() for text in forgetting.probe_texts().values() for line in text.splitlines()}
+    shared = {line.strip() for line in replay.splitlines()} & probe_lines - {""}
+    assert not {line for line in shared if len(line) > 20}, shared  # no sentence of the probe is trained on
+
+
+def test_replay_makes_its_share_of_the_training_rows():
+    assert forgetting.replay_count(30, 0.25) == 10 and forgetting.replay_count(30, 0) == 0
+
+
+@pytest.mark.parametrize(("task", "fraction", "message"), [
+    ("sft", 0.6, "at most 0.5"), ("sft", -0.1, "at least 0"), ("domain", 0.2, "instruction tuning only"),
+])
+def test_replay_is_refused_outside_its_range_and_task(task, fraction, message):
+    with pytest.raises(SpecError, match=message) as caught:
+        TrainChoices(base_model="smollm2-135m-instruct", task=task, replay_fraction=fraction)
+    assert caught.value.field == "replay_fraction"

@@ -147,6 +147,16 @@ def test_it_answers_the_general_prompts_before_and_after_training(request, run):
     assert any(answer["before"] != answer["after"] for answer in answers)
 
 
+def test_replay_mixes_general_text_into_the_training_rows(tiny_llama_dir, sft_jsonl, tmp_path):
+    reporter = Reporter()
+    spec = make_spec(tiny_llama_dir, sft_jsonl, tmp_path, method="full", learning_rate=5e-3, max_steps=4,
+                     eval_every=4, replay_fraction=0.25)
+    result = sft.run(spec, reporter)
+    logs = [event["message"] for event in reporter.events if event["kind"] == "log"]
+    assert "Replay: 19 rows of general text mixed into the 58 training rows (25% of all), the loss on every token." in logs
+    assert result["metrics_after"]["forgetting"] > 0
+
+
 def test_it_answers_held_out_instructions_before_and_after_training(lora_run):
     samples = lora_run["result"]["samples"]
     final = [event for event in lora_run["events"] if event["kind"] == "eval"][-1]
@@ -179,8 +189,8 @@ def test_the_lora_artifact_holds_the_adapter_tokenizer_spec_and_card(lora_run):
     assert "| LoRA rank r | 16 |" in card and "| Final validation loss |" in card
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     assert f"| eval_loss (held out) | {before['eval_loss']:.4f} → {after['eval_loss']:.4f} |" in card
-    assert f"| forgetting (general text; 0 = the base) | 0.0000 → {after['forgetting']:.4f} |" in card
-    assert f"| perplexity on general text | {before['general_perplexity']:.4f} → " in card
+    assert f"| Forgetting on general text (0 = the base) | 0.0000 → {after['forgetting']:.4f} |" in card
+    assert f"| Perplexity on general text | {before['general_perplexity']:.4f} → " in card
     assert "general_kl" not in card
     adapter_config = json.loads((artifact / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == lora_run["spec"].base_model

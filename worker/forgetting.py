@@ -228,8 +228,8 @@ def general_metrics(logprobs: torch.Tensor, targets: torch.Tensor, reference: Re
 
 
 class AgainstReferenceModel:
-    """The forgetting meter of a recipe that holds its untouched base anyway: DPO and KTO keep it as
-    their reference (a full fine-tune's frozen copy, else the model with its adapters switched off).
+    """The forgetting meter of a recipe that holds its untouched base anyway: DPO keeps it as its
+    reference (a full fine-tune's frozen copy, else the model with its adapters switched off).
     The base's probe reference and answers come from it when they are first needed, so nothing is
     kept with the baseline and a resumed job measures against the same base."""
 

@@ -25,6 +25,8 @@ ADAPTER_METHODS = ("lora", "qlora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 LOSS_ON_TURNS = ("all", "last")
+MAX_REPLAY = 0.5
+"""The largest share of general text replay may mix into instruction tuning's training rows."""
 
 
 class SpecError(ValueError):
@@ -66,6 +68,9 @@ class TrainChoices:
     loss_on_turns: str = "all"
     """Instruction tuning on conversations: "all" puts the loss on every assistant turn, "last"
     on the final one only (the earlier turns are then context). One exchange is the same either way."""
+    replay_fraction: float = 0.0
+    """Instruction tuning: the share of training rows that are general text (replay, loss on every
+    token), mixed into the batches to hold on to what the base knew; 0 = none, at most 0.5."""
     learning_rate: float = 2e-3
     """Peak learning rate (linear decay after a short warm-up)."""
     epochs: float = 1.0
@@ -121,6 +126,10 @@ class TrainChoices:
             raise SpecError("dpo_sft_weight", "must be 0 (pure DPO) or more")
         if self.loss_on_turns not in LOSS_ON_TURNS:
             raise SpecError("loss_on_turns", f"choose one of {', '.join(LOSS_ON_TURNS)}")
+        if not 0 <= self.replay_fraction <= MAX_REPLAY:
+            raise SpecError("replay_fraction", f"must be at least 0 and at most {MAX_REPLAY}")
+        if self.replay_fraction and self.task != "sft":
+            raise SpecError("replay_fraction", "replay of general text applies to instruction tuning only")
         if not self.learning_rate > 0:
             raise SpecError("learning_rate", "must be greater than 0")
         if self.learning_rate >= 1:

@@ -20,7 +20,7 @@ CUSTOM = "custom"
 SPEC_FIELDS = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "learning_rate",
     "epochs", "max_steps", "batch_size", "max_seq_length", "validation_fraction", "dpo_beta",
-    "dpo_sft_weight", "gradient_checkpointing", "loss_on_turns", "drop_validation_overlap",
+    "dpo_sft_weight", "gradient_checkpointing", "loss_on_turns", "drop_validation_overlap", "replay_fraction",
 )
 _DEFAULTS = TrainChoices.defaults()
 METHODS = [
@@ -111,6 +111,12 @@ class JobForm(forms.Form):
         choices=[("all", "every assistant turn"), ("last", "the last assistant turn only")],
         help_text="Instruction tuning on conversations: which replies the model learns to write; "
                   "the other turns are context.",
+    )
+
+    replay_fraction = forms.FloatField(
+        label="General-text replay", initial=_DEFAULTS["replay_fraction"], required=False,
+        help_text="Instruction tuning: the share of training rows that are general text (0 to 0.5), so the model "
+                  "forgets less of what the base knew; the job page's forgetting chart shows the effect. 0 is none.",
     )
 
     sweep_learning_rate = forms.CharField(
@@ -240,9 +246,11 @@ class JobForm(forms.Form):
     def _validate_choices(self, data: dict, dataset: Dataset, base: str) -> None:
         """self.choices, or TrainChoices' complaint on the field it names."""
         values = {f: data.get(f) for f in SPEC_FIELDS}
-        for optional in ("dpo_beta", "dpo_sft_weight", "loss_on_turns"):
+        for optional in ("dpo_beta", "dpo_sft_weight", "loss_on_turns", "replay_fraction"):
             if values[optional] in (None, ""):
                 values[optional] = _DEFAULTS[optional]
+        if dataset.task != "sft":
+            values["replay_fraction"] = 0.0  # the field is shown for instruction tuning only
         if self._base_kind(base) == "encoder":
             values["lora_target_modules"] = [ALL_LINEAR]
         try:

@@ -22,6 +22,8 @@ setup → train → save, on transformers' Trainer.
   sooner), every eval_every steps, and at the end; plus greedy replies to a few held-out
   instructions before and after training (result["samples"], and the final eval event), so a
   person can read what changed.
+- Replay (replay_fraction > 0): rows of general text (worker/probes/replay.txt, never the probe
+  set) make that share of the training rows, with the loss on every token, to forget less.
 - The forgetting meter (worker.forgetting) rides along with every evaluation: general_perplexity,
   general_kl and forgetting on the probe set no job trains on, against the base's top-k kept at
   step 0 (with the baseline, for a resumed attempt); and the answers to a few general prompts
@@ -162,6 +164,7 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     set_seed(spec.seed)
     model, tokenizer = load_causal_lm(spec)
     train_rows, eval_rows, held_out = prepare_data(spec, tokenizer, reporter)
+    train_rows += replay(spec, tokenizer, reporter, len(train_rows))
     model = apply_method(model, spec)
     reporter.params(census(model, spec))
     if spec.adapters and bf16_supported():
@@ -179,6 +182,17 @@ def set_up(spec: TrainSpec, reporter: Reporter) -> Setup:
     )
     trainer.remove_callback(PrinterCallback)  # events go through the reporter, not stdout
     return Setup(spec, reporter, model, tokenizer, trainer, progress, eval_rows, held_out)
+
+
+def replay(spec: TrainSpec, tokenizer, reporter: Reporter, training_rows: int) -> list[dict]:
+    """General-text rows to mix into the training rows (spec.replay_fraction of them; the
+    length-grouped batches spread them): the remedy for forgetting."""
+    count = forgetting.replay_count(training_rows, spec.replay_fraction)
+    if not count:
+        return []
+    reporter.log(f"Replay: {count} rows of general text mixed into the {training_rows} training rows "
+                 f"({spec.replay_fraction:.0%} of all), the loss on every token.")
+    return forgetting.replay_rows(tokenizer, count, spec.max_seq_length)
 
 
 # Baseline: one of three ways ------------------------------------------------------------------
