@@ -119,7 +119,8 @@
     if (ev.forgetting !== undefined) plotTradeoff(ev);
   }
 
-  // The trade-off: the primary held-out metric against forgetting, one point per evaluation.
+  // The trade-off: the primary held-out metric against forgetting, one point per evaluation (new
+  // arrays each time: Plotly.react redraws only what it sees change).
   const primary = root.dataset.primaryMetric;
   const tradeoff = { x: [], y: [], text: [] };
 
@@ -127,10 +128,10 @@
     if (typeof ev[primary] !== "number") return;
     tradeoff.x.push(ev.forgetting);
     tradeoff.y.push(ev[primary]);
-    tradeoff.text.push(ev.baseline ? "base" : `step ${ev.step}`);
+    tradeoff.text.push(ev.baseline ? "step 0 (base)" : `step ${ev.step}`);
     document.getElementById("tradeoff").classList.remove("hidden");
     Plotly.react(document.getElementById("tradeoff-chart"), [{
-      x: tradeoff.x, y: tradeoff.y, text: tradeoff.text, mode: "lines+markers+text", textposition: "top center",
+      x: [...tradeoff.x], y: [...tradeoff.y], text: [...tradeoff.text], mode: "lines+markers+text", textposition: "top center", cliponaxis: false,
       line: { color: "#7c3aed" }, hovertemplate: `%{text}<br>forgetting %{x:.4f}<br>${primary} %{y:.4f}<extra></extra>`,
     }], { margin: { t: 20, r: 20, b: 50, l: 60 }, height: 320, showlegend: false,
           xaxis: { title: { text: "forgetting (0 = the base model; higher = more forgotten)" }, rangemode: "tozero" },
