@@ -3,7 +3,7 @@
 At step 0 the base model reads the probe set (worker/probes/: prose, dialogue and code that no
 job trains on; the first PROBE_TOKENS tokens of each file, through the base's own tokenizer) and
 we keep, for every probe position, its TOP_K most likely next tokens and TAIL_SAMPLES tokens drawn
-from the rest of its distribution, with their log-probabilities: the Reference, about a megabyte
+from the rest of its distribution, with their log-probabilities: the Reference, about 0.6 MB
 of JSON kept with the job's baseline, so that a resumed attempt compares with its first attempt's
 base. No second copy of the model is needed. At every evaluation the model being trained reads
 the same probe:
@@ -11,7 +11,7 @@ the same probe:
 - general_perplexity: exp of its mean next-token loss on the probe;
 - general_kl: the mean over probe positions of KL(p_base ‖ p_tuned) of the next-token
   distributions: exact over the base's top-k, and the rest estimated from the kept tail samples
-  (kl_estimate says how, and what a top-k alone would miss);
+  (kl_estimate says how; docs/performance.md gives its error against the full KL);
 - forgetting: general_kl (0 = unchanged, higher = more forgotten). Every family's eval events and
   metrics carry `forgetting`, so the job page charts any of them the same way (the encoder
   families report 1 − Spearman ρ on general sentence pairs);
