@@ -40,14 +40,14 @@ chromium:
 
 test: install models chromium
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
-	$(BIN)/pytest -m "not serving and not learning and not export"
+	$(BIN)/pytest -m "not serving and not learning and not long and not export"
 
 # What does not fit in `make test`'s 15 minutes on two cores: the serving path end to end (jobs
 # trained by the worker, served by the inference server, called with the openai client), the
 # playground in a browser, and the tests that train until the model has learnt (KTO, domain
 # adaptation, conversations, tool selection, the sample data on MiniLM; marker `learning`).
 test-long: install models chromium
-	$(BIN)/pytest -m "serving or learning"
+	$(BIN)/pytest -m "serving or learning or long"
 
 # The GGUF export run in llama.cpp (llama-cpp-python compiles llama.cpp: minutes, once).
 test-export: install models

@@ -293,7 +293,8 @@ def test_evaluations_carry_how_far_the_encoder_moved_on_general_text(full_run, h
     assert steps[0]["forgetting"] == 0.0 and full_run["result"]["metrics_before"]["forgetting"] == 0.0
     assert 0 < steps[-1]["forgetting"] == full_run["result"]["metrics_after"]["forgetting"] <= 2
     measured = [event["forgetting"] for event in evals(head_run) if "forgetting" in event]
-    assert len(measured) >= 2 and set(measured) == {0.0}, "a head-only job leaves the encoder as it was"
+    # The frozen encoder gives the same similarities up to float rounding between batches.
+    assert len(measured) >= 2 and max(measured) < 1e-3, "a head-only job leaves the encoder as it was"
 
 
 def test_the_result_holds_metrics_before_and_after_and_the_confusion_matrices(full_run):

@@ -166,7 +166,7 @@ def test_a_malformed_validation_file_is_named_as_such(tiny_llama_dir, small_json
     spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", validation_path=str(validation))
     with pytest.raises(
         UserError,
-        match="In the validation file: Line 1 .* needs text fields prompt \(or prompt_messages\), chosen and rejected",
+        match=r"In the validation file: Line 1 .* needs text fields prompt \(or prompt_messages\), chosen and rejected",
     ):
         dpo.run(spec, Reporter())
 
@@ -189,7 +189,7 @@ def test_it_refuses_an_encoder_as_base(tiny_bert_dir, small_jsonl, tmp_path):
 def test_it_refuses_rows_without_a_rejected_answer(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Say one.", "chosen": "one!"}])
     with pytest.raises(
-        UserError, match="Line 1 of the dataset needs text fields prompt \(or prompt_messages\), chosen and rejected"
+        UserError, match=r"Line 1 of the dataset needs text fields prompt \(or prompt_messages\), chosen and rejected"
     ):
         dpo.run(make_spec(tiny_llama_dir, data, tmp_path / "out"), Reporter())
 

@@ -75,6 +75,8 @@ def evaluated(stack, tiny_bert_dir, tmp_path_factory):
             "result": done["result"], "folder": folder}
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_an_evaluation_job_scores_the_base_and_each_fine_tune_on_every_row(stack, evaluated):
     board = evaluated["result"]["leaderboard"]
     first, second = evaluated["jobs"]
@@ -91,6 +93,8 @@ def test_an_evaluation_job_scores_the_base_and_each_fine_tune_on_every_row(stack
     assert 'id="rows"' in rows_page
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_the_rows_csv_and_a_fresh_process_on_the_download_agree_with_the_leaderboard(stack, evaluated):
     http, first = evaluated["http"], evaluated["jobs"][0]
     reply = http.get(f"{stack.base_url}/jobs/{evaluated['evaluation']}/rows.csv")
@@ -114,6 +118,8 @@ def test_the_rows_csv_and_a_fresh_process_on_the_download_agree_with_the_leaderb
     assert accuracy == pytest.approx(board[f"Job {first}"]["accuracy"])
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_another_users_evaluation_and_rows_are_not_found(stack, evaluated):
     stack.create_user("stranger")
     http = stack.session("stranger")

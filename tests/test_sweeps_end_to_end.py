@@ -12,7 +12,7 @@ from tests.support.model_fixtures import number_word, write_jsonl
 from tests.support.stack import LLAMA_LINEAR, PASSWORD, metric_steps
 from tests.test_browser import browser  # noqa: F401 (the fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 USER = "sweeper"
 FINAL = ("succeeded", "failed", "cancelled")

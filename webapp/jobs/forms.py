@@ -143,6 +143,7 @@ class JobForm(forms.Form):
         self.devices = sorted({worker.get("device", "?") for worker in workers})
         if not self.offers["qlora"]:
             self.fields["method"].widget.choices = [c for c in METHODS if c[0] != "qlora"]
+            self.fields["sweep_method"].choices = [c for c in self.fields["sweep_method"].choices if c[0] != "qlora"]
 
     def clean(self):
         data = super().clean()
