@@ -1,25 +1,38 @@
 """Evaluation on your own test set: through the real stack (two classifiers trained by the worker,
 an uploaded test set, an evaluation job over the base and both), the leaderboard and the per-row
 CSV, and the same accuracy from the downloaded artifact in a fresh process; the per-row files
-safe to open in a spreadsheet."""
+safe to open in a spreadsheet; and worker.evaluation on its own for every other family, each on a
+tiny recipe job whose validation file is the test set: the base scores what the job measured at
+step 0, the fine-tune what its final evaluation reported, and a model against itself changes no
+row."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import re
 import subprocess
 import sys
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from tests.support.model_fixtures import write_jsonl
 from tests.test_classify_recipe import group_rows
-from worker.evaluation import row_records, spreadsheet_safe
-from worker.spec import EvalModel, EvalSpec
+from tests.test_dpo_recipe import preference_rows
+from tests.test_embed_recipe import tag_rows
+from tests.test_kto_recipe import feedback_rows
+from tests.test_rerank_recipe import marker_rows
+from webapp.datasets.samples import domain as domain_samples
+from worker.errors import UserError
+from worker.evaluation import EVALUATORS, row_records, spreadsheet_safe
+from worker.events import Reporter
+from worker.families import FAMILIES
+from worker.spec import EvalModel, EvalSpec, SpecError, TrainSpec
 
 USER = "evaluator"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -159,3 +172,358 @@ def test_instruction_tuning_is_scored_by_the_reference_replys_loss_and_greedy_re
     table = list(csv.reader(io.StringIO(Path(result["rows_csv"]).read_text())))
     assert table[1][2] == "'=SUM(0)"  # a formula in the user's data stays text in the CSV
     assert [e["step"] for e in reporter.events if e["kind"] == "metric"] == [1, 2]
+
+
+# Every family on its own ----------------------------------------------------------------------
+# An encoder family's fine-tune comes from a tiny recipe job whose validation file is the test set,
+# and is expected to score what that job measured at step 0 (the base) and at its end. A causal
+# family's recipe job takes tens of seconds on two cores (its baseline's sample replies, the
+# forgetting probe), so make test scores a made-up fine-tune (LoRA adapter, or a whole model with
+# its weights moved) against the recipe's own functions on the same models, and the recipe jobs
+# run in make test-long.
+
+
+def test_every_family_is_evaluated_and_an_unknown_task_is_refused():
+    assert set(EVALUATORS) == set(FAMILIES)
+    with pytest.raises(SpecError, match="task"):
+        EvalSpec(task="poetry", dataset_path="", output_dir="", models=[])
+
+
+def test_a_test_set_is_read_by_the_recipes_reader_which_names_the_line(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"query": "q", "document": "d", "relevance": 1}\n{"query": "q", "document": "e"}\n')
+    with pytest.raises(UserError, match="Line 2 of the test set: relevance"):
+        EVALUATORS["rerank"].read(path)
+    path.write_text('{"prompt": "p", "chosen": "a"}\n')
+    with pytest.raises(UserError, match="Line 1 of the test set needs text fields prompt"):
+        EVALUATORS["dpo"].read(path)
+
+
+def recipe_job(folder: Path, base: Path, task: str, rows: list[dict], test_rows: list[dict], **settings) -> dict:
+    """A tiny `task` job trained on `rows`, evaluated on `test_rows` (its validation file) at step 0
+    and at the end only: its spec, its fine-tune, the test set, and what it measured."""
+    from importlib import import_module
+
+    test = write_jsonl(folder / "test.jsonl", test_rows)
+    spec = TrainSpec(base_model=str(base), task=task, dataset_path=str(write_jsonl(folder / "train.jsonl", rows)),
+                     validation_path=str(test), output_dir=str(folder / "job"), eval_every=100, **settings)
+    result = import_module(f"worker.recipes.{task}").run(spec, Reporter())
+    return {"spec": spec, "fine_tune": result["artifact_dir"], "test": test,
+            "expected": (result["metrics_before"], result["metrics_after"])}
+
+
+def made_up_job(folder: Path, base: Path, task: str, test_rows: list[dict], fine_tune: Path, measure, **settings):
+    """A `task` job of `base` whose fine-tune is `fine_tune`, and what measure(model, reference,
+    tokenizer) (the recipe's own functions) makes of the base (its own reference) and of it."""
+    from peft import PeftModel
+
+    from worker.models import load_causal_lm
+
+    spec = TrainSpec(base_model=str(base), task=task, dataset_path="", output_dir=str(folder), **settings)
+    base_model, tokenizer = load_causal_lm(spec)
+    if (fine_tune / "adapter_config.json").is_file():
+        tuned = PeftModel.from_pretrained(load_causal_lm(spec)[0], fine_tune)
+    else:
+        tuned = load_causal_lm(TrainSpec(**{**asdict(spec), "base_model": str(fine_tune)}))[0]
+    expected = (measure(base_model, base_model, tokenizer), measure(tuned, base_model, tokenizer))
+    return {"spec": spec, "fine_tune": str(fine_tune), "test": write_jsonl(folder / "test.jsonl", test_rows),
+            "expected": expected}
+
+
+def evaluate(job: dict, folder: Path, models: list[EvalModel] | None = None) -> dict:
+    """worker.evaluation of `models` (by default the job's base and its fine-tune) on the job's test
+    set; the result with its per-row records and its CSV table."""
+    from worker.evaluation import run
+
+    spec = job["spec"]
+    eval_spec = EvalSpec(task=spec.task, dataset_path=str(job["test"]), output_dir=str(folder),
+                         models=models or base_and_fine_tune(job), batch_size=spec.batch_size,
+                         max_seq_length=spec.max_seq_length)
+    result = run(eval_spec, Reporter())
+    return {**result, "records": json.loads(Path(result["rows_json"]).read_text()),
+            "table": list(csv.DictReader(io.StringIO(Path(result["rows_csv"]).read_text())))}
+
+
+def base_and_fine_tune(job: dict) -> list[EvalModel]:
+    spec = asdict(job["spec"])
+    return [EvalModel("Base model", spec), EvalModel("Job 1: tuned", spec, job["fine_tune"], 1)]
+
+
+@pytest.fixture(scope="module")
+def rerank_job(tiny_bert_dir, tmp_path_factory):
+    rows = marker_rows(queries=24, documents=5)
+    return recipe_job(tmp_path_factory.mktemp("rerank"), tiny_bert_dir, "rerank", rows[:90], rows[90:],
+                      method="full", learning_rate=3e-3, max_steps=3, batch_size=4, max_seq_length=32)
+
+
+@pytest.fixture(scope="module")
+def embed_job(tiny_bert_dir, tmp_path_factory):
+    rows = tag_rows()
+    return recipe_job(tmp_path_factory.mktemp("embed"), tiny_bert_dir, "embed", rows[:96], rows[96:],
+                      method="full", learning_rate=1e-3, max_steps=3, batch_size=16, max_seq_length=32)
+
+
+@pytest.fixture(scope="module")
+def causal_fine_tunes(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Fine-tunes of the tiny llama that differ from it: a LoRA adapter (its B matrices set) and a
+    whole model (its weights moved)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("causal-fine-tunes")
+    torch.manual_seed(1)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(folder / "lora")
+    whole = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        for parameter in whole.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    whole.save_pretrained(folder / "full")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder / "full")
+    return {"lora": folder / "lora", "full": folder / "full"}
+
+
+@pytest.fixture(scope="module")
+def domain_model(tiny_llama_dir, causal_fine_tunes, tmp_path_factory):
+    from worker.recipes import domain
+
+    documents = domain_samples.rows()[9:12]
+
+    def measure(model, reference, tokenizer):
+        packed = domain.pack(domain.tokenize(documents, tokenizer), 32, tokenizer.pad_token_id)
+        return domain.held_out_loss(model, packed, len(documents), 4).metrics
+
+    return made_up_job(tmp_path_factory.mktemp("domain-model"), tiny_llama_dir, "domain", documents,
+                       causal_fine_tunes["lora"], measure, method="lora", batch_size=4, max_seq_length=32)
+
+
+@pytest.fixture(scope="module")
+def dpo_model(tiny_llama_dir, causal_fine_tunes, tmp_path_factory):
+    """A LoRA fine-tune: its reference is the base, its adapters switched off."""
+    from worker import preference
+    from worker.recipes import dpo
+
+    rows = preference_rows(24)[16:20]
+
+    def measure(model, reference, tokenizer):
+        pairs = [dpo.tokenize_pair(row, tokenizer) for row in rows]
+        answers = [(ids["prompt"], (ids["chosen"], ids["rejected"])) for ids in pairs]
+        scores = [preference.score(network, answers, 64) for network in (model, reference)]
+        return dpo.preference_metrics(*scores, beta=0.1)
+
+    return made_up_job(tmp_path_factory.mktemp("dpo-model"), tiny_llama_dir, "dpo", rows, causal_fine_tunes["lora"],
+                       measure, method="lora", batch_size=8, max_seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def kto_model(tiny_llama_dir, causal_fine_tunes, tmp_path_factory):
+    """A full fine-tune: its reference is the base, loaded on its own."""
+    import torch
+
+    from worker.recipes import kto
+
+    rows = feedback_rows(24)[16:20]
+    labelled = [kto.read_label(row, "") for row in rows]
+
+    def measure(model, reference, tokenizer):
+        held_out = [(row, kto.tokenize_row(row, tokenizer)) for row in labelled]
+        spec = TrainSpec(base_model=str(tiny_llama_dir), task="kto", dataset_path="", output_dir="", max_seq_length=64)
+        scores = [kto.Setup(spec, Reporter(), network, tokenizer, None, held_out).scores() for network in (model, reference)]
+        desirable = torch.tensor([row["desirable"] for row in labelled])
+        return kto.kto_metrics(*scores, desirable, beta=0.1)
+
+    return made_up_job(tmp_path_factory.mktemp("kto-model"), tiny_llama_dir, "kto", rows, causal_fine_tunes["full"],
+                       measure, method="full", batch_size=8, max_seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def domain_job(tiny_llama_dir, tmp_path_factory):
+    documents = domain_samples.rows()[:12]
+    return recipe_job(tmp_path_factory.mktemp("domain"), tiny_llama_dir, "domain", documents[:9], documents[9:],
+                      method="lora", learning_rate=2e-2, max_steps=2, batch_size=4, max_seq_length=32)
+
+
+@pytest.fixture(scope="module")
+def dpo_job(tiny_llama_dir, tmp_path_factory):
+    rows = preference_rows(24)
+    return recipe_job(tmp_path_factory.mktemp("dpo"), tiny_llama_dir, "dpo", rows[:16], rows[16:],
+                      method="lora", learning_rate=2e-2, max_steps=2, batch_size=8, max_seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def kto_job(tiny_llama_dir, tmp_path_factory):
+    rows = feedback_rows(24)
+    return recipe_job(tmp_path_factory.mktemp("kto"), tiny_llama_dir, "kto", rows[:16], rows[16:],
+                      method="full", learning_rate=1e-3, max_steps=2, batch_size=8, max_seq_length=64)
+
+
+RECIPE_RUNS = [pytest.param(name, marks=pytest.mark.long) for name in ("domain_job", "dpo_job", "kto_job")]
+FAMILY_JOBS = ["rerank_job", "embed_job", "domain_model", "dpo_model", "kto_model", *RECIPE_RUNS]
+
+
+@pytest.fixture(scope="module")
+def evaluations(request, tmp_path_factory):
+    """evaluated(name): the base and the fine-tune of the job fixture `name`, evaluated once."""
+    done: dict[str, dict] = {}
+
+    def evaluated(name: str) -> dict:
+        if name not in done:
+            done[name] = evaluate(request.getfixturevalue(name), tmp_path_factory.mktemp(f"evaluated-{name}"))
+        return done[name]
+
+    return evaluated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY_JOBS)
+def test_the_base_and_the_fine_tune_score_what_the_recipe_measures_of_them(request, evaluations, name):
+    """A recipe job's base: what it measured at step 0; its fine-tune: what it measured at the end."""
+    job, evaluated = request.getfixturevalue(name), evaluations(name)
+    base, tuned = (entry["metrics"] for entry in evaluated["leaderboard"])
+    before, after = job["expected"]
+    assert base and set(base) == set(tuned) <= set(before) and base != tuned
+    assert base == pytest.approx({key: before[key] for key in base}, rel=1e-4, abs=1e-6)
+    assert tuned == pytest.approx({key: after[key] for key in tuned}, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY_JOBS)
+def test_every_row_has_each_models_output_and_score_and_the_change_between_them(request, evaluations, name):
+    job, evaluated = request.getfixturevalue(name), evaluations(name)
+    records, lower_is_better = evaluated["records"], evaluated["scored"]["lower_is_better"]
+    assert len(records) == len(evaluated["table"]) == evaluated["rows"] == len(job["test"].read_text().splitlines())
+    assert lower_is_better == (job["spec"].task == "domain")
+    for record in records:
+        base, tuned = (model["score"] for model in record["models"])
+        assert all(model["output"] for model in record["models"])
+        assert record["change"] == pytest.approx(base - tuned if lower_is_better else tuned - base)
+    assert any(record["change"] for record in records)
+    assert evaluated["table"][0]["Job 1: tuned: output"] == records[0]["models"][1]["output"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY_JOBS[:5])
+def test_a_fine_tune_against_itself_changes_no_row(request, name, tmp_path):
+    job = request.getfixturevalue(name)
+    tuned = base_and_fine_tune(job)[1]
+    evaluated = evaluate(job, tmp_path, [tuned, EvalModel("Job 1 again", tuned.spec, tuned.final_dir, 1)])
+    first, second = (entry["metrics"] for entry in evaluated["leaderboard"])
+    assert first == second
+    assert {record["change"] for record in evaluated["records"]} == {0}
+
+
+@pytest.mark.slow
+def test_a_rerankers_rows_show_its_score_and_rank_and_share_their_querys_ndcg(evaluations):
+    from worker.recipes.rerank import ranking_metrics
+
+    records, first = evaluations("rerank_job")["records"], marker_rows(24, 5)[90]
+    assert records[0]["input"] == f"{first['query']} || {first['document']}"
+    query = records[:5]  # the first test query's five documents
+    tuned = [record["models"][1] for record in query]
+    assert sorted(model["detail"] for model in tuned) == [f"rank {rank} of 5" for rank in range(1, 6)]
+    rows = [{"query": "q", "relevance": float(record["reference"].split()[1])} for record in query]
+    ndcg = ranking_metrics(rows, [-int(model["detail"].split()[1]) for model in tuned])["ndcg@10"]
+    assert [model["score"] for model in tuned] == [ndcg] * 5
+
+
+@pytest.mark.slow
+def test_an_embedders_rows_show_the_top_document_and_the_rank_of_the_positive(embed_job, evaluations):
+    test_rows = [json.loads(line) for line in embed_job["test"].read_text().splitlines()]
+    corpus = {row["positive"] for row in test_rows} | {row["negative"] for row in test_rows}
+    for record in evaluations("embed_job")["records"]:
+        for model in record["models"]:
+            assert model["output"] in corpus
+            found = re.fullmatch(r"positive at rank (\d+)", model["detail"])
+            assert model["score"] == (1 / int(found.group(1)) if found else 0)
+            assert (model["output"] == record["reference"]) == (model["score"] == 1)
+
+
+@pytest.mark.slow
+def test_a_documents_score_is_its_loss_and_a_fall_in_loss_is_a_positive_change(evaluations):
+    for record in evaluations("domain_model")["records"]:
+        base, tuned = record["models"]
+        assert base["output"] == f"perplexity {math.exp(base['score']):.4g}"
+        assert record["change"] == pytest.approx(base["score"] - tuned["score"])
+
+
+@pytest.mark.slow
+def test_a_pairs_score_is_its_reward_margin_against_the_reference_which_the_base_is(evaluations):
+    evaluated = evaluations("dpo_model")
+    records, first = evaluated["records"], preference_rows(24)[16]
+    assert records[0]["input"] == first["prompt"]
+    assert records[0]["reference"] == f"chosen: {first['chosen']} · rejected: {first['rejected']}"
+    assert {record["models"][0]["score"] for record in records} == {0}
+    assert {model["output"] for r in records for model in r["models"]} <= {"prefers chosen", "prefers rejected"}
+    preferred = sum(record["models"][1]["output"] == "prefers chosen" for record in records) / len(records)
+    assert evaluated["leaderboard"][1]["metrics"]["preference_accuracy"] == preferred
+    margins = [record["models"][1]["score"] for record in records]
+    assert evaluated["leaderboard"][1]["metrics"]["reward_margin"] == pytest.approx(sum(margins) / len(margins))
+
+
+@pytest.mark.slow
+def test_a_completions_score_is_its_reward_signed_by_its_label(evaluations):
+    evaluated = evaluations("kto_model")
+    records = evaluated["records"]
+    assert {record["models"][0]["score"] for record in records} == {0}
+    assert {record["models"][0]["output"] for record in records} == {"as likely as under the reference"}
+    tuned = [record["models"][1] for record in records]
+    right = [1 if model["score"] > 0 else 0.5 if model["score"] == 0 else 0 for model in tuned]
+    assert evaluated["leaderboard"][1]["metrics"]["sign_accuracy"] == pytest.approx(sum(right) / len(right))
+    for record, model in zip(records, tuned, strict=True):
+        desirable = record["reference"].startswith("desirable:")
+        assert model["output"].startswith("more likely") == ((model["score"] > 0) == desirable)
+
+
+# The pages ------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_dataset_page_offers_to_evaluate_a_fine_tune_of_any_family(owner, owner_client, media_root):
+    from webapp.datasets.models import Dataset
+    from webapp.jobs.models import Job
+
+    dataset = Dataset.objects.create(owner=owner, name="queries", original_name="q.jsonl", format="jsonl",
+                                     task="rerank", status="ready", rows_ok=30)
+    Job.objects.create(owner=owner, dataset=dataset, name="ranker", state="succeeded",
+                       spec={"task": "rerank", "base_model": "all-minilm-l6-v2", "method": "full"})
+    page = owner_client.get(f"/datasets/{dataset.id}/").content.decode()
+    assert 'id="evaluate-form"' in page and "Job " in page and "ranker" in page
+
+
+@pytest.mark.django_db
+def test_the_rows_page_says_what_the_scores_are_and_shows_each_models_detail(owner, owner_client, media_root):
+    from django.utils.html import escape
+
+    from webapp.datasets.models import Dataset
+    from webapp.jobs.models import Job
+
+    dataset = Dataset.objects.create(owner=owner, name="q", original_name="q.jsonl", format="jsonl", task="embed")
+    rows = media_root / "rows.json"
+    media_root.mkdir(parents=True, exist_ok=True)
+    rows.write_text(json.dumps([{"row": 1, "input": "reset password", "reference": "Open Settings", "change": 0.5,
+                                 "models": [{"output": "Office hours", "score": 0.5, "detail": "positive at rank 2"},
+                                            {"output": "Open Settings", "score": 1.0, "detail": "positive at rank 1"}]}]))
+    scored = EVALUATORS["embed"].described
+    evaluation = Job.objects.create(owner=owner, dataset=dataset, name="e", kind="evaluate", state="succeeded",
+                                    spec={"task": "embed", "models": [], "base_model": "x"},
+                                    result={"leaderboard": [{"label": "Base model", "job_id": None, "metrics": {}},
+                                                            {"label": "Job 1: t", "job_id": None, "metrics": {}}],
+                                            "rows_json": str(rows), "scored": scored})
+    page = owner_client.get(f"/jobs/{evaluation.id}/rows/").content.decode()
+    assert escape(scored["output"]) in page and escape(scored["score"]) in page and "higher is better" in page
+    assert "positive at rank 2" in page and "positive at rank 1" in page
+    assert escape(scored["score"]) in owner_client.get(f"/jobs/{evaluation.id}/").content.decode()
+
+
+@pytest.mark.slow
+def test_a_pair_whose_prompt_fills_the_length_is_skipped_as_in_training(dpo_model, tmp_path):
+    rows = preference_rows(2)
+    rows[0]["prompt"] = "word " * 100
+    job = {**dpo_model, "test": write_jsonl(tmp_path / "test.jsonl", rows)}
+    evaluated = evaluate(job, tmp_path / "out", base_and_fine_tune(job))
+    skipped, scored = evaluated["records"]
+    assert [model["score"] for model in skipped["models"]] == [None, None] and skipped["change"] is None
+    assert skipped["models"][1]["output"] == "" and skipped["input"] == rows[0]["prompt"]
+    assert scored["models"][0]["score"] == 0 and scored["change"] == scored["models"][1]["score"]

@@ -232,9 +232,6 @@ def _within(name: str, value: int, minimum: int) -> None:
 
 # Evaluation -----------------------------------------------------------------------------------
 
-EVALUATION_TASKS = ("sft", "classify", "pair")
-"""The families worker.evaluation scores on a test set (the others are not built yet)."""
-
 
 @dataclass
 class EvalModel:
@@ -253,8 +250,8 @@ class EvalModel:
 
 @dataclass
 class EvalSpec:
-    """An evaluation of models on a test set: the contract between the web app and
-    worker.evaluation, as TrainSpec is for training."""
+    """An evaluation of models on a test set of any task family: the contract between the web app
+    and worker.evaluation, as TrainSpec is for training."""
 
     task: str
     dataset_path: str
@@ -263,6 +260,10 @@ class EvalSpec:
     batch_size: int = 8
     max_seq_length: int = 512
     job_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:  # worker.evaluation scores every family
+            raise SpecError("task", f"must be one of {', '.join(TASKS)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

@@ -1,6 +1,7 @@
-"""Evaluating models on a test set (a ready dataset): the form that starts an evaluation job, the
-spec it runs (worker.spec.EvalSpec, run by worker.evaluation), and the dataset's leaderboard,
-which every succeeded evaluation on it adds to (the latest score of each model stands)."""
+"""Evaluating models on a test set (a ready dataset of any task family): the form that starts an
+evaluation job, the spec it runs (worker.spec.EvalSpec, run by worker.evaluation), and the
+dataset's leaderboard, which every succeeded evaluation on it adds to (the latest score of each
+model stands)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from django.conf import settings
 
 from webapp.jobs.models import EVALUATE, SUCCEEDED, TRAIN, Job
 from webapp.jobs.playground import base_name
-from worker.spec import EVALUATION_TASKS
 
 ROW_LIMIT = 500
 """Rows the per-row page shows at once (the CSV has them all)."""
@@ -38,8 +38,6 @@ class EvaluateForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if self.dataset.task not in EVALUATION_TASKS:
-            raise forms.ValidationError("Evaluation on a test set covers instruction tuning and classification so far.")
         if not data.get("jobs"):
             raise forms.ValidationError("Choose at least one fine-tune to evaluate.")
         active = Job.objects.filter(owner=self.dataset.owner, state__in=Job.ACTIVE_STATES).count()
@@ -66,9 +64,9 @@ class EvaluateForm(forms.Form):
 
 
 def can_evaluate(dataset) -> bool:
-    """Whether the dataset page offers to evaluate on it: ready, a task evaluation covers, and
-    one of its owner's fine-tunes of that task to evaluate."""
-    return dataset.is_ready and dataset.task in EVALUATION_TASKS and evaluable_jobs(dataset).exists()
+    """Whether the dataset page offers to evaluate on it: ready, and one of its owner's fine-tunes
+    of its task to evaluate."""
+    return dataset.is_ready and evaluable_jobs(dataset).exists()
 
 
 def evaluable_jobs(dataset):
