@@ -31,6 +31,8 @@
       row.querySelector("[data-after]").textContent = job.after === null ? "—" : job.after.toFixed(4);
       row.classList.toggle("best", job.id === status.best);
       row.querySelector("[data-best]").classList.toggle("hidden", job.id !== status.best);
+      row.querySelector("[data-balanced]").classList.toggle("hidden", job.id !== status.balanced);
+      row.querySelector("[data-forgetting]").textContent = job.forgetting == null ? "—" : job.forgetting.toFixed(4);
     });
     draw(status.curves);
     if (!status.active) {

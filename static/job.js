@@ -120,9 +120,15 @@
   }
 
   // The trade-off: the primary held-out metric against forgetting, one point per evaluation (new
-  // arrays each time: Plotly.react redraws only what it sees change).
+  // arrays each time: Plotly.react redraws only what it sees change). A finished job's checkpoints
+  // kept for download are ringed, the best trade-off in green.
   const primary = root.dataset.primaryMetric;
   const tradeoff = { x: [], y: [], text: [] };
+  const kept = JSON.parse(document.getElementById("job-checkpoints")?.textContent || "[]");
+  const keptTrace = {
+    x: kept.map((c) => c.forgetting), y: kept.map((c) => c.metric), mode: "markers", hoverinfo: "skip",
+    marker: { size: 16, color: "rgba(0,0,0,0)", line: { width: 2, color: kept.map((c) => (c.balanced ? "#16a34a" : "#7c3aed")) } },
+  };
 
   function plotTradeoff(ev) {
     if (typeof ev[primary] !== "number") return;
@@ -133,7 +139,7 @@
     Plotly.react(document.getElementById("tradeoff-chart"), [{
       x: [...tradeoff.x], y: [...tradeoff.y], text: [...tradeoff.text], mode: "lines+markers+text", textposition: "top center", cliponaxis: false,
       line: { color: "#7c3aed" }, hovertemplate: `%{text}<br>forgetting %{x:.4f}<br>${primary} %{y:.4f}<extra></extra>`,
-    }], { margin: { t: 20, r: 20, b: 50, l: 60 }, height: 320, showlegend: false,
+    }, keptTrace], { margin: { t: 20, r: 20, b: 50, l: 60 }, height: 320, showlegend: false,
           xaxis: { title: { text: "forgetting (0 = the base model; higher = more forgotten)" }, rangemode: "tozero" },
           yaxis: { title: { text: primary } } }, { displaylogo: false, responsive: true });
   }

@@ -29,7 +29,11 @@ def objects(owner, media_root):
     artifact = media_root / "jobs" / str(job.id) / "specialist-job-adapter.zip"
     artifact.parent.mkdir(parents=True)
     zipfile.ZipFile(artifact, "w").close()
-    Job.objects.filter(id=job.id).update(state="succeeded", result={"artifact_zip": str(artifact)})
+    checkpoint = artifact.with_name("specialist-job-adapter-step-8.zip")
+    zipfile.ZipFile(checkpoint, "w").close()
+    kept = [{"step": 8, "final": False, "balanced": True, "zip": str(checkpoint),
+             "metrics": {"eval_loss": 1.0, "forgetting": 0.1}}]
+    Job.objects.filter(id=job.id).update(state="succeeded", result={"artifact_zip": str(artifact), "checkpoints": kept})
     key, _ = ApiKey.issue(owner, "laptop")
     delivery = Delivery.test_event(Endpoint.objects.create(owner=owner, url="https://example.com/hook"))
     export = Export.objects.create(job=job, kind="merged", state="ready", path=str(artifact), size_bytes=22)
@@ -39,7 +43,7 @@ def objects(owner, media_root):
                                     spec={"task": "classify", "models": [], "base_model": "x"},
                                     result={"leaderboard": [], "rows_csv": str(rows_csv), "rows_json": "none"})
     return {"dataset_id": dataset.id, "job_id": job.id, "key_id": key.id, "delivery_id": delivery.id,
-            "export_id": export.id, "group_id": group.id, "evaluation_id": evaluation.id}
+            "export_id": export.id, "group_id": group.id, "evaluation_id": evaluation.id, "step": 8}
 
 
 def urls_with_ids(objects) -> list[tuple[str, str]]:
@@ -56,7 +60,8 @@ def urls_with_ids(objects) -> list[tuple[str, str]]:
                           .replace("<int:delivery_id>", str(kwargs.get("delivery_id")))
                           .replace("<int:export_id>", str(kwargs.get("export_id")))
                           .replace("<int:group_id>", str(kwargs.get("group_id")))
-                          .replace("<int:evaluation_id>", str(kwargs.get("evaluation_id")))))
+                          .replace("<int:evaluation_id>", str(kwargs.get("evaluation_id")))
+                          .replace("<int:step>", str(kwargs.get("step")))))
     return found
 
 
@@ -71,7 +76,7 @@ def test_the_walk_covers_every_object_url(objects):
         "dataset_columns", "dataset_media", "accept_dataset_rows", "replace_dataset_file", "add_validation_file",
         "remove_validation_file", "dataset_quality", "revoke_key", "try_base", "try_tuned", "webhook_delivery",
         "retry_webhook_delivery", "request_export", "download_export", "job_group", "job_group_status", "cancel_job_group",
-        "evaluate_dataset", "evaluation_rows", "evaluation_csv",
+        "evaluate_dataset", "evaluation_rows", "evaluation_csv", "download_checkpoint",
     }
 
 
@@ -102,8 +107,10 @@ def test_staff_see_other_users_jobs(objects, django_user_model, client):
 
 
 def test_downloads_are_attachments(owner_client, objects):
-    reply = owner_client.get(f"/jobs/{objects['job_id']}/download/")
-    assert reply.status_code == 200 and reply["Content-Disposition"].startswith("attachment")
+    for path in (f"/jobs/{objects['job_id']}/download/", f"/jobs/{objects['job_id']}/checkpoints/8/download/"):
+        reply = owner_client.get(path)
+        assert reply.status_code == 200 and reply["Content-Disposition"].startswith("attachment"), path
+    assert owner_client.get(f"/jobs/{objects['job_id']}/checkpoints/9/download/").status_code == 404
 
 
 def test_no_field_names_another_users_file_or_model(other_client, other_user, objects, media_root):

@@ -549,3 +549,25 @@ def test_binary_metrics_score_the_positive_label():
     assert metrics["f1"] == pytest.approx(2 / 3)  # supported: precision 1/2, recall 1
     assert metrics["auroc"] == 1.0
     assert confusion == {"labels": labels, "matrix": [[1, 0], [1, 2]]}
+
+
+def test_a_job_resumed_with_a_baseline_kept_before_the_forgetting_meter_finishes_without_it(
+    tiny_bert_dir, group_jsonl, tmp_path
+):
+    """The base is gone by then (a full fine-tune): the meter stays off rather than taking the
+    resumed model for the base, and the job finishes."""
+    from tests.support.resume import StopAfter
+
+    spec = make_spec(tiny_bert_dir, group_jsonl, tmp_path / "out", method="full", max_steps=6, checkpoint_every=3,
+                     eval_every=3)
+    with pytest.raises(Cancelled):
+        classify.run(spec, StopAfter(4))
+    kept = tmp_path / "out" / "baseline.json"
+    old = json.loads(kept.read_text())
+    assert old["probe"]  # what this version keeps; the earlier one did not
+    kept.write_text(json.dumps({k: v for k, v in old.items() if k != "probe"}))
+    resumed = Reporter()
+    result = classify.run(spec, resumed)
+    assert "Resuming from the checkpoint at step 3." in [e.get("message") for e in resumed.events]
+    assert "accuracy" in result["metrics_after"] and "forgetting" not in result["metrics_after"]
+    assert result["checkpoints"] == []  # nothing to weigh the checkpoints by

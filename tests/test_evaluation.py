@@ -527,3 +527,42 @@ def test_a_pair_whose_prompt_fills_the_length_is_skipped_as_in_training(dpo_mode
     assert [model["score"] for model in skipped["models"]] == [None, None] and skipped["change"] is None
     assert skipped["models"][1]["output"] == "" and skipped["input"] == rows[0]["prompt"]
     assert scored["models"][0]["score"] == 0 and scored["change"] == scored["models"][1]["score"]
+
+
+def test_a_kept_checkpoint_scores_on_the_test_set_what_its_evaluation_measured(tiny_bert_dir, tmp_path, monkeypatch):
+    """A classifier's checkpoint kept for download (worker.snapshots), unpacked by the evaluation,
+    scores on the job's own validation file what the job measured there at that step."""
+    from worker import encoder_forgetting
+
+    monkeypatch.setattr(encoder_forgetting, "BUDGET", 1e9)  # the meter at every evaluation, however slow
+    from worker.recipes import classify
+
+    rows = group_rows(120)
+    test = write_jsonl(tmp_path / "test.jsonl", rows[90:])
+    spec = TrainSpec(base_model=str(tiny_bert_dir), task="classify", output_dir=str(tmp_path / "job"),
+                     dataset_path=str(write_jsonl(tmp_path / "train.jsonl", rows[:90])), validation_path=str(test),
+                     method="full", learning_rate=5e-4, max_steps=6, eval_every=2, batch_size=8, max_seq_length=32)
+    result = classify.run(spec, reporter := Reporter())
+    job = {"spec": spec, "test": test}
+    kept = [entry for entry in result["checkpoints"] if not entry["final"]]
+    assert kept, result["checkpoints"]
+    measured = {e["step"]: e for e in reporter.events if e["kind"] == "eval" and not e.get("baseline")}
+    spec = asdict(job["spec"])
+    models = [EvalModel(f"Job 1: tuned · step {e['step']}", spec, checkpoint_zip=e["zip"], job_id=1, step=e["step"])
+              for e in kept]
+    evaluated = evaluate(job, tmp_path / "evaluation", [EvalModel("Job 1: tuned", spec, result["artifact_dir"], 1),
+                                                        *models])
+    board = evaluated["leaderboard"]
+    assert [entry["step"] for entry in board] == [None, *(e["step"] for e in kept)]
+    for entry in board[1:]:
+        assert entry["metrics"]["accuracy"] == pytest.approx(measured[entry["step"]]["accuracy"])
+        assert entry["metrics"]["eval_loss"] == pytest.approx(measured[entry["step"]]["eval_loss"], rel=1e-4)
+    assert board[0]["metrics"]["eval_loss"] == pytest.approx(result["metrics_after"]["eval_loss"], rel=1e-4)
+
+
+def test_a_checkpoint_whose_zip_is_gone_is_named(tmp_path):
+    from worker.evaluation import unpacked
+
+    gone = EvalModel("Job 3: tuned · step 8", {}, checkpoint_zip=str(tmp_path / "nothing.zip"), step=8)
+    with pytest.raises(UserError, match="Job 3: tuned · step 8: the checkpoint is no longer there"):
+        unpacked(gone, tmp_path / "into")

@@ -1,6 +1,7 @@
 """The job page's forgetting meter: the trade-off chart's data (each evaluation's primary metric and
 forgetting, in the page's event history) and the general answers table from the job's result."""
 
+import asyncio
 import json
 import re
 
@@ -53,3 +54,39 @@ def test_a_job_without_general_answers_keeps_the_table_hidden(owner, owner_clien
     job = make_job(owner, {})
     html = owner_client.get(f"/jobs/{job.id}/").content.decode()
     assert 'class="panel hidden" id="general-answers"' in html
+
+
+async def read_all(chunks) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+def test_the_kept_checkpoints_are_listed_with_the_best_trade_off_marked_and_download(owner, owner_client, media_root):
+    job = make_job(owner, {})
+    kept = job.output_dir / "specialist-job-1-model-step-10.zip"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    final = job.output_dir / "specialist-job-1-model.zip"
+    final.write_bytes(b"PK\x05\x06" + b"\0" * 18 + b"final")
+    checkpoints = [
+        {"step": 10, "final": False, "balanced": True, "zip": str(kept), "metrics": {"eval_loss": 1.2, "forgetting": 0.03}},
+        {"step": 20, "final": True, "balanced": False, "zip": None, "metrics": {"eval_loss": 0.9, "forgetting": 0.08}},
+    ]
+    Job.objects.filter(id=job.id).update(result={"checkpoints": checkpoints, "artifact_zip": str(final)})
+    html = owner_client.get(f"/jobs/{job.id}/").content.decode()
+    table = html[html.index('id="checkpoints"'):html.index("</table>", html.index('id="checkpoints"'))]
+    rows = table.split("<tr")[2:]
+    assert "Step 10" in rows[0] and "best trade-off" in rows[0] and 'class="best"' in rows[0]
+    assert "1.2000" in rows[0] and "0.0300" in rows[0]
+    assert f'/jobs/{job.id}/checkpoints/10/download/' in rows[0]
+    assert "Step 20 (the final model)" in rows[1] and "best trade-off" not in rows[1]
+    assert f'href="/jobs/{job.id}/download/"' in rows[1]
+    reply = owner_client.get(f"/jobs/{job.id}/checkpoints/10/download/")
+    assert asyncio.run(read_all(reply.streaming_content)) == kept.read_bytes()
+    assert reply["Content-Disposition"] == 'attachment; filename="specialist-job-1-model-step-10.zip"'
+    assert owner_client.get(f"/jobs/{job.id}/checkpoints/20/download/").status_code == 404  # the final is /download/
+
+
+def test_a_running_job_lists_no_checkpoints(owner, owner_client):
+    job = make_job(owner, {})
+    Job.objects.filter(id=job.id).update(state="running", result={})
+    assert 'id="checkpoints"' not in owner_client.get(f"/jobs/{job.id}/").content.decode()

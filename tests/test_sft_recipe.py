@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.model_fixtures import sft_rows, write_jsonl
-from worker import forgetting
+from worker import forgetting, tradeoff
 from worker.artifacts import zip_dir
 from worker.errors import Cancelled, UserError
 from worker.events import Reporter
@@ -368,3 +368,56 @@ def test_worker_run_prints_each_event_as_a_json_line(tiny_llama_dir, sft_jsonl, 
     assert [e["state"] for e in events if e["kind"] == "state"][-1] == "succeeded"
     assert [e["step"] for e in events if e["kind"] == "metric"] == [1, 2]
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("run", ["lora_run", "full_run"])
+def test_the_checkpoints_kept_for_download_are_the_evaluations_on_the_trade_off_front(request, run):
+    run = request.getfixturevalue(run)
+    evals = [(e["step"], e) for e in run["events"] if e["kind"] == "eval" and not e.get("baseline")]
+    points = tradeoff.points(evals, "eval_loss")
+    front = [p for p in points if p in tradeoff.front(points, "eval_loss") or p.key == 24]  # the final is always listed
+    kept = run["result"]["checkpoints"]
+    assert [entry["step"] for entry in kept] == [point.key for point in front]
+    assert [entry["final"] for entry in kept] == [point.key == 24 for point in front]
+    assert sum(entry["balanced"] for entry in kept) == 1
+    for entry, point in zip(kept, front, strict=True):
+        assert entry["metrics"] == {"eval_loss": point.metric, "forgetting": point.forgetting}
+        assert (entry["zip"] is None) == entry["final"]
+
+
+def _unzipped(zip_path: str, into: Path) -> Path:
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(into)
+        return into / archive.namelist()[0].split("/")[0]
+
+
+def _kept_reference(run) -> forgetting.Reference:
+    """The base's probe as the job measured and kept it (its baseline.json)."""
+    return sft.kept_baseline(json.loads((Path(run["spec"].output_dir) / "baseline.json").read_text())).general
+
+
+def test_a_kept_checkpoint_is_the_model_as_evaluated_at_its_step(full_run, tmp_path):
+    """Its zip, loaded in a fresh model, measures the forgetting its evaluation reported, and its
+    card says which step it is; the final model measures its own."""
+    kept = [entry for entry in full_run["result"]["checkpoints"] if not entry["final"]]
+    assert kept, full_run["result"]["checkpoints"]  # full fine-tuning forgets more with every step here
+    reference = _kept_reference(full_run)
+    for entry in kept:
+        folder = _unzipped(entry["zip"], tmp_path / str(entry["step"]))
+        assert folder.name == f"specialist-model-step-{entry['step']}"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert forgetting.measure(model, reference)["forgetting"] == pytest.approx(entry["metrics"]["forgetting"], rel=1e-3)
+        assert f"step {entry['step']}, as evaluated during training" in (folder / "README.md").read_text()
+    final = AutoModelForCausalLM.from_pretrained(full_run["result"]["artifact_dir"])
+    final_forgetting = forgetting.measure(final, reference)["forgetting"]
+    assert final_forgetting == pytest.approx(full_run["result"]["metrics_after"]["forgetting"], rel=1e-3)
+    assert all(final_forgetting > entry["metrics"]["forgetting"] * 1.05 for entry in kept)
+
+
+def test_a_kept_lora_checkpoint_is_an_adapter_for_the_base(lora_run, tiny_llama_dir, tmp_path):
+    reference = _kept_reference(lora_run)
+    for entry in [entry for entry in lora_run["result"]["checkpoints"] if not entry["final"]]:
+        folder = _unzipped(entry["zip"], tmp_path / str(entry["step"]))
+        assert folder.name == f"specialist-job-12-adapter-step-{entry['step']}"
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), folder)
+        assert forgetting.measure(model, reference)["forgetting"] == pytest.approx(entry["metrics"]["forgetting"], rel=1e-3)

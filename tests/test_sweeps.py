@@ -66,13 +66,16 @@ def test_a_sweep_that_cannot_run_is_refused_where_it_is_wrong_and_starts_nothing
     assert not Job.objects.exists() and not JobGroup.objects.exists()
 
 
-def make_run(owner, dataset, group, lr, state, accuracy=None, losses=()):
+def make_run(owner, dataset, group, lr, state, accuracy=None, losses=(), forgetting=None):
     job = Job.objects.create(owner=owner, dataset=dataset, group=group, name=f"lr {lr}",
                              spec={**VALID, "task": "classify", "learning_rate": lr, "dataset_name": "d"})
     job.append_events([make_event("eval", 0, baseline=True, accuracy=0.3),
                        *(make_event("metric", step, loss=loss, total_steps=len(losses))
                          for step, loss in enumerate(losses, 1))])
     result = {"metrics_after": {"accuracy": accuracy, "eval_loss": 1 - accuracy}} if accuracy is not None else {}
+    if forgetting is not None:
+        result["metrics_after"]["forgetting"] = forgetting
+        result["metrics_before"] = {"accuracy": 0.3, "forgetting": 0.0}
     Job.objects.filter(id=job.id).update(state=state, result=result)
     job.refresh_from_db()
     return job
@@ -112,3 +115,25 @@ def test_the_compare_page_lists_only_the_settings_that_differ_and_the_metrics_si
     loss = next(row for row in context["final_metrics"] if row["name"] == "eval_loss")
     assert loss["best"] == 1  # lower is better
     assert len(context["curves"]) == 3 and 'id="loss-curves"' in reply.content.decode()
+
+
+def test_the_group_page_marks_the_best_trade_off_between_accuracy_and_forgetting(owner_client, owner, dataset):
+    """From 0.3 at step 0: +0.5 for 0.02 forgetting beats +0.6 for 0.30 (0.5/0.6 - 0.02/0.3 > 1 - 1)."""
+    group = JobGroup.objects.create(owner=owner, name="sweep", swept={"learning_rate": [1e-3, 2e-3, 5e-3]})
+    gentle = make_run(owner, dataset, group, 1e-3, "succeeded", accuracy=0.8, forgetting=0.02)
+    strong = make_run(owner, dataset, group, 2e-3, "succeeded", accuracy=0.9, forgetting=0.30)
+    worse = make_run(owner, dataset, group, 5e-3, "succeeded", accuracy=0.75, forgetting=0.05)
+    status = owner_client.get(f"/jobs/groups/{group.id}/status/").json()
+    assert status["best"] == strong.id and status["balanced"] == gentle.id
+    assert [job["forgetting"] for job in status["jobs"]] == [0.02, 0.30, 0.05]
+    page = owner_client.get(f"/jobs/groups/{group.id}/").content.decode()
+    row = page[page.index(f'id="run-{gentle.id}"'):page.index("</tr>", page.index(f'id="run-{gentle.id}"'))]
+    assert '<span class="badge" data-balanced>best trade-off</span>' in row and "0.0200" in row
+    assert page.count('<span class="badge" data-balanced>') == 1 and worse.id
+
+
+def test_without_forgetting_no_run_is_marked_as_the_best_trade_off(owner_client, owner, dataset):
+    group = JobGroup.objects.create(owner=owner, name="sweep", swept={"learning_rate": [1e-3, 2e-3]})
+    for lr, accuracy in ((1e-3, 0.7), (2e-3, 0.9)):
+        make_run(owner, dataset, group, lr, "succeeded", accuracy=accuracy)
+    assert owner_client.get(f"/jobs/groups/{group.id}/status/").json()["balanced"] is None

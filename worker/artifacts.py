@@ -187,6 +187,9 @@ NOT_ON_CARD = {"general_kl", "general_kl_coverage"}
 def _results(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     """Steps and losses, then each held-out metric as "base (step 0) → fine-tuned"."""
     rows: list[tuple[str, Any]] = [("Optimizer steps", metrics.get("steps"))]
+    if metrics.get("checkpoint_step"):
+        rows.insert(0, ("Checkpoint", f"step {metrics['checkpoint_step']}, as evaluated during training (the job "
+                                      "went on training after it; this is not its final model)"))
     before, after = metrics.get("metrics_before") or {}, metrics.get("metrics_after") or {}
     for name, value in after.items():
         if isinstance(value, int | float) and name not in NOT_ON_CARD:

@@ -2,11 +2,13 @@
 publishes what it made.
 
     jobs/<id>/attempt-<n>/     attempt n's checkpoints, baseline.json, final/, the zip
-    jobs/<id>/final/           published by the attempt that finishes the job, with the zip
-                               and eval_predictions.json beside it
+    jobs/<id>/final/           published by the attempt that finishes the job, with the zip,
+                               eval_predictions.json and the zips of the checkpoints kept for
+                               download (result["checkpoints"], worker.snapshots) beside it
 
 A new attempt starts from the newest signed checkpoint of the latest earlier attempt that has
-one, hard-linked into its own folder (the weights are not copied), with the stored baseline;
+one, hard-linked into its own folder (the weights are not copied), with the stored baseline
+and the weights kept at its evaluations;
 the earlier folders are then deleted. A reaped attempt that still runs (its worker stalled, then
 woke up) writes only into its own folder, which nobody reads again, and its lease no longer
 lets it publish or record anything (webapp.jobs.models.Lease).
@@ -45,6 +47,8 @@ def prepare(job_dir: Path, attempt: int) -> Path:
         if checkpoint is not None and baseline.is_file():
             _link_tree(Path(checkpoint), folder / Path(checkpoint).name)
             _link(baseline, folder / checkpoints.BASELINE)
+            if (source / checkpoints.EVALUATED).is_dir():
+                _link_tree(source / checkpoints.EVALUATED, folder / checkpoints.EVALUATED)
             break
     for old in earlier:
         shutil.rmtree(old, ignore_errors=True)
@@ -59,9 +63,14 @@ def publish(folder: Path, job_dir: Path, result: dict[str, Any]) -> dict[str, An
         if (folder / name).exists():
             _remove(job_dir / name)
             os.replace(folder / name, job_dir / name)
-    published = {key: str(job_dir / Path(result[key]).name) for key in FILE_KEYS if key in result}
+    published: dict[str, Any] = {key: str(job_dir / Path(result[key]).name) for key in FILE_KEYS if key in result}
     if "artifact_zip" in result:
         published["artifact_dir"] = str(job_dir / "final")
+    if result.get("checkpoints"):
+        published["checkpoints"] = [
+            {**entry, "zip": str(job_dir / Path(entry["zip"]).name) if entry.get("zip") else None}
+            for entry in result["checkpoints"]
+        ]
     return {**result, **published}
 
 
@@ -72,7 +81,10 @@ def unpublish(job_dir: Path, result: dict[str, Any]) -> None:
 
 
 def _published(result: dict[str, Any]) -> list[str]:
-    return [*PUBLISHED, *(Path(result[key]).name for key in FILE_KEYS if key in result)]
+    """The names of what a result publishes: the model, the files it names, the zips of the
+    checkpoints kept for download (worker.snapshots)."""
+    zips = [Path(entry["zip"]).name for entry in result.get("checkpoints") or () if entry.get("zip")]
+    return [*PUBLISHED, *(Path(result[key]).name for key in FILE_KEYS if key in result), *zips]
 
 
 def discard(job_dir: Path) -> None:

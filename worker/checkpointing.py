@@ -1,5 +1,6 @@
 """The Trainer's side of checkpoints (worker/checkpoints.py): a callback that saves on the step
-and time schedule, writes the resolved spec into the folder, signs and prunes; and the resume of
+and time schedule, writes the resolved spec into the folder, signs and prunes, and keeps the
+weights of each evaluation during training for download (worker.snapshots); and the resume of
 LoRA checkpoints for the sentence-transformers trainers."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers import TrainerCallback
 
 from worker.checkpoints import PREFIX, SPEC, prune, sign
 from worker.events import Reporter
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 FLUSH_SECONDS = 60  # how long a checkpoint waits for the events before it to be recorded
@@ -51,10 +53,35 @@ class Checkpointing(TrainerCallback):
         self.best_by = best_by
         self.sign = -1.0 if higher_is_better else 1.0
         self.last_save = time.monotonic()
+        self.snapshots = Snapshots(spec)
+        self.evaluated: set[int] = set()
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.last_save >= self.spec.checkpoint_minutes * 60:
             control.should_save = True
+
+    # An evaluation during training is reported from on_log or on_evaluate, by a callback before
+    # or after this one: its weights are kept on the first of these calls after it, while the
+    # model is still as evaluated (the next update comes after on_step_begin).
+    def on_log(self, args, state, control, model=None, **kwargs):
+        self.keep_evaluated(state.global_step, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.keep_evaluated(state.global_step, model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.keep_evaluated(state.global_step, model)
+
+    def keep_evaluated(self, step: int, model) -> None:
+        """Keep the weights of the evaluation reported at `step`, if it was (worker.snapshots)."""
+        if model is None or step <= 0 or step in self.evaluated:
+            return
+        for event in reversed(self.reporter.events):
+            if event["kind"] == "eval":
+                if event["step"] == step and not event.get("baseline") and not event.get("final"):
+                    self.evaluated.add(step)
+                    self.snapshots.take(model, step, event)
+                return
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()

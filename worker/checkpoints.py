@@ -37,6 +37,8 @@ SIGNATURE = "specialist-signature.json"
 SPEC = "train_spec.json"  # the name the final artifact gives it too (worker.artifacts)
 PREFIX = "checkpoint-"
 BASELINE = "baseline.json"
+EVALUATED = "evaluated"
+"""The kept weights of the evaluations during training (worker.snapshots), resumed with the rest."""
 
 
 def _key() -> bytes:

@@ -73,13 +73,23 @@ class ForgettingMeter:
         self.base: list[float] | None = None
         """The base's similarities: the first measurement's (the baseline's), or those a resumed
         job's first attempt kept with its baseline."""
+        self.off = False
         self.started = time.monotonic()
         self.spent = 0.0
         self.last_cost = 0.0
 
+    def keep_base(self, base: list[float] | None) -> None:
+        """Compare with `base`, the similarities kept with the baseline. None: the baseline was
+        kept before the meter existed (a job resumed across the upgrade) and the base is gone, so
+        the meter stays off rather than taking the resumed model for the base."""
+        self.base = base
+        self.off = base is None
+
     def __call__(self) -> dict[str, float]:
         """An evaluation's values: forgetting against the base (and general_gold_rho); the first
-        call, at step 0, measures the base itself."""
+        call, at step 0, measures the base itself. Nothing once the meter is off (keep_base)."""
+        if self.off:
+            return {}
         similarities = self.similarities()
         if self.base is None:
             self.base = similarities

@@ -52,9 +52,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def run(spec: EvalSpec, reporter: Reporter) -> dict[str, Any]:
     for index, model in enumerate(spec.models):
         if reporter.stop_requested.is_set():
             raise Cancelled()
+        model = unpacked(model, Path(spec.output_dir) / "checkpoints" / str(index))
         result = evaluator.score(model, rows, spec, reporter)
         scored.append(result)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
@@ -130,11 +132,29 @@ def run(spec: EvalSpec, reporter: Reporter) -> dict[str, Any]:
     records = row_records(spec, rows, scored)
     (out / "rows.json").write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     write_csv(out / "rows.csv", spec, records)
-    leaderboard = [{"label": m.label, "job_id": m.job_id, "metrics": s.metrics}
+    leaderboard = [{"label": m.label, "job_id": m.job_id, "step": m.step, "metrics": s.metrics}
                    for m, s in zip(spec.models, scored, strict=True)]
     reporter.state("exporting")
     return {"evaluation": True, "task": spec.task, "rows": len(rows), "leaderboard": leaderboard,
             "scored": evaluator.described, "rows_json": str(out / "rows.json"), "rows_csv": str(out / "rows.csv")}
+
+
+def unpacked(model: EvalModel, into: Path) -> EvalModel:
+    """The model, or for a kept checkpoint the model with its zip unpacked into `into` (the zip's
+    one top-level folder is the checkpoint's artifact, as the final model's is)."""
+    if not model.checkpoint_zip:
+        return model
+    try:
+        archive = zipfile.ZipFile(model.checkpoint_zip)
+    except (OSError, zipfile.BadZipFile):
+        raise UserError(f"{model.label}: the checkpoint is no longer there (its job was deleted?).") from None
+    with archive:
+        names = archive.namelist()
+        tops = {name.split("/")[0] for name in names}
+        if len(tops) != 1 or any(name.startswith("/") or ".." in Path(name).parts for name in names):
+            raise UserError(f"{model.label}: the checkpoint's zip is not one this server wrote.")
+        archive.extractall(into)
+    return replace(model, final_dir=str(into / tops.pop()))
 
 
 def _train_spec(model: EvalModel, spec: EvalSpec, whole: bool = False) -> TrainSpec:

@@ -7,6 +7,7 @@ classify recipe uses too), so one loaded base can serve many fine-tunes."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from worker.errors import UserError
 from worker.families import FAMILIES
 from worker.models import resolve_encoder
 from worker.progress import report_baseline
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 Model = TypeVar("Model")
@@ -83,9 +85,15 @@ def save(setup: Any, metrics_before: dict, metrics_after: dict, step: int, usage
         "metrics_before": metrics_before,
         "metrics_after": metrics_after,
     }
-    artifact_dir = export(setup.model, spec, result, Path(spec.output_dir) / "final", usage)
+    write = partial(_export_to, spec=spec, usage=usage)
+    checkpoints = Snapshots(spec).export(setup.model, step, metrics_after, result, write, merges=spec.method == "lora")
+    artifact_dir = write(setup.model, Path(spec.output_dir) / "final", result)
     reporter.artifact(str(artifact_dir), method=spec.method, **result)
-    return {**result, "artifact_dir": str(artifact_dir)}
+    return {**result, "artifact_dir": str(artifact_dir), "checkpoints": checkpoints}
+
+
+def _export_to(model: Any, out_dir: Path, metrics: dict[str, Any], spec: TrainSpec, usage: str) -> Path:
+    return export(model, spec, metrics, out_dir, usage)
 
 
 def save_adapter(peft_model: Any, spec: TrainSpec, out_dir: Path) -> Path:

@@ -246,6 +246,11 @@ class EvalModel:
     job_id: int | None = None
     labels: list[str] = field(default_factory=list)
     """A classifier base's labels, in its job's order (its untrained head is the one measured at step 0)."""
+    checkpoint_zip: str = ""
+    """A checkpoint its job kept for download (worker.snapshots): unpacked into the evaluation's
+    folder and scored as its final_dir."""
+    step: int | None = None
+    """The step of that checkpoint."""
 
 
 @dataclass

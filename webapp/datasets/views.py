@@ -92,6 +92,16 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
     return _detail_page(request, _get_dataset_for_user(request, dataset_id))
 
 
+def _evaluate_form(request: HttpRequest, dataset: Dataset) -> evaluations.EvaluateForm:
+    """The Evaluate form, with the job a job page's "Evaluate on a test set" names (?evaluate=<id>)
+    ticked when it is one of the choices."""
+    form = evaluations.EvaluateForm(dataset=dataset)
+    chosen = request.GET.get("evaluate", "")
+    if chosen.isdigit() and form.fields["jobs"].queryset.filter(id=int(chosen)).exists():
+        form.initial["jobs"] = [int(chosen)]
+    return form
+
+
 def _detail_page(request: HttpRequest, dataset: Dataset, status: int = 200, **forms) -> HttpResponse:
     context = {
         "dataset": dataset,
@@ -103,7 +113,7 @@ def _detail_page(request: HttpRequest, dataset: Dataset, status: int = 200, **fo
         "validation_fraction": DEFAULT_VALIDATION_FRACTION,
         "held_out_rows": dataset.held_out_rows(DEFAULT_VALIDATION_FRACTION),
         "leaderboard": evaluations.leaderboard(dataset),
-        "evaluate_form": evaluations.EvaluateForm(dataset=dataset) if evaluations.can_evaluate(dataset) else None,
+        "evaluate_form": _evaluate_form(request, dataset) if evaluations.can_evaluate(dataset) else None,
     }
     return render(request, "datasets/detail.html", context, status=status)
 

@@ -1,14 +1,16 @@
 """Runs side by side: their curves on one chart, the settings that differ, the metrics they reached,
-and which one is best. The compare page and a sweep's group page both draw from here."""
+which one is best by the held-out metric and which strikes the best trade-off between that metric
+and forgetting (worker.tradeoff). The compare page and a sweep's group page both draw from here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from webapp.jobs.models import SUCCEEDED, Job, JobEvent
+from worker import tradeoff
 from worker.families import FAMILIES
+from worker.tradeoff import better
 
-LOWER_IS_BETTER = {"eval_loss", "perplexity", "forgetting"}
 HIDDEN_SETTINGS = {"dataset_name", "validation_path", "task", "base_model", "eval_every", "checkpoint_every",
                    "checkpoint_minutes"}
 """Spec keys the settings table leaves out: shared by construction, or where, not how, a job trains."""
@@ -16,11 +18,6 @@ HIDDEN_SETTINGS = {"dataset_name", "validation_path", "task", "base_model", "eva
 
 def primary_metric(job: Job) -> str:
     return FAMILIES[job.spec.get("task", "sft")].primary_metric
-
-
-def better(metric: str, a: float, b: float) -> bool:
-    """Whether `a` is a better value of `metric` than `b`."""
-    return a < b if metric in LOWER_IS_BETTER else a > b
 
 
 def curves(jobs: list[Job]) -> list[dict[str, Any]]:
@@ -87,3 +84,19 @@ def best_job(jobs: list[Job]) -> Job | None:
         if best is None or better(primary_metric(job), value, best[1]):
             best = (job, value)
     return best[0] if best else None
+
+
+def balanced_job(jobs: list[Job]) -> Job | None:
+    """The succeeded run with the best trade-off between its held-out primary metric and its
+    forgetting (worker.tradeoff.balanced, gains counted from the base's metric at step 0); None
+    until two runs have both numbers (with one there is nothing to weigh)."""
+    done = [job for job in jobs if job.state == SUCCEEDED]
+    if not done:
+        return None
+    primary = primary_metric(done[0])
+    points = tradeoff.points([(job.id, job.result.get("metrics_after") or {}) for job in done], primary)
+    if len(points) < 2:
+        return None
+    base = (done[0].result.get("metrics_before") or {}).get(primary)
+    chosen = tradeoff.balanced(points, primary, base)
+    return next(job for job in done if job.id == chosen.key)

@@ -28,6 +28,10 @@ class JobChoiceField(forms.ModelMultipleChoiceField):
 class EvaluateForm(forms.Form):
     jobs = JobChoiceField(queryset=Job.objects.none(), required=False, widget=forms.CheckboxSelectMultiple,
                           label="Fine-tunes", help_text="Your succeeded jobs of this task.")
+    checkpoints = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Checkpoints",
+        help_text="Those your jobs kept for download: the evaluations during training no other beats on both the "
+                  "task metric and forgetting.")
     include_base = forms.BooleanField(required=False, initial=True, label="The base model of each",
                                       help_text="The untouched base, to see what fine-tuning bought.")
 
@@ -35,10 +39,14 @@ class EvaluateForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.dataset = dataset
         self.fields["jobs"].queryset = evaluable_jobs(dataset)
+        self.kept = kept_checkpoints(self.fields["jobs"].queryset)
+        self.fields["checkpoints"].choices = [(key, label) for key, (_, _, label) in self.kept.items()]
+        if not self.kept:
+            del self.fields["checkpoints"]
 
     def clean(self):
         data = super().clean()
-        if not data.get("jobs"):
+        if not data.get("jobs") and not data.get("checkpoints"):
             raise forms.ValidationError("Choose at least one fine-tune to evaluate.")
         active = Job.objects.filter(owner=self.dataset.owner, state__in=Job.ACTIVE_STATES).count()
         if active >= settings.MAX_ACTIVE_JOBS_PER_USER:
@@ -47,8 +55,10 @@ class EvaluateForm(forms.Form):
         return data
 
     def spec(self) -> dict[str, Any]:
-        """The evaluation job's spec: the models in order (each base before its fine-tunes)."""
-        jobs = sorted(self.cleaned_data["jobs"], key=lambda job: job.id)
+        """The evaluation job's spec: the models in order (each base before its fine-tunes, each
+        job's final model before its checkpoints)."""
+        checkpoints = [self.kept[key] for key in self.cleaned_data.get("checkpoints") or []]
+        jobs = sorted({*self.cleaned_data["jobs"], *(job for job, _, _ in checkpoints)}, key=lambda job: job.id)
         models: list[dict[str, Any]] = []
         if self.cleaned_data["include_base"]:
             seen = set()
@@ -56,8 +66,14 @@ class EvaluateForm(forms.Form):
                 if job.spec["base_model"] not in seen:
                     seen.add(job.spec["base_model"])
                     models.append(_base_entry(job, several=len({j.spec["base_model"] for j in jobs}) > 1))
-        models += [{"label": f"Job {job.id}: {job.name}", "spec": _spec_of(job), "final_dir": str(job.final_dir),
-                    "job_id": job.id} for job in jobs]
+        for job in jobs:
+            if job in self.cleaned_data["jobs"]:
+                models.append({"label": f"Job {job.id}: {job.name}", "spec": _spec_of(job),
+                               "final_dir": str(job.final_dir), "job_id": job.id})
+            for kept_job, entry, _ in sorted(checkpoints, key=lambda chosen: chosen[1]["step"]):
+                if kept_job == job:
+                    models.append({"label": f"Job {job.id}: {job.name} · step {entry['step']}", "spec": _spec_of(job),
+                                   "checkpoint_zip": entry["zip"], "job_id": job.id, "step": entry["step"]})
         return {"task": self.dataset.task, "models": models, "batch_size": jobs[0].spec.get("batch_size", 8),
                 "max_seq_length": max(job.spec.get("max_seq_length", 512) for job in jobs),
                 "base_model": jobs[0].spec["base_model"], "method": "evaluate"}
@@ -67,6 +83,21 @@ def can_evaluate(dataset) -> bool:
     """Whether the dataset page offers to evaluate on it: ready, and one of its owner's fine-tunes
     of its task to evaluate."""
     return dataset.is_ready and evaluable_jobs(dataset).exists()
+
+
+def kept_checkpoints(jobs) -> dict[str, tuple[Job, dict[str, Any], str]]:
+    """The checkpoints `jobs` kept for download (worker.snapshots), by form value "<job>:<step>":
+    (the job, the result's entry, the form's label)."""
+    kept = {}
+    for job in jobs:
+        for entry in job.result.get("checkpoints") or []:
+            if entry.get("final") or job.checkpoint_zip(entry["step"]) is None:
+                continue
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in entry["metrics"].items())
+            best = " · best trade-off" if entry.get("balanced") else ""
+            kept[f"{job.id}:{entry['step']}"] = (job, entry, f"Job {job.id}: {job.name} · step {entry['step']} "
+                                                             f"({shown}){best}")
+    return kept
 
 
 def evaluable_jobs(dataset):

@@ -379,6 +379,13 @@ class Job(models.Model):
         path = self.result.get("artifact_zip")
         return Path(path) if path and Path(path).is_file() else None
 
+    def checkpoint_zip(self, step: int) -> Path | None:
+        """The zip of the checkpoint at `step` the job kept for download (worker.snapshots), if any."""
+        for entry in self.result.get("checkpoints") or []:
+            if entry.get("step") == step and entry.get("zip") and Path(entry["zip"]).is_file():
+                return Path(entry["zip"])
+        return None
+
 
 class JobEvent(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")

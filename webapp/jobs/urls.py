@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/<int:job_id>/events/", sse.job_events, name="job_events"),
     path("jobs/<int:job_id>/cancel/", views.cancel_job, name="cancel_job"),
     path("jobs/<int:job_id>/download/", views.download, name="download"),
+    path("jobs/<int:job_id>/checkpoints/<int:step>/download/", views.download_checkpoint, name="download_checkpoint"),
     path("jobs/<int:evaluation_id>/rows/", views.evaluation_rows, name="evaluation_rows"),
     path("jobs/<int:evaluation_id>/rows.csv", views.evaluation_csv, name="evaluation_csv"),
     path("datasets/<int:dataset_id>/evaluate/", views.evaluate_dataset, name="evaluate_dataset"),

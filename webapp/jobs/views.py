@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from webapp.datasets import samples
-from webapp.datasets.models import Dataset
+from webapp.datasets.models import READY, Dataset
 from webapp.exports.models import Export
 from webapp.jobs import comparison, evaluations, playground
 from webapp.jobs.downloads import file_download
@@ -92,6 +92,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         # Exports are the owner's alone, like their downloads.
         "exports": Export.offers_for(job) if job.owner_id == request.user.id and Export.refusal(job, "merged") is None else None,
     }
+    context["checkpoints"] = _checkpoints(job, context["task"].primary_metric)
+    context["test_sets"] = _test_sets(job) if job.owner_id == request.user.id else None
     return render(request, "jobs/detail.html", context)
 
 
@@ -129,12 +131,43 @@ def download(request: HttpRequest, job_id: int) -> HttpResponse:
     return file_download(request, artifact, filename=artifact.name)
 
 
+def download_checkpoint(request: HttpRequest, job_id: int, step: int) -> HttpResponse:
+    """One of the checkpoints a job kept for download (the trade-off table on its page)."""
+    job = _get_job_for_user(request, job_id)
+    artifact = job.checkpoint_zip(step) if job.state == SUCCEEDED else None
+    if artifact is None:
+        raise Http404("This job kept no checkpoint of that step.")
+    return file_download(request, artifact, filename=artifact.name)
+
+
+def _test_sets(job: Job) -> list[Dataset] | None:
+    """The owner's ready datasets a succeeded job can be evaluated on (its task's), its own
+    training set last; None when the job has nothing to evaluate."""
+    if job.state != SUCCEEDED or job.is_evaluation:
+        return None
+    datasets = Dataset.objects.filter(owner=job.owner, status=READY, task=job.spec.get("task"))
+    return sorted(datasets.order_by("-created_at")[:20], key=lambda dataset: dataset.id == job.dataset_id)
+
+
+def _checkpoints(job: Job, primary: str) -> list[dict]:
+    """The trade-off table's rows: each kept checkpoint's step, metrics and download link."""
+    if job.state != SUCCEEDED:
+        return []
+    rows = []
+    for entry in job.result.get("checkpoints") or []:
+        url = reverse("download", args=[job.id]) if entry["final"] else reverse("download_checkpoint",
+                                                                                  args=[job.id, entry["step"]])
+        rows.append({"step": entry["step"], "final": entry["final"], "balanced": entry["balanced"], "url": url,
+                     "metric": entry["metrics"].get(primary), "forgetting": entry["metrics"].get("forgetting")})
+    return rows
+
+
 
 def _side_by_side(jobs: list[Job]) -> dict:
     """What the compare and sweep pages show of several jobs: curves, differing settings, metrics."""
     best = comparison.best_job(jobs)
     return {"curves": comparison.curves(jobs), "differing": comparison.differing_settings(jobs),
-            "final_metrics": comparison.final_metrics(jobs), "best": best,
+            "final_metrics": comparison.final_metrics(jobs), "best": best, "balanced": comparison.balanced_job(jobs),
             "primary": comparison.primary_metric(jobs[0]) if jobs else ""}
 
 
@@ -147,24 +180,25 @@ def job_group(request: HttpRequest, group_id: int) -> HttpResponse:
     group = _get_group_for_user(request, group_id)
     jobs = list(group.jobs.select_related("dataset").order_by("id"))
     context = {"group": group, "jobs": jobs, "active": any(not job.is_final for job in jobs), **_side_by_side(jobs)}
-    context["runs"] = [(job, _primary_after(job, context["primary"])) for job in jobs]
+    context["runs"] = [(job, _after(job, context["primary"]), _after(job, "forgetting")) for job in jobs]
     return render(request, "jobs/group.html", context)
 
 
-def _primary_after(job: Job, primary: str) -> float | None:
-    return (job.result.get("metrics_after") or {}).get(primary)
+def _after(job: Job, metric: str) -> float | None:
+    return (job.result.get("metrics_after") or {}).get(metric)
 
 
 def job_group_status(request: HttpRequest, group_id: int) -> JsonResponse:
     """The group page's live data, polled while a run is queued or running."""
     group = _get_group_for_user(request, group_id)
     jobs = list(group.jobs.order_by("id"))
-    best = comparison.best_job(jobs)
+    best, balanced = comparison.best_job(jobs), comparison.balanced_job(jobs)
     primary = comparison.primary_metric(jobs[0]) if jobs else ""
     return JsonResponse({
         "active": any(not job.is_final for job in jobs), "best": best.id if best else None,
+        "balanced": balanced.id if balanced else None,
         "jobs": [{"id": job.id, "state": job.state, "step": job.step, "total_steps": job.total_steps,
-                  "after": _primary_after(job, primary)} for job in jobs],
+                  "after": _after(job, primary), "forgetting": _after(job, "forgetting")} for job in jobs],
         "curves": comparison.curves(jobs),
     })
 

@@ -53,6 +53,7 @@ from worker.progress import ReportProgress
 from worker.rows import read_rows as read_jsonl_rows
 from worker.rows import stratified_split, validation_split
 from worker.sentence_models import ADAPTER_NOTE, save_adapter
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 FIELDS = {key: FAMILIES[key].required for key in ("classify", "pair")}
@@ -64,7 +65,7 @@ PRIMARY_METRIC = FAMILIES["classify"].primary_metric
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
     resume_from, baseline = measure_baseline(setup)
-    setup.forgetting.base = baseline["probe"]
+    setup.forgetting.keep_base(baseline.get("probe"))
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after, confusion_after = evaluate_after_training(setup, step)
     return save(setup, baseline, metrics_after, confusion_after, step)
@@ -167,7 +168,9 @@ def save(setup: Setup, baseline: dict, after: dict, confusion_after: dict | None
     setup.reporter.state("exporting")
     metrics = {"train_loss": train_loss, "steps": step, "metrics_before": baseline["metrics"], "metrics_after": after}
     out_dir = Path(spec.output_dir) / "final"
-    artifact_dir = export(setup.model, setup.tokenizer, spec, metrics, setup.labels, setup.max_length, out_dir)
+    write = partial(_export_to, setup)
+    checkpoints = Snapshots(spec).export(setup.model, step, after, metrics, write, merges=spec.method == "lora")
+    artifact_dir = write(setup.model, out_dir, metrics)
     setup.reporter.artifact(str(artifact_dir), method=spec.method, train_loss=train_loss, steps=step, **after)
     return {
         **metrics,
@@ -176,7 +179,12 @@ def save(setup: Setup, baseline: dict, after: dict, confusion_after: dict | None
         "confusion_before": baseline["confusion"],
         "confusion_after": confusion_after,
         "labels": setup.labels,
+        "checkpoints": checkpoints,
     }
+
+
+def _export_to(setup: Setup, model, out_dir: Path, metrics: dict) -> Path:
+    return export(model, setup.tokenizer, setup.spec, metrics, setup.labels, setup.max_length, out_dir)
 
 
 # Data -----------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
 from worker.rows import read_rows, split_rows, validation_split
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["domain"].required
@@ -232,9 +233,13 @@ def save(setup: Setup, baseline: dict[str, Any], evaluated: tuple[dict[str, floa
     after, general_answers = evaluated
     metrics = {"train_loss": setup.progress.last_loss, "eval_loss": after.get("eval_loss"), "steps": step}
     summary = {"primary_metric": PRIMARY_METRIC, "metrics_before": baseline["metrics"], "metrics_after": after}
-    artifact_dir = export(setup.model, setup.tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
+    card = metrics | summary
+    checkpoints = Snapshots(spec).export(setup.model, step, after, card,
+                                         lambda model, folder, values: export(model, setup.tokenizer, spec, values, folder))
+    artifact_dir = export(setup.model, setup.tokenizer, spec, card, Path(spec.output_dir) / "final")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "general_answers": general_answers, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, "general_answers": general_answers, "artifact_dir": str(artifact_dir),
+            "checkpoints": checkpoints}
 
 
 def write_predictions(spec: TrainSpec, held_out: list[dict], before: list[float], after: list[float]) -> None:

@@ -70,7 +70,7 @@ CUTOFF = 10  # how deep the metrics look into each ranking
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
     resume_from, baseline = resume_or_measure(spec, reporter, partial(sentence_models.measure_baseline, setup))
-    setup.forgetting.base = baseline["probe"]
+    setup.forgetting.keep_base(baseline.get("probe"))
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after = evaluate_after_training(setup, step)
     return sentence_models.save(setup, baseline["metrics"], metrics_after, step, usage(setup.spec))

@@ -64,7 +64,7 @@ CUTOFF = 10  # the @10 of the metrics: how deep a user looks into a ranking
 def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     setup = set_up(spec, reporter)
     resume_from, baseline = resume_or_measure(spec, reporter, partial(sentence_models.measure_baseline, setup))
-    setup.forgetting.base = baseline["probe"]
+    setup.forgetting.keep_base(baseline.get("probe"))
     step = training.train(setup.trainer, resume_from, reporter)
     metrics_after = evaluate_after_training(setup, step)
     return sentence_models.save(setup, baseline["metrics"], metrics_after, step, usage(setup.spec))

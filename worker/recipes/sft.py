@@ -69,6 +69,7 @@ from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
 from worker.rows import pair_input, read_rows, split_rows, validation_split
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 FIELDS = FAMILIES["sft"].required
@@ -301,10 +302,13 @@ def save(setup: Setup, baseline: Baseline, metrics_after: dict, replies: dict[st
     reporter.state("exporting")
     metrics = {"train_loss": setup.progress.last_loss, "eval_loss": metrics_after.get("eval_loss"), "steps": step}
     summary = {"primary_metric": FAMILIES["sft"].primary_metric, "metrics_before": baseline.metrics, "metrics_after": metrics_after}
-    artifact_dir = export(setup.model, setup.tokenizer, spec, metrics | summary, Path(spec.output_dir) / "final")
+    card = metrics | summary
+    checkpoints = Snapshots(spec).export(setup.model, step, metrics_after, card,
+                                         lambda model, folder, values: export(model, setup.tokenizer, spec, values, folder))
+    artifact_dir = export(setup.model, setup.tokenizer, spec, card, Path(spec.output_dir) / "final")
     (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(replies["samples"], indent=2) + "\n")
     reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, **replies, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, **replies, "artifact_dir": str(artifact_dir), "checkpoints": checkpoints}
 
 
 # Training -------------------------------------------------------------------------------------
