@@ -12,14 +12,19 @@ from transformers import AutoTokenizer
 from tests.support import preference as support
 from tests.support.model_fixtures import number_word, write_jsonl
 from tests.support.preference import fresh_process_logps, prompt_turns
-from tests.support.resume import assert_resumed, assert_same_losses, baseline, interrupt_and_resume
-from worker.errors import UserError
+from tests.support.resume import StopAfter, assert_resumed, assert_same_losses, baseline, interrupt_and_resume
+from worker import forgetting
+from worker.checkpoints import BASELINE
+from worker.errors import Cancelled, UserError
 from worker.events import Reporter
 from worker.preflight import preflight_examples
 from worker.recipes import kto
 from worker.spec import SpecError, TrainChoices
 
 pytestmark = pytest.mark.learning
+
+GENERAL_KEYS = {"forgetting", "general_kl", "general_perplexity", "general_kl_coverage"}
+"""The forgetting meter's values in every evaluation (worker.forgetting)."""
 
 
 def feedback_rows(count: int = 64) -> list[dict[str, str]]:
@@ -63,7 +68,8 @@ def test_lora_kto_raises_the_sign_accuracy_clearly_above_chance(lora_run):
     before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
     assert lora_run["result"]["primary_metric"] == "sign_accuracy"
     # At step 0 the model is its own reference: every reward is 0, counted as half right (chance).
-    assert before == {"sign_accuracy": 0.5, "reward_margin": 0.0, "eval_loss": 0.5}
+    assert before.keys() == {"sign_accuracy", "reward_margin", "eval_loss"} | GENERAL_KEYS
+    assert (before["sign_accuracy"], before["reward_margin"], before["eval_loss"]) == (0.5, 0.0, 0.5)
     assert after["sign_accuracy"] >= 0.9, after
     assert after["reward_margin"] > 0.5, after
     assert after["eval_loss"] < before["eval_loss"] - 0.1, after
@@ -86,6 +92,25 @@ def test_it_reports_states_params_baseline_metrics_and_evals_in_order(lora_run):
     log = next(event["message"] for event in lora_run["events"] if event["kind"] == "log")
     counts = re.fullmatch(r"48 training rows \((\d+) desirable, (\d+) undesirable\), 16 validation rows\.", log)
     assert counts and int(counts[1]) + int(counts[2]) == 48, log
+
+
+def test_every_evaluation_measures_forgetting_against_the_reference_model(lora_run):
+    held = support.evals(lora_run["events"])
+    assert all(set(event) >= GENERAL_KEYS and event["forgetting"] == event["general_kl"] for event in held)
+    # At step 0 the adapters add nothing yet: the model is the base it is compared with.
+    assert held[0]["forgetting"] == pytest.approx(0, abs=1e-6)
+    assert all(event["forgetting"] > 0 and event["general_perplexity"] > 1 for event in held[1:]), held
+    before, after = lora_run["result"]["metrics_before"], lora_run["result"]["metrics_after"]
+    assert before["forgetting"] == held[0]["forgetting"] and after["forgetting"] == held[-1]["forgetting"]
+    assert after["general_perplexity"] != pytest.approx(before["general_perplexity"], rel=1e-4)
+
+
+def test_the_final_eval_carries_the_general_answers_of_the_reference_and_the_tuned_model(lora_run):
+    answers = support.evals(lora_run["events"])[-1]["general_answers"]
+    assert answers == lora_run["result"]["general_answers"]
+    assert [answer["prompt"] for answer in answers] == forgetting.general_prompts()
+    assert all(set(answer) == {"prompt", "before", "after"} for answer in answers)
+    assert not any("general_answers" in event for event in support.evals(lora_run["events"])[:-1])
 
 
 def test_the_final_eval_carries_replies_before_and_after_to_desirable_prompts(lora_run):
@@ -118,6 +143,9 @@ def test_full_fine_tune_trains_against_a_frozen_copy_and_exports_the_model(tiny_
     after = run["result"]["metrics_after"]
     # Rewards move only if the reference stayed where the policy started.
     assert after["reward_margin"] > 0.5 and after["sign_accuracy"] >= 0.9, after
+    # So does forgetting, measured against that frozen copy.
+    assert run["result"]["metrics_before"]["forgetting"] == pytest.approx(0, abs=1e-6)
+    assert after["forgetting"] > 0 and len(run["result"]["general_answers"]) == len(forgetting.general_prompts())
     support.assert_full_model_artifact(run)
 
 
@@ -133,9 +161,29 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny
     assert_resumed(first, second, checkpoint=3, total=6)
     uninterrupted = train(make_spec(tiny_llama_dir, small_jsonl, tmp_path / "once", **settings))
     assert_same_losses(second, uninterrupted["events"], after=3)
-    # The rewards are measured against the reference scores kept from the first attempt.
+    # The rewards are measured against the reference scores kept from the first attempt, forgetting
+    # against the same reference model.
+    assert result["metrics_after"].keys() >= GENERAL_KEYS
     assert result["metrics_after"] == pytest.approx(uninterrupted["result"]["metrics_after"], rel=1e-4)
     assert result["metrics_before"] == baseline(first)
+    assert result["general_answers"] == uninterrupted["result"]["general_answers"]
+
+
+def test_a_baseline_kept_before_the_forgetting_meter_resumes_and_measures_from_then_on(
+    tiny_llama_dir, small_jsonl, tmp_path
+):
+    spec = make_spec(tiny_llama_dir, small_jsonl, tmp_path / "out", max_steps=3, batch_size=4, checkpoint_every=1)
+    with pytest.raises(Cancelled):
+        kto.run(spec, StopAfter(2))
+    kept = Path(spec.output_dir) / BASELINE
+    metrics, replies, scores = json.loads(kept.read_text())
+    kept.write_text(json.dumps([{key: metrics[key] for key in metrics.keys() - GENERAL_KEYS}, replies, scores]))
+    second = Reporter()
+    result = kto.run(spec, second)
+    assert any(event.get("message", "").startswith("Resuming from the checkpoint") for event in second.events)
+    # No step-0 forgetting to show, but the reference model is still there to measure against.
+    assert not GENERAL_KEYS & set(result["metrics_before"]) and result["metrics_after"]["forgetting"] > 0
+    assert "Perplexity on general text" in (Path(result["artifact_dir"]) / "README.md").read_text()
 
 
 def test_an_uploaded_validation_file_is_the_held_out_set(tiny_llama_dir, tmp_path):

@@ -110,6 +110,8 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
+    general_answers: list[dict] = field(default_factory=list)
+    """The general prompts answered before and after (worker.forgetting), when the recipe asks."""
 
 
 SetupKind = TypeVar("SetupKind", bound=Setup)
@@ -171,8 +173,11 @@ def report_progress(setup: Setup, baseline: Baseline, keys: dict[str, str]) -> R
     return progress
 
 
-def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> Evaluation:
-    """The held-out metrics, a record per row, and the sample replies before and after training."""
+def evaluate_after_training(
+    setup: Setup, baseline: Baseline, step: int, answer_general: Callable[[], list[dict]] | None = None
+) -> Evaluation:
+    """The held-out metrics, a record per row, and the sample replies before and after training;
+    with answer_general, its general answers too (in the final eval event, as sft's)."""
     if not setup.eval_rows:
         return Evaluation()
     setup.reporter.state("evaluating")
@@ -188,8 +193,9 @@ def evaluate_after_training(setup: Setup, baseline: Baseline, step: int) -> Eval
         }
         for row, before, after in zip(setup.sample_rows(), baseline.replies, setup.replies(), strict=True)
     ]
-    setup.reporter.eval(step, final=True, **metrics, samples=samples)
-    return Evaluation(metrics, samples, predictions)
+    general = {"general_answers": answer_general()} if answer_general else {}
+    setup.reporter.eval(step, final=True, **metrics, samples=samples, **general)
+    return Evaluation(metrics, samples, predictions, **general)
 
 
 def save(setup: Setup, baseline: Baseline, after: Evaluation, train_loss: float | None, step: int) -> dict[str, Any]:

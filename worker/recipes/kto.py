@@ -31,12 +31,17 @@ setup → train → save, on TRL's KTOTrainer; the steps it shares with DPO are 
     desirable row, 1 − σ(beta · (KL − log-ratio)) for an undesirable one, with KL estimated as TRL
     does (the mean log-ratio of mismatched pairs, here each held-out prompt with the previous
     held-out row's completion; at least 0). 0.5 at step 0.
+- The forgetting meter (worker.forgetting) rides along with every evaluation, as for DPO:
+  general_kl (= forgetting) and general_perplexity on the probe set no job trains on, against the
+  reference model (the untouched base), and the general prompts answered by the reference and by
+  the tuned model in the final eval event and the result (general_answers). Nothing of it is kept
+  with the baseline: a resumed job measures against the same reference.
 """
 
 from __future__ import annotations
 
 import random
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import datasets
@@ -44,7 +49,7 @@ import torch
 from trl import KTOConfig, KTOTrainer
 from trl.data_utils import common_prefix_length
 
-from worker import preference, training
+from worker import forgetting, preference, training
 from worker.conversations import template_prompt
 from worker.desirability import ACCEPTED, is_desirable
 from worker.errors import UserError
@@ -64,8 +69,9 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     resume_from, baseline = preference.measure_baseline(setup)
     progress = preference.report_progress(setup, baseline, KTO_KEYS)
     step = training.train(setup.trainer, resume_from, reporter)
-    after = preference.evaluate_after_training(setup, baseline, step)
-    return preference.save(setup, baseline, after, progress.last_loss, step)
+    after = preference.evaluate_after_training(setup, baseline, step, answer_general=setup.general.answers)
+    result = preference.save(setup, baseline, after, progress.last_loss, step)
+    return result | {"general_answers": after.general_answers}
 
 
 class Setup(preference.Setup):
@@ -87,7 +93,12 @@ class Setup(preference.Setup):
         return preference.score(self.model, with_mismatched, self.spec.max_seq_length)
 
     def metrics(self, scores: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-        return kto_metrics(scores, reference, self.desirable, self.spec.dpo_beta)
+        return kto_metrics(scores, reference, self.desirable, self.spec.dpo_beta) | self.general.metrics()
+
+    @cached_property
+    def general(self) -> forgetting.AgainstReferenceModel:
+        """The forgetting meter, against the reference model (the untouched base)."""
+        return forgetting.AgainstReferenceModel(self.model, self.trainer.ref_model, self.tokenizer)
 
     def predictions(self, scores: torch.Tensor, reference: torch.Tensor) -> list[dict]:
         return row_predictions(self.eval_rows, scores, reference, self.spec.dpo_beta)
