@@ -37,6 +37,7 @@
     if (ev.state === "succeeded") {
       document.getElementById("download").classList.remove("hidden");
       offerPlayground();
+      offerReload("#checkpoints-pending", "checkpoints", "Reload the page", " for the checkpoints it kept to download.");
       const steps = state.lastStep || 0;
       setProgress(steps || 1, steps || 1, null);
       document.getElementById("progress-text").textContent = `done · ${steps} steps`;
@@ -51,20 +52,25 @@
     }
   }
 
-  // The playground is drawn with the page of a succeeded job: a page that watched the job
-  // finish offers a reload instead of its "once the job succeeds" note.
+  // The playground and the checkpoints kept for download are drawn with the page of a succeeded
+  // job: a page that watched the job finish offers a reload instead of its "once the job
+  // succeeds" note.
   function offerPlayground() {
-    const pending = document.querySelector("#playground-pending p");
+    offerReload("#playground-pending p", "playground", "Reload the page to try the model", ", side by side with the base model.");
+  }
+
+  function offerReload(selector, anchor, linkText, after) {
+    const pending = document.querySelector(selector);
     if (!pending) return;
     const reload = document.createElement("a");
-    reload.href = window.location.pathname + "#playground";
-    reload.textContent = "Reload the page to try the model";
+    reload.href = `${window.location.pathname}#${anchor}`;
+    reload.textContent = linkText;
     reload.addEventListener("click", (event) => {
       event.preventDefault();
-      window.location.hash = "playground";
+      window.location.hash = anchor;
       window.location.reload();
     });
-    pending.replaceChildren("The job succeeded. ", reload, ", side by side with the base model.");
+    pending.replaceChildren("The job succeeded. ", reload, after);
   }
 
   function setProgress(step, total, eta) {
@@ -144,18 +150,24 @@
           yaxis: { title: { text: primary } } }, { displaylogo: false, responsive: true });
   }
 
-  function drawGeneralAnswers(answers) {
-    const panel = document.getElementById("general-answers");
+  // A panel's table of texts, one row per record and one column per key (set as text, never as HTML).
+  function fillTable(panelId, headings, records, keys) {
+    const panel = document.getElementById(panelId);
     panel.classList.remove("hidden");
     const table = document.createElement("table");
     table.className = "list";
-    table.innerHTML = "<thead><tr><th>General prompt</th><th>Base model</th><th>Fine-tuned</th></tr></thead>";
+    const head = table.createTHead().insertRow();
+    for (const heading of headings) head.appendChild(document.createElement("th")).textContent = heading;
     const body = table.createTBody();
-    for (const answer of answers) {
+    for (const record of records) {
       const row = body.insertRow();
-      for (const key of ["prompt", "before", "after"]) row.insertCell().textContent = answer[key] ?? "";
+      for (const key of keys) row.insertCell().textContent = record[key] ?? "";
     }
     panel.querySelector(".content").replaceChildren(table);
+  }
+
+  function drawGeneralAnswers(answers) {
+    fillTable("general-answers", ["General prompt", "Base model", "Fine-tuned"], answers, ["prompt", "before", "after"]);
   }
 
   function plotMetric(name, step, value) {
@@ -213,17 +225,8 @@
   }
 
   function drawSamples(samples) {
-    const panel = document.getElementById("samples");
-    panel.classList.remove("hidden");
-    const table = document.createElement("table");
-    table.className = "list";
-    table.innerHTML = "<thead><tr><th>Held-out prompt</th><th>Reference</th><th>Base model</th><th>Fine-tuned</th></tr></thead>";
-    const body = table.createTBody();
-    for (const sample of samples) {
-      const row = body.insertRow();
-      for (const key of ["instruction", "reference", "before", "after"]) row.insertCell().textContent = sample[key] ?? "";
-    }
-    panel.querySelector(".content").replaceChildren(table);
+    fillTable("samples", ["Held-out prompt", "Reference", "Base model", "Fine-tuned"], samples,
+      ["instruction", "reference", "before", "after"]);
   }
 
   function onParams(ev) {

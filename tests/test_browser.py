@@ -99,6 +99,27 @@ def test_sign_in_upload_train_watch_and_download(stack, browser, tiny_llama_dir,
     download.value.save_as(target)
     assert "adapter_model.safetensors" in {Path(n).name for n in zipfile.ZipFile(target).namelist()}
 
+    # What it bought and cost: the held-out generations and the general answers, set as text; after
+    # the reload it offers, the trade-off chart rings each checkpoint kept for download, and a kept
+    # one downloads as an adapter.
+    assert page.locator("#samples tbody tr").count() >= 1
+    assert page.locator("#general-answers tbody tr").count() == 10
+    page.click("#checkpoints-pending a")
+    page.wait_for_selector("#checkpoints")
+    page.wait_for_function("() => document.getElementById('tradeoff-chart').data")
+    kept = page.locator("#checkpoints tbody tr")
+    ringed = page.evaluate("() => document.getElementById('tradeoff-chart').data[1].x.length")
+    assert kept.count() >= 1 and ringed == kept.count()
+    assert page.locator("#checkpoints .badge").count() == 1  # one best trade-off
+    earlier = page.locator("#checkpoints a", has_not_text="150")
+    if earlier.count():  # an evaluation before the last one is on the front
+        with page.expect_download() as download:
+            earlier.first.click()
+        target = tmp_path / "checkpoint.zip"
+        download.value.save_as(target)
+        names = zipfile.ZipFile(target).namelist()
+        assert "adapter_model.safetensors" in {Path(n).name for n in names} and "-step-" in names[0]
+
 
 def test_a_classifier_ends_with_a_before_after_table_and_a_confusion_heatmap(stack, browser, tiny_bert_dir, tmp_path):
     page = signed_in_page(stack, browser, "fran")
