@@ -54,7 +54,8 @@ class Checkpointing(TrainerCallback):
         self.sign = -1.0 if higher_is_better else 1.0
         self.last_save = time.monotonic()
         self.snapshots = Snapshots(spec)
-        self.evaluated: set[int] = set()
+        self.scanned = 0  # the reporter's events read for evaluations so far
+        self.evaluation: dict | None = None  # the latest evaluation during training not yet kept
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.last_save >= self.spec.checkpoint_minutes * 60:
@@ -74,14 +75,16 @@ class Checkpointing(TrainerCallback):
 
     def keep_evaluated(self, step: int, model) -> None:
         """Keep the weights of the evaluation reported at `step`, if it was (worker.snapshots)."""
-        if model is None or step <= 0 or step in self.evaluated:
+        events = self.reporter.events
+        for event in events[self.scanned :]:
+            if event["kind"] == "eval" and event["step"] > 0 and not event.get("baseline") and not event.get("final"):
+                self.evaluation = event
+        self.scanned = len(events)
+        if self.evaluation is None or model is None or self.evaluation["step"] > step:
             return
-        for event in reversed(self.reporter.events):
-            if event["kind"] == "eval":
-                if event["step"] == step and not event.get("baseline") and not event.get("final"):
-                    self.evaluated.add(step)
-                    self.snapshots.take(model, step, event)
-                return
+        if self.evaluation["step"] == step:  # else the model has moved on since: too late
+            self.snapshots.take(model, step, self.evaluation)
+        self.evaluation = None
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()

@@ -46,6 +46,7 @@ from worker.models import apply_method, load_causal_lm
 from worker.params import census
 from worker.progress import ReportProgress
 from worker.rows import read_rows, split_rows, validation_split
+from worker.snapshots import Snapshots
 from worker.spec import TrainSpec
 
 ROWS_PER_FORWARD = 4  # held-out rows scored per forward pass (two sequences each); bounds the logits' memory
@@ -211,10 +212,12 @@ def save(setup: Setup, baseline: Baseline, after: Evaluation, train_loss: float 
     # The card's before → after table holds eval_loss; a top-level one would add a "perplexity",
     # which means nothing for a preference loss.
     card_metrics = {"train_loss": train_loss, "steps": step, **summary}
+    checkpoints = Snapshots(spec).export(setup.model, step, after.metrics, card_metrics,
+                                         lambda model, folder, card: export(model, setup.tokenizer, spec, card, folder))
     artifact_dir = export(setup.model, setup.tokenizer, spec, card_metrics, Path(spec.output_dir) / "final")
     (Path(spec.output_dir) / "eval_predictions.json").write_text(json.dumps(after.predictions, indent=2) + "\n")
     setup.reporter.artifact(str(artifact_dir), method=spec.method, **metrics)
-    return {**metrics, **summary, "samples": after.samples, "artifact_dir": str(artifact_dir)}
+    return {**metrics, **summary, "samples": after.samples, "artifact_dir": str(artifact_dir), "checkpoints": checkpoints}
 
 
 # Data -----------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the trained parameters are saved: those with requires_grad, so a LoRA adapter, a
 weight of a full fine-tune; safetensors, `evaluated/step-<N>.safetensors` in the attempt's
 folder, with that evaluation's values beside it (`step-<N>.json`). Only the evaluations on the
 front are kept (worker.tradeoff: no other is as good on the primary metric and on forgetting and
-better on one), at most MAX_KEPT of them: every other one is a worse deal than a kept one.
+better on one), at most MAX_KEPT of them (MAX_KEPT_FULL of a full fine-tune, each the whole
+model): every other one is a worse deal than a kept one.
 
 When the job exports, each kept evaluation still on the front with the final model is written by
 the recipe's own export (its weights loaded into the model, or into a copy of it where the export
@@ -35,7 +36,9 @@ from worker.families import FAMILIES
 from worker.spec import TrainSpec
 
 MAX_KEPT = 6
-"""Kept evaluations at most (each is the trained weights: all of them for a full fine-tune)."""
+"""Kept evaluations at most of an adapter or a head (each a few MB)."""
+MAX_KEPT_FULL = 3
+"""Of a full fine-tune, each of which is the whole model."""
 
 
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,6 +68,7 @@ class Snapshots:
         self.spec = spec
         self.folder = Path(spec.output_dir) / FOLDER
         self.metric = FAMILIES[spec.task].primary_metric
+        self.most = MAX_KEPT_FULL if spec.method == "full" else MAX_KEPT
 
     def take(self, model: torch.nn.Module, step: int, values: dict[str, Any]) -> None:
         """Keep the model's trained weights as evaluated at `step` (if that evaluation is on the
@@ -94,13 +98,13 @@ class Snapshots:
 
     def _kept_steps(self, entries: list[tuple[int, dict[str, float]]]) -> set[int]:
         on_front = tradeoff.front(tradeoff.points(entries, self.metric), self.metric)
-        if len(on_front) > MAX_KEPT:  # the extremes, the balanced one, then the newest
+        if len(on_front) > self.most:  # the extremes, the balanced one, then the newest
             best = max(on_front, key=lambda p: tradeoff.gain(self.metric, p.metric, 0.0))
             least = min(on_front, key=lambda p: p.forgetting)
             middle = tradeoff.balanced(on_front, self.metric)
             keep = {best.key, least.key, middle.key}
             for point in reversed(on_front):
-                if len(keep) >= MAX_KEPT:
+                if len(keep) >= self.most:
                     break
                 keep.add(point.key)
             return keep

@@ -52,9 +52,8 @@ def run(spec: TrainSpec, reporter: Reporter) -> dict[str, Any]:
     resume_from, baseline = preference.measure_baseline(setup)
     progress = preference.report_progress(setup, baseline, PREFERENCE_KEYS)
     step = training.train(setup.trainer, resume_from, reporter)
-    after = preference.evaluate_after_training(setup, baseline, step)
-    general_answers = setup.general.answers() if setup.eval_rows else []
-    return preference.save(setup, baseline, after, progress.last_loss, step) | {"general_answers": general_answers}
+    after = preference.evaluate_after_training(setup, baseline, step, answer_general=setup.general.answers)
+    return preference.save(setup, baseline, after, progress.last_loss, step) | {"general_answers": after.general_answers}
 
 
 class Setup(preference.Setup):
