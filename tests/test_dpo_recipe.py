@@ -75,6 +75,7 @@ def mean_chosen_logp(run: dict) -> float:
     return sum(pair["chosen_logp"] for pair in pairs) / len(pairs)
 
 
+@pytest.mark.learning  # a second DPO run of its own (62 s of make test's time)
 def test_the_chosen_reply_term_makes_the_model_write_the_chosen_replies(lora_run, rpo_run):
     assert rpo_run["result"]["metrics_after"]["preference_accuracy"] >= 0.9
     # Pure DPO only widens the gap between the answers; with the likelihood term the chosen
@@ -133,6 +134,7 @@ def test_a_stop_request_ends_training_and_raises_cancelled(tiny_llama_dir, small
     support.assert_a_stop_request_cancels(dpo.run, spec)
 
 
+@pytest.mark.long  # 130 s; the resume of the other recipes (sft, classify, embed) stays in make test
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(
     method, tiny_llama_dir, small_jsonl, tmp_path

@@ -175,6 +175,7 @@ def test_an_out_of_memory_job_fails_with_a_hint_and_the_next_job_runs(fault_stac
         fault_stack.start_worker()
 
 
+@pytest.mark.long  # 57 s; a Redis outage longer than the lease stays in make test
 def test_redis_restarting_mid_training_loses_no_event(fault_stack, http, dataset_id, tiny_llama_dir, private_redis):
     job_id = fault_stack.submit_job(http, dataset_id, tiny_llama_dir, max_steps=150)
     received = []
@@ -243,6 +244,7 @@ def attempt_events_after(job: dict, attempt: int, seq: int) -> list[dict]:
     return [e for e in job["events"] if e.get("attempt") == attempt and e["seq"] > seq]
 
 
+@pytest.mark.long  # 55 s; a killed worker's job resuming elsewhere stays in make test
 def test_a_database_stall_longer_than_the_lease_leaves_exactly_one_worker_finishing_the_job(
     fault_stack, http, dataset_id, tiny_llama_dir
 ):
