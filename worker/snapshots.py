@@ -145,15 +145,17 @@ class Snapshots:
         balanced = tradeoff.balanced(candidates, self.metric, base)
         current = trained_weights(model) if len(candidates) > 1 else {}  # the final model's, put back after
         listed = []
-        for point in candidates:
-            is_final = point.key == step
-            entry = {"step": point.key, "final": is_final, "balanced": point is balanced, "zip": None,
-                     "metrics": {self.metric: point.metric, "forgetting": point.forgetting}}
-            if not is_final:
-                entry["zip"] = str(self._write(model, point.key, dict(entries)[point.key], card, write, merges))
-            listed.append(entry)
-        if current:
-            load_weights(model, current)
+        try:
+            for point in candidates:
+                is_final = point.key == step
+                entry = {"step": point.key, "final": is_final, "balanced": point is balanced, "zip": None,
+                         "metrics": {self.metric: point.metric, "forgetting": point.forgetting}}
+                if not is_final:
+                    entry["zip"] = str(self._write(model, point.key, dict(entries)[point.key], card, write, merges))
+                listed.append(entry)
+        finally:
+            if current:
+                load_weights(model, current)
         return listed
 
     def _write(self, model, step: int, values: dict[str, float], card: dict[str, Any], write, merges: bool) -> Path:
