@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install models migrate run test test-long test-export test-fast bench lint chromium clean
+.PHONY: install models migrate run test test-long test-export test-fast bench bench-forgetting lint chromium clean
 
 install: $(VENV)/.installed $(PLOTLY_JS)
 
@@ -64,6 +64,11 @@ bench: install models
 	$(BIN)/python -m bench.service
 	$(BIN)/python -m bench.datasets
 	$(BIN)/python -m bench.inference
+
+# What fine-tuning bought and what it cost: LoRA against full fine-tunes (and head-only on an encoder)
+# on the sample data, and general-text replay (docs/performance.md, "Forgetting: LoRA vs full fine-tune").
+bench-forgetting: install models
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.forgetting
 
 clean:
 	rm -rf $(VENV) var static/vendor
