@@ -85,23 +85,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def wide_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
-    """The tiny BERT with wider random weights (std 0.2 instead of 0.02): its frozen layers then
-    pass on enough of the input for a head or LoRA adapters to learn from."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    config = BertConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, **TINY_BERT
-    )
-    torch.manual_seed(0)
-    out_dir = tmp_path_factory.mktemp("wide-bert")
-    BertModel(config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
 def group_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("classify-data") / "groups.jsonl", group_rows())
 

@@ -15,13 +15,11 @@ nothing is asserted about them for the encoder.
 Each run is the real recipe with fixed seeds: the same numbers on every run on one machine.
 """
 
-import random
-from pathlib import Path
 
 import pytest
-import torch
 
-from tests.support.model_fixtures import TINY_BERT, write_jsonl
+from tests.support.model_fixtures import write_jsonl
+from tests.test_classify_recipe import group_rows
 from worker.events import Reporter
 from worker.recipes import classify, sft
 from worker.spec import TrainSpec
@@ -81,37 +79,6 @@ def test_lora_at_a_learning_rate_several_times_the_full_fine_tunes_forgets_more_
 def test_at_the_same_learning_rate_the_full_fine_tune_forgets_more_at_the_same_gain(sft_curves):
     at_lora, at_full = at_the_same_gain(sft_curves["lora 5e-3"], sft_curves["full 5e-3"])
     assert at_full > 1.15 * at_lora, (at_lora, at_full)
-
-
-@pytest.fixture(scope="module")
-def wide_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
-    """The tiny BERT with wider random weights (std 0.2): its frozen layers pass on enough of the
-    input for a head alone to learn from."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    config = BertConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, **TINY_BERT
-    )
-    torch.manual_seed(0)
-    out_dir = tmp_path_factory.mktemp("wide-bert")
-    BertModel(config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-GROUPS = {
-    "animal": ["horse", "tiger", "zebra", "camel", "eagle", "whale", "mouse", "snake"],
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "melon"],
-    "vehicle": ["truck", "bicycle", "train", "plane", "boat", "taxi", "tractor", "scooter"],
-}
-
-
-def group_rows(count: int = 180) -> list[dict[str, str]]:
-    """Three words of one group; the label is the group (tests/test_classify_recipe.py's data)."""
-    rng = random.Random(0)
-    labels = sorted(GROUPS)
-    return [{"text": " ".join(rng.sample(GROUPS[labels[i % 3]], 3)), "label": labels[i % 3]} for i in range(count)]
 
 
 @pytest.fixture(scope="module")
