@@ -101,6 +101,35 @@ def test_only_what_the_finishing_attempt_made_is_published_and_can_be_taken_back
     assert sorted(p.name for p in job.output_dir.iterdir()) == ["attempt-2"]
 
 
+def test_the_checkpoints_kept_for_download_are_published_with_the_model(job):
+    folder = job.attempt_dir(2)
+    (folder / "final").mkdir(parents=True)
+    (folder / "specialist-job-1-model.zip").write_bytes(b"zip")
+    (folder / "specialist-job-1-model-step-10.zip").write_bytes(b"step 10")
+    kept = [{"step": 10, "final": False, "zip": str(folder / "specialist-job-1-model-step-10.zip")},
+            {"step": 20, "final": True, "zip": None}]
+    result = attempts.publish(folder, job.output_dir, {"artifact_dir": str(folder / "final"), "checkpoints": kept,
+                                                       "artifact_zip": str(folder / "specialist-job-1-model.zip")})
+    published = job.output_dir / "specialist-job-1-model-step-10.zip"
+    assert result["checkpoints"][0]["zip"] == str(published) and published.read_bytes() == b"step 10"
+    assert result["checkpoints"][1]["zip"] is None
+    attempts.unpublish(job.output_dir, result)
+    assert not published.exists()
+
+
+def test_a_resumed_attempt_brings_the_weights_kept_at_earlier_evaluations(job):
+    root = job.output_dir
+    sign(make_checkpoint(root / "attempt-1", 100), score=None)
+    (root / "attempt-1" / BASELINE).write_text("{}")
+    kept = root / "attempt-1" / "evaluated"
+    kept.mkdir()
+    (kept / "step-50.safetensors").write_bytes(b"weights at 50")
+    (kept / "step-50.json").write_text('{"accuracy": 0.5, "forgetting": 0.1}')
+    folder = attempts.prepare(root, 2)
+    assert (folder / "evaluated" / "step-50.safetensors").read_bytes() == b"weights at 50"
+    assert sorted(p.name for p in root.iterdir()) == ["attempt-2"]
+
+
 def test_the_periodic_clean_up_deletes_the_working_files_of_ended_jobs_only(job, owner, settings):
     from webapp.jobs.tasks import discard_finished_work
 
