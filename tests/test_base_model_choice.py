@@ -98,7 +98,19 @@ def test_a_user_builds_on_their_own_trained_model_by_job(alices_model, owner_cli
     clone = owner_client.get(f"/jobs/new/?from={child.id}").content.decode()
     assert f'value="job:{alices_model.id}" selected' in clone
     page = owner_client.get(f"/jobs/{child.id}/").content.decode()
-    assert f'the model of <a href="/jobs/{alices_model.id}/">job {alices_model.id}' in page
+    assert f'SmolLM2-135M-Instruct → <a href="/jobs/{alices_model.id}/">job {alices_model.id}' in page
+
+
+def test_the_job_page_shows_the_whole_lineage_of_a_fine_tune_of_a_fine_tune(alices_model, owner, owner_client):
+    """SmolLM2 → job 1 → job 2 → this job, each job a link; a job on a catalog base has none."""
+    middle = succeeded_job(owner, {"base_model": f"job:{alices_model.id}", "method": "full"})
+    last = succeeded_job(owner, {"base_model": f"job:{middle.id}", "method": "lora"}, final=False)
+    assert last.lineage() == ("smollm2-135m-instruct", [alices_model, middle])
+    page = owner_client.get(f"/jobs/{last.id}/").content.decode()
+    shown = page[page.index('<span id="lineage">'):page.index("</span>", page.index('<span id="lineage">'))]
+    assert shown.startswith('<span id="lineage">SmolLM2-135M-Instruct → ')
+    assert shown.index(f"job {alices_model.id}:") < shown.index(f"job {middle.id}:") and shown.endswith("→ this job")
+    assert 'id="lineage"' not in owner_client.get(f"/jobs/{alices_model.id}/").content.decode()
 
 
 def test_an_adapter_only_job_is_not_offered_as_a_base(owner, owner_client, media_root):

@@ -336,6 +336,17 @@ class Job(models.Model):
             id=int(base[len(JOB_BASE_PREFIX):]), id__lt=self.id, owner_id=self.owner_id, state=SUCCEEDED
         ).first()
 
+    def lineage(self) -> tuple[str, list[Job]]:
+        """Where the job's model descends from: the root base (a catalog key or a folder) and the
+        jobs in between, oldest first (base → job 12 → job 31 for job 31 built on job 12)."""
+        ancestors: list[Job] = []
+        job = self.parent()
+        while job is not None and job not in ancestors:
+            ancestors.insert(0, job)
+            job = job.parent()
+        root = (ancestors[0] if ancestors else self).spec.get("base_model", "")
+        return root, ancestors
+
     def base_kind(self) -> str | None:
         """The catalog kind (causal-lm, encoder) the job's model descends from; None if unknown."""
         from worker.catalog import CATALOG

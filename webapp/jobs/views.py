@@ -85,7 +85,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         board = evaluations.table(job.result.get("leaderboard", []))
         return render(request, "jobs/evaluation.html", {"job": job, "board": board})
     context = {
-        "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]), "parent": job.parent(),
+        "job": job, "events": job.history(), "base": CATALOG.get(job.spec["base_model"]),
+        "lineage": _lineage(job),
         "task": FAMILIES[job.spec.get("task", "sft")],
         # The playground asks the owner's own models (staff may read another user's page, not run it).
         "playground": playground.for_job(job) if job.state == SUCCEEDED and job.owner_id == request.user.id else None,
@@ -138,6 +139,15 @@ def download_checkpoint(request: HttpRequest, job_id: int, step: int) -> HttpRes
     if artifact is None:
         raise Http404("This job kept no checkpoint of that step.")
     return file_download(request, artifact, filename=artifact.name)
+
+
+def _lineage(job: Job) -> dict | None:
+    """The Base model row of a job built on another: the root base's name, then each job between."""
+    root, ancestors = job.lineage()
+    if not ancestors:
+        return None
+    entry = CATALOG.get(root)
+    return {"root": entry.name if entry else root, "jobs": ancestors}
 
 
 def _test_sets(job: Job) -> list[Dataset] | None:
