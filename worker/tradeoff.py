@@ -4,7 +4,7 @@ strikes the best balance.
 A point is one evaluation of a job (or one run of a sweep): its value of the task's primary
 metric and its forgetting (0 = the base model, higher = more forgotten; worker.forgetting and
 worker.encoder_forgetting). A point is on the front when no other point is at least as good on
-both and better on one: every other point is a worse deal. Of the front, the balanced point is
+both and better on one: each point off the front is a worse deal than one on it. Of the front, the balanced point is
 the one with the largest gain minus forgetting, each as a share of the largest seen among the
 points (gain counted from the base's metric when it is known, else from the worst point's): past
 it, each further share of task gain costs more than its share of forgetting.
