@@ -111,8 +111,9 @@ class Snapshots:
         return {p.key for p in on_front}
 
     def prune(self) -> None:
-        keep = self._kept_steps(self.entries())
-        for step, _ in self.entries():
+        entries = self.entries()
+        keep = self._kept_steps(entries)
+        for step, _ in entries:
             if step not in keep:
                 for suffix in (".safetensors", ".json"):
                     (self.folder / f"step-{step}{suffix}").unlink(missing_ok=True)
