@@ -79,13 +79,18 @@ class DatasetLocked(Exception):
     """The dataset cannot change now: a job uses it, or it is being read."""
 
 
+def task_choices() -> list[tuple[str, str]]:
+    """The task families (worker.families), read when asked: a new family needs no migration."""
+    return [(f.key, f.label) for f in FAMILIES.values()]
+
+
 class Dataset(models.Model):
-    TASKS = [(f.key, f.label) for f in FAMILIES.values()]
+    TASKS = task_choices()
     STATUSES = STATUSES
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     name = models.CharField(max_length=200)
-    task = models.CharField(max_length=20, choices=TASKS, default="sft")
+    task = models.CharField(max_length=20, choices=task_choices, default="sft")
     status = models.CharField(max_length=20, choices=STATUSES, default=UPLOADED)
     message = models.TextField(blank=True, help_text="Why the dataset was rejected, written for the user.")
     storage_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
